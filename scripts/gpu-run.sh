@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Runner staged by scripts/gpu-check as .gpu/run.sh. Needs no Rust toolchain.
+# Env: OUT (results folder, default ./gpu-out), MOCO_GPU_SKIP_TORCH=1, MOCO_GPU_SKIP_BENCH=1.
+set -u
+HERE="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.md"
+TESTLOG="$OUT/tests.log"
+BENCHLOG="$OUT/benches.log"
+EXTRALOG="$OUT/extra.log"
+: >"$TESTLOG"; : >"$BENCHLOG"; : >"$EXTRALOG"
+
+# libcuda: the driver's, wherever it lives.
+for d in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/nvidia/lib64 /usr/local/cuda/compat /usr/lib/wsl/lib; do
+  [[ -e "$d/libcuda.so.1" || -e "$d/libcuda.so" ]] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+# cuBLAS etc. from a Python install (site-packages/nvidia/*/lib).
+PYLIBS="$(python3 - <<'PY' 2>/dev/null
+import glob, site, sys
+roots = site.getsitepackages() + [site.getusersitepackages()]
+libs = []
+for r in roots:
+    libs += glob.glob(r + "/nvidia/*/lib")
+print(":".join(sorted(set(libs))))
+PY
+)"
+[[ -n "$PYLIBS" ]] && export LD_LIBRARY_PATH="$PYLIBS:${LD_LIBRARY_PATH:-}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >>"$EXTRALOG"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv >>"$EXTRALOG" 2>&1
+
+{
+  echo "# moco GPU check: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  echo
+  "$HERE/bin/moco" info 2>&1 | sed 's/^/    /'
+  echo
+  echo "| test binary | passed | failed | ignored | status |"
+  echo "|---|---|---|---|---|"
+} >"$SUMMARY"
+
+export MOCO_REQUIRE_KERNELS=1
+for t in "$HERE"/tests/*; do
+  name="$(basename "$t")"
+  echo "===== $name" >>"$TESTLOG"
+  timeout 300 "$t" --include-ignored --test-threads=1 >>"$TESTLOG" 2>&1
+  rc=$?
+  res="$(grep -E '^test result:' "$TESTLOG" | tail -1)"
+  p="$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$res")"
+  f="$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$res")"
+  i="$(sed -nE 's/.* ([0-9]+) ignored.*/\1/p' <<<"$res")"
+  status=ok; [[ $rc -ne 0 ]] && status="FAIL (rc $rc)"
+  echo "| $name | ${p:-?} | ${f:-?} | ${i:-?} | $status |" >>"$SUMMARY"
+done
+grep -E '^test .* FAILED|^---- ' "$TESTLOG" | head -50 | sed 's/^/    /' >>"$SUMMARY"
+
+if [[ "${MOCO_GPU_SKIP_BENCH:-0}" != 1 ]]; then
+  echo >>"$SUMMARY"; echo "## Benches (quick criterion)" >>"$SUMMARY"; echo '```' >>"$SUMMARY"
+  for b in "$HERE"/benches/*; do
+    echo "===== $(basename "$b")" >>"$BENCHLOG"
+    MOCO_BENCH_QUICK=1 timeout 300 "$b" --bench --noplot >>"$BENCHLOG" 2>&1
+  done
+  # Name line + time/thrpt lines, compact.
+  grep -E '^[a-z_]+/|time:|thrpt:|skipped' "$BENCHLOG" | grep -v 'change' >>"$SUMMARY"
+  echo '```' >>"$SUMMARY"
+fi
+
+# Extra steps staged beside the binaries (moco bench, a short training run, PyTorch
+# side-by-sides): each .gpu/extra/*.sh is run in order with HERE and OUT exported.
+if [[ -d "$HERE/extra" ]]; then
+  export HERE OUT
+  for s in "$HERE"/extra/*.sh; do
+    echo "===== $(basename "$s")" >>"$EXTRALOG"
+    timeout 300 bash "$s" >>"$EXTRALOG" 2>&1
+    echo "rc=$?" >>"$EXTRALOG"
+  done
+  echo >>"$SUMMARY"; echo "## Extra (moco bench, training, PyTorch)" >>"$SUMMARY"; echo '```' >>"$SUMMARY"
+  grep -E '^RESULT' "$EXTRALOG" >>"$SUMMARY"
+  echo '```' >>"$SUMMARY"
+fi
+cat "$SUMMARY"

@@ -1,0 +1,2 @@
+//! Subcommands of the `moco` binary.
+pub mod info;

@@ -1,0 +1,28 @@
+//! # moco
+//!
+//! MoCo (Momentum Contrast, He et al. 2019) with hand-written CUDA kernels and a CPU
+//! reference for every operation.
+//!
+//! * [`ops`]: the MoCo operations (momentum update, ...), CPU and CUDA.
+//! * [`cuda`]: the CUDA runtime ([`cuda::Gpu`]) that loads the embedded kernels.
+//! * [`Device`]: CPU or CUDA, with auto-selection.
+//!
+//! ```
+//! // The CPU reference works everywhere.
+//! let mut key = vec![0.0f32; 4];
+//! moco::ops::momentum_update_cpu(&mut key, &[1.0; 4], 0.9).unwrap();
+//! assert!((key[0] - 0.1).abs() < 1e-7);
+//! ```
+#![warn(missing_docs)]
+
+pub mod cuda;
+pub mod device;
+pub mod error;
+pub mod ops;
+pub mod testing;
+
+pub use device::Device;
+pub use error::{Error, Result};
+
+/// Crate version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

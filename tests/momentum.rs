@@ -1,0 +1,118 @@
+//! Momentum (EMA) update: CPU reference and CUDA against it.
+use moco::ops::{momentum_update, momentum_update_cpu};
+use moco::testing::{assert_close, uniform};
+
+/// Plain scalar f64 formula, independent of the chunked implementation.
+fn naive(key: &[f32], query: &[f32], m: f32) -> Vec<f32> {
+    key.iter()
+        .zip(query)
+        .map(|(&k, &q)| (m as f64 * k as f64 + (1.0 - m as f64) * q as f64) as f32)
+        .collect()
+}
+
+#[test]
+fn cpu_matches_formula() {
+    for &n in &[0usize, 1, 3, 4, 5, 1000, 65_537, 200_001] {
+        for &m in &[0.0f32, 0.5, 0.99, 0.999, 1.0] {
+            let q = uniform(n, 1);
+            let k0 = uniform(n, 2);
+            let mut k = k0.clone();
+            momentum_update_cpu(&mut k, &q, m).unwrap();
+            assert_eq!(k, naive(&k0, &q, m), "n={n} m={m}");
+        }
+    }
+}
+
+#[test]
+fn cpu_edge_momenta() {
+    let q = uniform(100, 3);
+    let k0 = uniform(100, 4);
+    let mut k = k0.clone();
+    momentum_update_cpu(&mut k, &q, 1.0).unwrap();
+    assert_eq!(k, k0, "m = 1 keeps the key");
+    momentum_update_cpu(&mut k, &q, 0.0).unwrap();
+    assert_eq!(k, q, "m = 0 copies the query");
+}
+
+#[test]
+fn cpu_rejects_bad_input() {
+    let mut k = vec![1.0f32; 4];
+    for m in [-0.1f32, 1.0001, f32::NAN, f32::INFINITY] {
+        let e = momentum_update_cpu(&mut k, &[0.0; 4], m).unwrap_err();
+        assert!(e.to_string().contains("[0, 1]"), "{e}");
+    }
+    let e = momentum_update_cpu(&mut k, &[0.0; 3], 0.5).unwrap_err();
+    assert!(e.to_string().contains("equal length"), "{e}");
+    assert_eq!(k, vec![1.0; 4], "nothing changed on error");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_matches_cpu_all_lengths_and_alignments() {
+    let gpu = moco::testing::test_gpu();
+    for &n in &[
+        1usize, 2, 3, 4, 5, 7, 8, 255, 256, 1023, 4097, 65_536, 1_000_003, 11_200_000,
+    ] {
+        for &(ko, qo) in &[
+            (0usize, 0usize),
+            (1, 1),
+            (2, 2),
+            (3, 3),
+            (1, 0),
+            (0, 3),
+            (2, 1),
+        ] {
+            let q_all = uniform(n + qo, n as u64);
+            let k_all = uniform(n + ko, n as u64 + 7);
+            let m = 0.999f32;
+            let mut want = k_all.clone();
+            momentum_update_cpu(&mut want[ko..], &q_all[qo..], m).unwrap();
+            // Offsets into larger buffers exercise every relative alignment.
+            let mut kd = gpu.upload(&k_all).unwrap();
+            let qd = gpu.upload(&q_all).unwrap();
+            {
+                let mut kv = kd.slice_mut(ko..);
+                let qv = qd.slice(qo..);
+                momentum_update(&gpu, &mut kv, &qv, m).unwrap();
+            }
+            let got = gpu.download(&kd).unwrap();
+            assert_close(
+                &format!("ema n={n} ko={ko} qo={qo}"),
+                &got,
+                &want,
+                1e-6,
+                1e-6,
+            );
+            assert_eq!(
+                &got[..ko],
+                &k_all[..ko],
+                "elements before the view untouched"
+            );
+        }
+    }
+    // Whole-slice entry point.
+    let q = uniform(12_345, 9);
+    let k = uniform(12_345, 10);
+    let mut want = k.clone();
+    momentum_update_cpu(&mut want, &q, 0.9).unwrap();
+    let mut kd = gpu.upload(&k).unwrap();
+    momentum_update(&gpu, &mut kd, &gpu.upload(&q).unwrap(), 0.9).unwrap();
+    assert_close("ema slice", &gpu.download(&kd).unwrap(), &want, 1e-6, 1e-6);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_rejects_bad_input_without_launching() {
+    let gpu = moco::testing::test_gpu();
+    let mut k = gpu.upload(&[1.0f32; 8]).unwrap();
+    let q = gpu.upload(&[0.0f32; 7]).unwrap();
+    assert!(momentum_update(&gpu, &mut k, &q, 0.5).is_err());
+    let q = gpu.upload(&[0.0f32; 8]).unwrap();
+    assert!(momentum_update(&gpu, &mut k, &q, 1.5).is_err());
+    assert!(momentum_update(&gpu, &mut k, &q, f32::NAN).is_err());
+    assert_eq!(
+        gpu.download(&k).unwrap(),
+        vec![1.0; 8],
+        "nothing written on error"
+    );
+}
