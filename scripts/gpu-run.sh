@@ -11,9 +11,11 @@ BENCHLOG="$OUT/benches.log"
 EXTRALOG="$OUT/extra.log"
 : >"$TESTLOG"; : >"$BENCHLOG"; : >"$EXTRALOG"
 
-# libcuda: the driver's, wherever it lives.
-for d in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/nvidia/lib64 /usr/local/cuda/compat /usr/lib/wsl/lib; do
-  [[ -e "$d/libcuda.so.1" || -e "$d/libcuda.so" ]] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+# libcuda: the installed driver's own. Never /usr/local/cuda/compat: a forward-compat
+# libcuda that does not match the kernel driver fails with SYSTEM_DRIVER_MISMATCH.
+DRIVER_DIR=""
+for d in /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib/wsl/lib; do
+  if [[ -e "$d/libcuda.so.1" ]]; then DRIVER_DIR="$d"; break; fi
 done
 # cuBLAS etc. from a Python install (site-packages/nvidia/*/lib).
 PYLIBS="$(python3 - <<'PY' 2>/dev/null
@@ -25,7 +27,9 @@ for r in roots:
 print(":".join(sorted(set(libs))))
 PY
 )"
-[[ -n "$PYLIBS" ]] && export LD_LIBRARY_PATH="$PYLIBS:${LD_LIBRARY_PATH:-}"
+# Driver first, then the Python CUDA libraries; drop any inherited compat directory.
+CLEAN="$(tr ':' '\n' <<<"${LD_LIBRARY_PATH:-}" | grep -v '/compat' | paste -sd: -)"
+export LD_LIBRARY_PATH="${DRIVER_DIR:+$DRIVER_DIR:}${PYLIBS:+$PYLIBS:}$CLEAN"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >>"$EXTRALOG"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv >>"$EXTRALOG" 2>&1
 
@@ -68,7 +72,7 @@ fi
 
 # Extra steps staged beside the binaries (moco bench, a short training run, PyTorch
 # side-by-sides): each .gpu/extra/*.sh is run in order with HERE and OUT exported.
-if [[ -d "$HERE/extra" ]]; then
+if compgen -G "$HERE/extra/*.sh" >/dev/null; then
   export HERE OUT
   for s in "$HERE"/extra/*.sh; do
     echo "===== $(basename "$s")" >>"$EXTRALOG"
