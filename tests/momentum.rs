@@ -116,3 +116,84 @@ fn cuda_rejects_bad_input_without_launching() {
         "nothing written on error"
     );
 }
+
+#[test]
+fn multi_cpu_matches_single() {
+    let qs: Vec<Vec<f32>> = [0usize, 1, 5, 70_000]
+        .iter()
+        .map(|&n| uniform(n, n as u64))
+        .collect();
+    let ks0: Vec<Vec<f32>> = [0usize, 1, 5, 70_000]
+        .iter()
+        .map(|&n| uniform(n, n as u64 + 1))
+        .collect();
+    let mut ks = ks0.clone();
+    {
+        let mut pairs: Vec<(&mut [f32], &[f32])> = ks
+            .iter_mut()
+            .zip(&qs)
+            .map(|(k, q)| (k.as_mut_slice(), q.as_slice()))
+            .collect();
+        moco::ops::momentum_update_multi_cpu(&mut pairs, 0.99).unwrap();
+    }
+    for i in 0..4 {
+        assert_eq!(ks[i], naive(&ks0[i], &qs[i], 0.99));
+    }
+    // A bad pair anywhere rejects the whole call before anything changes.
+    let mut a = vec![1.0f32; 3];
+    let mut b = vec![1.0f32; 3];
+    let res = {
+        let mut pairs: Vec<(&mut [f32], &[f32])> = vec![(&mut a, &[0.0; 3]), (&mut b, &[0.0; 2])];
+        moco::ops::momentum_update_multi_cpu(&mut pairs, 0.5)
+    };
+    assert!(res.is_err());
+    assert_eq!(a, vec![1.0; 3]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_multi_tensor_matches_cpu() {
+    let gpu = moco::testing::test_gpu();
+    let lens = [1usize, 3, 4, 1000, 65_536, 65_537, 300_001, 0, 17];
+    let qs: Vec<Vec<f32>> = lens.iter().map(|&n| uniform(n, n as u64 + 50)).collect();
+    let ks: Vec<Vec<f32>> = lens.iter().map(|&n| uniform(n, n as u64 + 51)).collect();
+    let mut kd: Vec<_> = ks.iter().map(|k| gpu.upload(k).unwrap()).collect();
+    let qd: Vec<_> = qs.iter().map(|q| gpu.upload(q).unwrap()).collect();
+    {
+        let mut pairs: Vec<_> = kd.iter_mut().zip(&qd).collect();
+        moco::ops::momentum_update_multi(&gpu, &mut pairs, 0.999).unwrap();
+    }
+    for i in 0..lens.len() {
+        let want = naive(&ks[i], &qs[i], 0.999);
+        assert_close(
+            &format!("multi pair {i}"),
+            &gpu.download(&kd[i]).unwrap(),
+            &want,
+            1e-6,
+            1e-6,
+        );
+    }
+    // Misaligned views in the same launch.
+    let big_k = uniform(10_003, 1);
+    let big_q = uniform(10_003, 2);
+    let mut bk = gpu.upload(&big_k).unwrap();
+    let bq = gpu.upload(&big_q).unwrap();
+    {
+        let (mut a, mut b) = bk.split_at_mut(5001);
+        let (qa, qb) = (bq.slice(1..5002), bq.slice(5002..10_003));
+        let mut va = a.slice_mut(..);
+        let mut vb = b.slice_mut(..);
+        let mut pairs = vec![(&mut va, &qa), (&mut vb, &qb)];
+        moco::ops::momentum_update_multi(&gpu, &mut pairs, 0.9).unwrap();
+    }
+    let mut want = big_k.clone();
+    momentum_update_cpu(&mut want[..5001], &big_q[1..5002], 0.9).unwrap();
+    momentum_update_cpu(&mut want[5001..], &big_q[5002..], 0.9).unwrap();
+    assert_close(
+        "multi views",
+        &gpu.download(&bk).unwrap(),
+        &want,
+        1e-6,
+        1e-6,
+    );
+}

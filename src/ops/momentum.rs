@@ -96,3 +96,94 @@ where
     unsafe { launch.launch(cfg) }.call("cuLaunchKernel(moco_ema_f32)")?;
     Ok(())
 }
+
+/// Elements per block of the multi-tensor update (a multiple of 4 so chunk starts keep the
+/// tensor's 16-byte alignment).
+pub const MULTI_CHUNK: usize = 1 << 16;
+
+/// CPU reference of the multi-tensor form: every (key, query) pair updated as
+/// [`momentum_update_cpu`]. All pairs are checked before any is changed.
+pub fn momentum_update_multi_cpu(pairs: &mut [(&mut [f32], &[f32])], m: f32) -> Result<()> {
+    check_momentum(m)?;
+    for (i, (k, q)) in pairs.iter().enumerate() {
+        check_lengths(k.len(), q.len()).map_err(|e| Error::invalid(format!("pair {i}: {e}")))?;
+    }
+    for (k, q) in pairs.iter_mut() {
+        momentum_update_cpu(k, q, m)?;
+    }
+    Ok(())
+}
+
+/// CUDA: updates many (key, query) tensors, wherever they live in memory, in one launch.
+///
+/// For parameters that are not one contiguous buffer (an embedder's per-layer tensors).
+/// Each pair is cut into chunks of [`MULTI_CHUNK`] elements; block b updates chunk b. All
+/// pairs are validated before the launch; on error nothing is changed.
+pub fn momentum_update_multi<K, Q>(gpu: &Gpu, pairs: &mut [(&mut K, &Q)], m: f32) -> Result<()>
+where
+    K: DevicePtrMut<f32>,
+    Q: DevicePtr<f32>,
+{
+    use crate::cuda::abi::{MocoTensorChunk, MocoTensorPair};
+    check_momentum(m)?;
+    for (i, (k, q)) in pairs.iter().enumerate() {
+        check_lengths(k.len(), q.len()).map_err(|e| Error::invalid(format!("pair {i}: {e}")))?;
+        gpu.check_same_device::<f32, K>(&format!("key {i}"), *k)?;
+        gpu.check_same_device::<f32, Q>(&format!("query {i}"), *q)?;
+    }
+    if pairs.len() > u32::MAX as usize {
+        return Err(Error::invalid("too many tensor pairs for one launch"));
+    }
+    let stream = gpu.stream();
+    let mut table = Vec::with_capacity(pairs.len());
+    let mut chunks = Vec::new();
+    let mut guards = Vec::with_capacity(2 * pairs.len());
+    for (i, (k, q)) in pairs.iter_mut().enumerate() {
+        let len = k.len();
+        let (kp, ks) = k.device_ptr_mut(stream);
+        let (qp, qs) = q.device_ptr(stream);
+        guards.push(ks);
+        guards.push(qs);
+        table.push(MocoTensorPair {
+            key: kp,
+            query: qp,
+            len: len as u64,
+        });
+        for start in (0..len).step_by(MULTI_CHUNK) {
+            chunks.push(MocoTensorChunk {
+                pair: i as u32,
+                reserved: 0,
+                start: start as u64,
+            });
+        }
+    }
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    if chunks.len() > i32::MAX as usize {
+        return Err(Error::invalid("too many chunks for one launch"));
+    }
+    let table_d = stream.clone_htod(&table).call("cuMemcpyHtoDAsync")?;
+    let chunks_d = stream.clone_htod(&chunks).call("cuMemcpyHtoDAsync")?;
+    let f = gpu.function("momentum", "moco_ema_multi_f32")?;
+    let cfg = LaunchConfig {
+        grid_dim: (chunks.len() as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (chunk_len, omm) = (MULTI_CHUNK as u64, (1.0 - m as f64) as f32);
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&table_d)
+        .arg(&chunks_d)
+        .arg(&chunk_len)
+        .arg(&m)
+        .arg(&omm);
+    // SAFETY: moco_ema_multi_f32(const MocoTensorPair*, const MocoTensorChunk*, u64, float,
+    // float) matches; the table holds the addresses and lengths of live buffers (their guards
+    // are held until after the launch), every chunk's start is < its pair's length and the
+    // kernel clamps each chunk to the pair's end; one block per chunk.
+    unsafe { launch.launch(cfg) }.call("cuLaunchKernel(moco_ema_multi_f32)")?;
+    drop(guards);
+    Ok(())
+}

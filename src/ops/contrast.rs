@@ -1,0 +1,948 @@
+//! Normalized logits against the queue and the InfoNCE loss, forward and backward.
+//!
+//! Shapes (row-major): `q`, `k`: N x C, the encoders' raw outputs; `queue`: K x C, one key
+//! per row (L2-normalized keys, as MoCo keeps them). Both `q` and `k` are L2-normalized
+//! inside each operation exactly as PyTorch's `F.normalize(x, dim=1)` (`x / max(||x||,
+//! 1e-12)`), so passing an already normalized `k` is fine (normalizing twice is a no-op up
+//! to rounding).
+//!
+//! * logits: `[q.k, q.queue^T] / T`, N x (1 + K), the positive in column 0.
+//! * InfoNCE: cross-entropy of the logits with label 0, mean over N; the gradient with
+//!   respect to the *unnormalized* `q`; and the contrastive top-1 accuracy (a row counts as
+//!   correct when its positive logit is >= every negative).
+//!
+//! On the GPU, [`InfoNceImpl::Fused`] (the default) never materializes the N x K logits: it
+//! streams the queue through shared memory once with an online softmax (split-K flash
+//! attention with Q = q, K = V = queue) and merges the partials with the positive.
+//! [`InfoNceImpl::Unfused`] computes the logits with a cuBLAS SGEMM, runs a row softmax
+//! kernel in place, and a second SGEMM for the gradient. `benches/contrast.rs` compares them.
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use rayon::prelude::*;
+
+use crate::cuda::{abi::MocoContrastShape, Gpu};
+use crate::error::{CudaResultExt, Error, Result};
+
+/// The epsilon of `F.normalize`: norms below it are clamped to it.
+pub const NORMALIZE_EPS: f32 = 1e-12;
+
+/// Sizes and temperature of a contrastive operation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ContrastShape {
+    /// Queries (and positive keys) in the batch.
+    pub n: usize,
+    /// Feature dimension.
+    pub c: usize,
+    /// Keys in the queue (negatives).
+    pub k: usize,
+    /// Temperature, > 0.
+    pub t: f32,
+}
+
+impl ContrastShape {
+    /// A shape, validated: every size >= 1, `t` finite and > 0, and sizes within the kernels'
+    /// index types (N, C < 2^31).
+    ///
+    /// ```
+    /// use moco::ops::ContrastShape;
+    /// assert!(ContrastShape::new(256, 128, 65536, 0.07).is_ok());
+    /// assert!(ContrastShape::new(256, 128, 65536, 0.0).is_err());
+    /// assert!(ContrastShape::new(0, 128, 16, 0.2).is_err());
+    /// ```
+    pub fn new(n: usize, c: usize, k: usize, t: f32) -> Result<Self> {
+        let s = ContrastShape { n, c, k, t };
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks the shape (see [`ContrastShape::new`]).
+    pub fn validate(&self) -> Result<()> {
+        if self.n == 0 || self.c == 0 || self.k == 0 {
+            return Err(Error::invalid(format!(
+                "contrastive shape needs N, C, K >= 1, got N={} C={} K={}",
+                self.n, self.c, self.k
+            )));
+        }
+        if !(self.t.is_finite() && self.t > 0.0) {
+            return Err(Error::invalid(format!(
+                "temperature T must be > 0, got {}",
+                self.t
+            )));
+        }
+        if self.n > i32::MAX as usize || self.c > i32::MAX as usize || self.k > i32::MAX as usize {
+            return Err(Error::invalid("N, C and K must each be < 2^31"));
+        }
+        Ok(())
+    }
+
+    fn abi(&self) -> MocoContrastShape {
+        MocoContrastShape {
+            n: self.n as u32,
+            c: self.c as u32,
+            k: self.k as u64,
+            inv_t: (1.0 / self.t as f64) as f32,
+            eps: NORMALIZE_EPS,
+        }
+    }
+
+    fn check_len(&self, what: &str, got: usize, rows: usize) -> Result<()> {
+        let want = rows * self.c;
+        if got != want {
+            return Err(Error::invalid(format!(
+                "{what} has {got} elements, expected {rows} x {} = {want}",
+                self.c
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_inputs(&self, q: usize, k: usize, queue: usize) -> Result<()> {
+        self.validate()?;
+        self.check_len("q", q, self.n)?;
+        self.check_len("k", k, self.n)?;
+        self.check_len("queue", queue, self.k)
+    }
+}
+
+/// Result of the InfoNCE loss on the CPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InfoNceOutput {
+    /// Mean cross-entropy over the batch.
+    pub loss: f64,
+    /// Fraction of rows whose positive logit is >= every negative.
+    pub accuracy: f64,
+    /// dloss/dq with respect to the unnormalized q, N x C.
+    pub grad_q: Vec<f32>,
+}
+
+/// Loss and accuracy of a GPU InfoNCE call (the gradient is written to the caller's buffer).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InfoNceStats {
+    /// Mean cross-entropy over the batch.
+    pub loss: f64,
+    /// Fraction of rows whose positive logit is >= every negative.
+    pub accuracy: f64,
+}
+
+// ---------------------------------------------------------------------------------------
+// CPU reference (f64 accumulation).
+
+/// Normalizes each row of `x` (N x C) as `F.normalize(x, dim=1)`; returns (normalized, norms).
+///
+/// ```
+/// let (y, norms) = moco::ops::l2_normalize_cpu(&[3.0, 4.0, 0.0, 0.0], 2, 2).unwrap();
+/// assert_eq!(y, vec![0.6, 0.8, 0.0, 0.0]);
+/// assert_eq!(norms, vec![5.0, 0.0]);
+/// ```
+pub fn l2_normalize_cpu(x: &[f32], n: usize, c: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    if c == 0 || x.len() != n * c {
+        return Err(Error::invalid(format!(
+            "normalize: {} elements is not N x C = {n} x {c}",
+            x.len()
+        )));
+    }
+    let mut out = vec![0.0f32; n * c];
+    let mut norms = vec![0.0f32; n];
+    out.par_chunks_mut(c)
+        .zip(norms.par_iter_mut())
+        .zip(x.par_chunks(c))
+        .for_each(|((o, nr), row)| {
+            let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            let denom = norm.max(NORMALIZE_EPS as f64);
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = (v as f64 / denom) as f32;
+            }
+            *nr = norm as f32;
+        });
+    Ok((out, norms))
+}
+
+fn normalize_f64(row: &[f64]) -> (Vec<f64>, f64) {
+    let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let denom = norm.max(NORMALIZE_EPS as f64);
+    (row.iter().map(|v| v / denom).collect(), norm)
+}
+
+fn dot64(a: &[f64], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x * y as f64).sum()
+}
+
+/// CPU reference: the N x (1 + K) logits `[qn.kn, qn.queue^T] / T`.
+///
+/// ```
+/// use moco::ops::{logits_cpu, ContrastShape};
+/// let s = ContrastShape::new(1, 2, 2, 0.5).unwrap();
+/// // q = k = (1, 0); queue rows (1, 0) and (0, 1).
+/// let l = logits_cpu(&[2.0, 0.0], &[1.0, 0.0], &[1.0, 0.0, 0.0, 1.0], s).unwrap();
+/// assert_eq!(l, vec![2.0, 2.0, 0.0]);
+/// ```
+pub fn logits_cpu(q: &[f32], k: &[f32], queue: &[f32], s: ContrastShape) -> Result<Vec<f32>> {
+    s.check_inputs(q.len(), k.len(), queue.len())?;
+    let (c, kk) = (s.c, s.k);
+    let inv_t = 1.0 / s.t as f64;
+    let mut out = vec![0.0f32; s.n * (1 + kk)];
+    out.par_chunks_mut(1 + kk).enumerate().for_each(|(i, row)| {
+        let qn = normalize_f64(
+            &q[i * c..(i + 1) * c]
+                .iter()
+                .map(|&v| v as f64)
+                .collect::<Vec<_>>(),
+        )
+        .0;
+        let kn = normalize_f64(
+            &k[i * c..(i + 1) * c]
+                .iter()
+                .map(|&v| v as f64)
+                .collect::<Vec<_>>(),
+        )
+        .0;
+        row[0] = (qn.iter().zip(&kn).map(|(a, b)| a * b).sum::<f64>() * inv_t) as f32;
+        for j in 0..kk {
+            row[1 + j] = (dot64(&qn, &queue[j * c..(j + 1) * c]) * inv_t) as f32;
+        }
+    });
+    Ok(out)
+}
+
+/// The InfoNCE loss in f64 on f64 inputs: (mean loss, dloss/dq (N x C), rows correct).
+///
+/// The reference the f32 paths are checked against, and what the finite-difference test
+/// differentiates. `q` is unnormalized; `k` is normalized inside; `queue` is used as given.
+pub fn infonce_f64(
+    q: &[f64],
+    k: &[f64],
+    queue: &[f64],
+    s: ContrastShape,
+) -> Result<(f64, Vec<f64>, usize)> {
+    s.check_inputs(q.len(), k.len(), queue.len())?;
+    let (n, c, kk) = (s.n, s.c, s.k);
+    let inv_t = 1.0 / s.t as f64;
+    let eps = NORMALIZE_EPS as f64;
+    let rows: Vec<(f64, Vec<f64>, bool)> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let (qn, qnorm) = normalize_f64(&q[i * c..(i + 1) * c]);
+            let (kn, _) = normalize_f64(&k[i * c..(i + 1) * c]);
+            // logits: l[0] positive, l[1..] negatives. Shapes: l is 1 + K.
+            let mut l = Vec::with_capacity(1 + kk);
+            l.push(qn.iter().zip(&kn).map(|(a, b)| a * b).sum::<f64>() * inv_t);
+            for j in 0..kk {
+                l.push(
+                    qn.iter()
+                        .zip(&queue[j * c..(j + 1) * c])
+                        .map(|(a, b)| a * b)
+                        .sum::<f64>()
+                        * inv_t,
+                );
+            }
+            let mx = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let max_neg = l[1..].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = l.iter().map(|v| (v - mx).exp()).sum();
+            let lse = mx + sum.ln();
+            let loss = lse - l[0];
+            // dloss_i/dl_j = (p_j - [j == 0]) / N; dl_j/dqn = key_j / T.
+            let mut g = vec![0.0f64; c];
+            for (j, lj) in l.iter().enumerate() {
+                let w = ((lj - lse).exp() - if j == 0 { 1.0 } else { 0.0 }) * inv_t / n as f64;
+                let key = if j == 0 {
+                    &kn[..]
+                } else {
+                    &queue[(j - 1) * c..j * c]
+                };
+                for (gc, &kc) in g.iter_mut().zip(key) {
+                    *gc += w * kc;
+                }
+            }
+            // Through qn = q / max(||q||, eps).
+            let grad = if qnorm > eps {
+                let qg: f64 = qn.iter().zip(&g).map(|(a, b)| a * b).sum();
+                g.iter()
+                    .zip(&qn)
+                    .map(|(gc, qc)| (gc - qc * qg) / qnorm)
+                    .collect()
+            } else {
+                g.iter().map(|gc| gc / eps).collect()
+            };
+            (loss, grad, l[0] >= max_neg)
+        })
+        .collect();
+    let mut loss = 0.0;
+    let mut grad = Vec::with_capacity(n * c);
+    let mut correct = 0;
+    for (l, g, ok) in rows {
+        loss += l;
+        grad.extend(g);
+        correct += ok as usize;
+    }
+    Ok((loss / n as f64, grad, correct))
+}
+
+/// CPU reference: InfoNCE loss, gradient with respect to the unnormalized `q`, and accuracy.
+///
+/// ```
+/// use moco::ops::{infonce_cpu, ContrastShape};
+/// let s = ContrastShape::new(2, 4, 8, 0.2).unwrap();
+/// let q = moco::testing::uniform(8, 1);
+/// let k = moco::testing::uniform(8, 2);
+/// let queue = moco::testing::uniform(32, 3);
+/// let out = infonce_cpu(&q, &k, &queue, s).unwrap();
+/// assert!(out.loss > 0.0 && out.grad_q.len() == 8);
+/// ```
+pub fn infonce_cpu(q: &[f32], k: &[f32], queue: &[f32], s: ContrastShape) -> Result<InfoNceOutput> {
+    let to64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let (loss, grad, correct) = infonce_f64(&to64(q), &to64(k), &to64(queue), s)?;
+    Ok(InfoNceOutput {
+        loss,
+        accuracy: correct as f64 / s.n as f64,
+        grad_q: grad.into_iter().map(|v| v as f32).collect(),
+    })
+}
+
+/// CPU reference of the symmetric loss `loss(q1, k2) + loss(q2, k1)` (the CIFAR recipe):
+/// returns (the sum, mean accuracy of the two halves, dloss/dq1, dloss/dq2).
+pub fn infonce_symmetric_cpu(
+    q1: &[f32],
+    k1: &[f32],
+    q2: &[f32],
+    k2: &[f32],
+    queue: &[f32],
+    s: ContrastShape,
+) -> Result<(f64, f64, Vec<f32>, Vec<f32>)> {
+    let a = infonce_cpu(q1, k2, queue, s)?;
+    let b = infonce_cpu(q2, k1, queue, s)?;
+    Ok((
+        a.loss + b.loss,
+        0.5 * (a.accuracy + b.accuracy),
+        a.grad_q,
+        b.grad_q,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// CUDA.
+
+/// Which GPU implementation of InfoNCE to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InfoNceImpl {
+    /// One streaming pass over the queue with an online softmax; never materializes the
+    /// N x K logits. Needs C <= 256 (falls back to `Unfused` above that).
+    #[default]
+    Fused,
+    /// cuBLAS SGEMM for the logits, a softmax/cross-entropy kernel, cuBLAS SGEMM for the
+    /// gradient. Materializes N x K floats of workspace.
+    Unfused,
+}
+
+impl std::str::FromStr for InfoNceImpl {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fused" => Ok(InfoNceImpl::Fused),
+            "unfused" => Ok(InfoNceImpl::Unfused),
+            _ => Err(Error::invalid(format!(
+                "unknown InfoNCE implementation {s:?}: fused or unfused"
+            ))),
+        }
+    }
+}
+
+/// Largest feature dimension the fused kernel handles (padded tiles of 64, 128 or 256).
+pub const FUSED_MAX_C: usize = 256;
+const FUSED_ROWS: usize = 64;
+const FUSED_KEYS: usize = 64;
+
+/// Grow-only device workspace.
+#[derive(Default)]
+struct Workspace {
+    qn: Option<CudaSlice<f32>>,
+    kn: Option<CudaSlice<f32>>,
+    norms: Option<CudaSlice<f32>>,
+    part_m: Option<CudaSlice<f32>>,
+    part_l: Option<CudaSlice<f32>>,
+    part_o: Option<CudaSlice<f32>>,
+    rows: Option<CudaSlice<f32>>,
+    logits: Option<CudaSlice<f32>>,
+    gemm_g: Option<CudaSlice<f32>>,
+}
+
+fn ensure<'a>(
+    gpu: &Gpu,
+    slot: &'a mut Option<CudaSlice<f32>>,
+    n: usize,
+) -> Result<&'a mut CudaSlice<f32>> {
+    let n = n.max(1);
+    if slot.as_ref().is_none_or(|b| b.len() < n) {
+        *slot = None; // free the old buffer first
+        *slot = Some(gpu.zeros::<f32>(n)?);
+    }
+    Ok(slot.as_mut().expect("allocated above"))
+}
+
+/// The contrastive operations on one GPU, with their workspace and (lazily) a cuBLAS handle.
+///
+/// Create once and reuse: buffers grow to the largest shape seen and are then reused.
+///
+/// ```no_run
+/// # fn main() -> moco::Result<()> {
+/// use moco::ops::{Contrast, ContrastShape, InfoNceImpl};
+/// let gpu = moco::cuda::Gpu::new(0)?;
+/// let s = ContrastShape::new(256, 128, 65536, 0.07)?;
+/// let q = gpu.upload(&moco::testing::normal(s.n * s.c, 1))?;
+/// let k = gpu.upload(&moco::testing::normal(s.n * s.c, 2))?;
+/// let queue = gpu.upload(&moco::testing::normal(s.k * s.c, 3))?;
+/// let mut grad = gpu.zeros::<f32>(s.n * s.c)?;
+/// let mut contrast = Contrast::new(&gpu);
+/// let stats = contrast.infonce(&q, &k, &queue, s, &mut grad, InfoNceImpl::Fused)?;
+/// println!("loss {} acc {}", stats.loss, stats.accuracy);
+/// # Ok(()) }
+/// ```
+pub struct Contrast {
+    gpu: Gpu,
+    ws: Workspace,
+    blas: Option<Arc<CudaBlas>>,
+}
+
+impl std::fmt::Debug for Contrast {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Contrast").field("gpu", &self.gpu).finish()
+    }
+}
+
+macro_rules! dptr {
+    ($x:expr, $stream:expr) => {
+        $x.device_ptr($stream)
+    };
+}
+
+impl Contrast {
+    /// Contrastive operations on `gpu`'s stream.
+    pub fn new(gpu: &Gpu) -> Self {
+        Contrast {
+            gpu: gpu.clone(),
+            ws: Workspace::default(),
+            blas: None,
+        }
+    }
+
+    /// The GPU this runs on.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    fn blas(&mut self) -> Result<Arc<CudaBlas>> {
+        if let Some(b) = &self.blas {
+            return Ok(b.clone());
+        }
+        // SAFETY: only probes whether libcublas can be dlopen'ed.
+        if !unsafe { blas_sys::is_culib_present() } {
+            return Err(Error::Cublas {
+                call: "dlopen(libcublas)",
+                message: "cuBLAS library not found; add the CUDA libraries to LD_LIBRARY_PATH or use the fused implementation".into(),
+            });
+        }
+        let b = CudaBlas::new(self.gpu.stream().clone()).map_err(|e| Error::Cublas {
+            call: "cublasCreate",
+            message: format!("{e:?}"),
+        })?;
+        let b = Arc::new(b);
+        self.blas = Some(b.clone());
+        Ok(b)
+    }
+
+    fn check_dev<T: DevicePtr<f32>>(&self, what: &str, x: &T) -> Result<()> {
+        self.gpu.check_same_device::<f32, T>(what, x)
+    }
+
+    /// Normalizes the rows of `x` (N x C) into `out` as `F.normalize(x, dim=1)`.
+    pub fn normalize<X, O>(&mut self, x: &X, out: &mut O, n: usize, c: usize) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
+        if n == 0 || c == 0 || x.len() != n * c || out.len() != n * c {
+            return Err(Error::invalid(format!(
+                "normalize: x has {} and out {} elements, expected N x C = {n} x {c}",
+                x.len(),
+                out.len()
+            )));
+        }
+        if n > i32::MAX as usize || c > i32::MAX as usize {
+            return Err(Error::invalid("N and C must be < 2^31"));
+        }
+        self.check_dev("x", x)?;
+        self.gpu.check_same_device::<f32, O>("out", out)?;
+        let stream = self.gpu.stream().clone();
+        let (xp, _xs) = dptr!(x, &stream);
+        let (op, _os) = out.device_ptr_mut(&stream);
+        self.launch_normalize(xp, op, 0, n, c)
+    }
+
+    /// Launches moco_l2_normalize_rows on raw pointers (norms = 0 for none).
+    fn launch_normalize(&self, x: u64, out: u64, norms: u64, n: usize, c: usize) -> Result<()> {
+        let f = self.gpu.function("contrast", "moco_l2_normalize_rows")?;
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u64 * 32).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n32, c32, eps) = (n as u32, c as u32, NORMALIZE_EPS);
+        let mut l = self.gpu.stream().launch_builder(&f);
+        l.arg(&x)
+            .arg(&out)
+            .arg(&norms)
+            .arg(&n32)
+            .arg(&c32)
+            .arg(&eps);
+        // SAFETY: signature (const float*, float*, float*, u32, u32, float) matches; x and out
+        // hold n*c floats and norms n floats (or is null, which the kernel checks); callers
+        // validated n and c.
+        unsafe { l.launch(cfg) }.call("cuLaunchKernel(moco_l2_normalize_rows)")?;
+        Ok(())
+    }
+
+    /// Normalizes q and k into the workspace; returns their device addresses and norms.
+    fn normalize_inputs(&mut self, q: u64, k: u64, s: ContrastShape) -> Result<(u64, u64, u64)> {
+        let stream = self.gpu.stream().clone();
+        let nc = s.n * s.c;
+        let qn = ensure(&self.gpu, &mut self.ws.qn, nc)?
+            .device_ptr_mut(&stream)
+            .0;
+        let kn = ensure(&self.gpu, &mut self.ws.kn, nc)?
+            .device_ptr_mut(&stream)
+            .0;
+        let norms = ensure(&self.gpu, &mut self.ws.norms, s.n)?
+            .device_ptr_mut(&stream)
+            .0;
+        self.launch_normalize(q, qn, norms, s.n, s.c)?;
+        self.launch_normalize(k, kn, 0, s.n, s.c)?;
+        Ok((qn, kn, norms))
+    }
+
+    /// `C[m x n] (col-major, ldc) = alpha * op(A) op(B) + beta * C` on raw addresses.
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm(
+        &mut self,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        c: u64,
+        ldc: usize,
+    ) -> Result<()> {
+        let blas_h = self.blas()?;
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        for (what, v) in [
+            ("m", m),
+            ("n", n),
+            ("k", k),
+            ("lda", lda),
+            ("ldb", ldb),
+            ("ldc", ldc),
+        ] {
+            if v > i32::MAX as usize {
+                return Err(Error::invalid(format!(
+                    "GEMM {what} = {v} exceeds cuBLAS's 32-bit limit"
+                )));
+            }
+        }
+        let beta = 0.0f32;
+        // SAFETY: the handle is bound to this Gpu's stream; a, b, c are device addresses of
+        // buffers the callers sized for these m, n, k and leading dimensions (checked by the
+        // public wrappers), and alpha/beta are host scalars (the default pointer mode).
+        unsafe {
+            blas::sgemm(
+                *blas_h.handle(),
+                op(transa),
+                op(transb),
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha,
+                a as *const f32,
+                lda as i32,
+                b as *const f32,
+                ldb as i32,
+                &beta,
+                c as *mut f32,
+                ldc as i32,
+            )
+        }
+        .map_err(|e| Error::Cublas {
+            call: "cublasSgemm",
+            message: format!("{e:?}"),
+        })
+    }
+
+    /// The N x (1 + K) logits `[qn.kn, qn.queue^T] / T` into `out` (cuBLAS SGEMM for the
+    /// negatives, a small kernel for the positives).
+    pub fn logits<Q, K, U, O>(
+        &mut self,
+        q: &Q,
+        k: &K,
+        queue: &U,
+        s: ContrastShape,
+        out: &mut O,
+    ) -> Result<()>
+    where
+        Q: DevicePtr<f32>,
+        K: DevicePtr<f32>,
+        U: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
+        s.check_inputs(q.len(), k.len(), queue.len())?;
+        if out.len() != s.n * (1 + s.k) {
+            return Err(Error::invalid(format!(
+                "logits output has {} elements, expected N x (1 + K) = {} x {}",
+                out.len(),
+                s.n,
+                1 + s.k
+            )));
+        }
+        self.check_dev("q", q)?;
+        self.check_dev("k", k)?;
+        self.check_dev("queue", queue)?;
+        self.gpu.check_same_device::<f32, O>("out", out)?;
+        let stream = self.gpu.stream().clone();
+        let (qp, _qs) = dptr!(q, &stream);
+        let (kp, _ks) = dptr!(k, &stream);
+        let (up, _us) = dptr!(queue, &stream);
+        let (op, _os) = out.device_ptr_mut(&stream);
+        let (qn, kn, _) = self.normalize_inputs(qp, kp, s)?;
+        // Row-major out[:, 1..] (N x K, row stride 1+K) = qn queue^T / T, i.e. column-major
+        // out^T (K x N) = queue (K x C) . qn^T: A = queue stored as col-major C x K (transposed).
+        let ld = 1 + s.k;
+        self.sgemm(
+            true,
+            false,
+            s.k,
+            s.n,
+            s.c,
+            1.0 / s.t,
+            up,
+            s.c,
+            qn,
+            s.c,
+            op + 4,
+            ld,
+        )?;
+        let f = self.gpu.function("contrast", "moco_positive_logits")?;
+        let cfg = LaunchConfig {
+            grid_dim: ((s.n as u64 * 32).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (abi, ld64) = (s.abi(), ld as u64);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&qn).arg(&kn).arg(&op).arg(&ld64).arg(&abi);
+        // SAFETY: (const float*, const float*, float*, u64, MocoContrastShape) matches; qn/kn
+        // hold N*C floats, out N*(1+K) floats and the kernel writes out[r*ld] for r < N.
+        unsafe { l.launch(cfg) }.call("cuLaunchKernel(moco_positive_logits)")?;
+        Ok(())
+    }
+
+    /// InfoNCE forward and backward: writes dloss/dq (N x C, w.r.t. the unnormalized q) into
+    /// `grad_q` and returns the mean loss and top-1 accuracy (this synchronizes the stream to
+    /// read them back).
+    pub fn infonce<Q, K, U, G>(
+        &mut self,
+        q: &Q,
+        k: &K,
+        queue: &U,
+        s: ContrastShape,
+        grad_q: &mut G,
+        imp: InfoNceImpl,
+    ) -> Result<InfoNceStats>
+    where
+        Q: DevicePtr<f32>,
+        K: DevicePtr<f32>,
+        U: DevicePtr<f32>,
+        G: DevicePtrMut<f32>,
+    {
+        self.infonce_async(q, k, queue, s, grad_q, imp)?;
+        self.read_stats(s.n)
+    }
+
+    /// As [`Contrast::infonce`] but without reading the loss back: the per-row losses and
+    /// hits stay on the device until [`Contrast::read_stats`].
+    pub fn infonce_async<Q, K, U, G>(
+        &mut self,
+        q: &Q,
+        k: &K,
+        queue: &U,
+        s: ContrastShape,
+        grad_q: &mut G,
+        imp: InfoNceImpl,
+    ) -> Result<()>
+    where
+        Q: DevicePtr<f32>,
+        K: DevicePtr<f32>,
+        U: DevicePtr<f32>,
+        G: DevicePtrMut<f32>,
+    {
+        s.check_inputs(q.len(), k.len(), queue.len())?;
+        s.check_len("grad_q", grad_q.len(), s.n)?;
+        self.check_dev("q", q)?;
+        self.check_dev("k", k)?;
+        self.check_dev("queue", queue)?;
+        self.gpu.check_same_device::<f32, G>("grad_q", grad_q)?;
+        let stream = self.gpu.stream().clone();
+        let (qp, _qs) = dptr!(q, &stream);
+        let (kp, _ks) = dptr!(k, &stream);
+        let (up, _us) = dptr!(queue, &stream);
+        let (gp, _gs) = grad_q.device_ptr_mut(&stream);
+        let (qn, kn, norms) = self.normalize_inputs(qp, kp, s)?;
+        // rows: [coef0 | loss | correct], N each.
+        let rows = ensure(&self.gpu, &mut self.ws.rows, 3 * s.n)?
+            .device_ptr_mut(&stream)
+            .0;
+        let (coef0, loss_row, correct_row) = (rows, rows + 4 * s.n as u64, rows + 8 * s.n as u64);
+        if imp == InfoNceImpl::Fused && s.c <= FUSED_MAX_C {
+            self.fused(qn, kn, norms, up, gp, loss_row, correct_row, s)
+        } else {
+            self.unfused(qn, kn, norms, up, gp, coef0, loss_row, correct_row, s)
+        }
+    }
+
+    /// Reads back the loss and accuracy of the last `infonce_async` call (synchronizes).
+    pub fn read_stats(&mut self, n: usize) -> Result<InfoNceStats> {
+        let rows = self
+            .ws
+            .rows
+            .as_ref()
+            .filter(|r| r.len() >= 3 * n && n > 0)
+            .ok_or_else(|| {
+                Error::invalid("read_stats: no InfoNCE call with this batch size yet")
+            })?;
+        let host = self
+            .gpu
+            .stream()
+            .clone_dtoh(&rows.slice(n..3 * n))
+            .call("cuMemcpyDtoH")?;
+        let loss = host[..n].iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let acc = host[n..].iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        Ok(InfoNceStats {
+            loss,
+            accuracy: acc,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fused(
+        &mut self,
+        qn: u64,
+        kn: u64,
+        norms: u64,
+        queue: u64,
+        grad: u64,
+        loss_row: u64,
+        correct_row: u64,
+        s: ContrastShape,
+    ) -> Result<()> {
+        let stream = self.gpu.stream().clone();
+        let cp = if s.c <= 64 {
+            64
+        } else if s.c <= 128 {
+            128
+        } else {
+            256
+        };
+        let row_blocks = s.n.div_ceil(FUSED_ROWS);
+        let ntiles = s.k.div_ceil(FUSED_KEYS);
+        // Enough blocks for two waves over the SMs; each split streams >= 1 tile.
+        let target = 2 * self.gpu.sm_count() as usize;
+        let splits_wanted = target.div_ceil(row_blocks).clamp(1, ntiles);
+        let tiles_per_split = ntiles.div_ceil(splits_wanted);
+        let splits = ntiles.div_ceil(tiles_per_split);
+        if splits > u16::MAX as usize {
+            return Err(Error::invalid("queue too long for the fused kernel's grid"));
+        }
+        let pm = ensure(&self.gpu, &mut self.ws.part_m, splits * s.n)?
+            .device_ptr_mut(&stream)
+            .0;
+        let pl = ensure(&self.gpu, &mut self.ws.part_l, splits * s.n)?
+            .device_ptr_mut(&stream)
+            .0;
+        let po = ensure(&self.gpu, &mut self.ws.part_o, splits * s.n * cp)?
+            .device_ptr_mut(&stream)
+            .0;
+        let name: &'static str = match cp {
+            64 => "moco_infonce_partial_c64",
+            128 => "moco_infonce_partial_c128",
+            _ => "moco_infonce_partial_c256",
+        };
+        let f = self.gpu.function("contrast", name)?;
+        let smem =
+            4 * (FUSED_ROWS * (cp + 4) + FUSED_KEYS * (cp + 4) + FUSED_ROWS * (FUSED_KEYS + 4));
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .call("cuFuncSetAttribute")?;
+        let cfg = LaunchConfig {
+            grid_dim: (row_blocks as u32, splits as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (abi, tps) = (s.abi(), tiles_per_split as u32);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&qn)
+            .arg(&queue)
+            .arg(&abi)
+            .arg(&tps)
+            .arg(&pm)
+            .arg(&pl)
+            .arg(&po);
+        // SAFETY: signature (const float*, const float*, MocoContrastShape, u32, float*, float*,
+        // float*) matches; qn holds N*C, queue K*C floats; part buffers hold splits*N (m, l)
+        // and splits*N*CP (o) floats; blocks of split >= splits are not launched.
+        unsafe { l.launch(cfg) }.call("cuLaunchKernel(moco_infonce_partial)")?;
+
+        let f = self.gpu.function("contrast", "moco_infonce_combine")?;
+        let cfg = LaunchConfig {
+            grid_dim: (s.n as u32, 1, 1),
+            block_dim: (if s.c >= 256 { 256 } else { 128 }, 1, 1),
+            shared_mem_bytes: (4 * (splits + s.c)) as u32,
+        };
+        let (sp32, cp32) = (splits as u32, cp as u32);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&qn)
+            .arg(&norms)
+            .arg(&kn)
+            .arg(&pm)
+            .arg(&pl)
+            .arg(&po)
+            .arg(&sp32)
+            .arg(&cp32)
+            .arg(&abi)
+            .arg(&grad)
+            .arg(&loss_row)
+            .arg(&correct_row);
+        // SAFETY: signature matches moco_infonce_combine; every buffer is sized as above,
+        // grad holds N*C floats, loss/correct rows N floats each; shared memory covers
+        // splits + C floats.
+        unsafe { l.launch(cfg) }.call("cuLaunchKernel(moco_infonce_combine)")?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn unfused(
+        &mut self,
+        qn: u64,
+        kn: u64,
+        norms: u64,
+        queue: u64,
+        grad: u64,
+        coef0: u64,
+        loss_row: u64,
+        correct_row: u64,
+        s: ContrastShape,
+    ) -> Result<()> {
+        let stream = self.gpu.stream().clone();
+        let logits = ensure(&self.gpu, &mut self.ws.logits, s.n * s.k)?
+            .device_ptr_mut(&stream)
+            .0;
+        let gg = ensure(&self.gpu, &mut self.ws.gemm_g, s.n * s.c)?
+            .device_ptr_mut(&stream)
+            .0;
+        // S (N x K row-major) = qn queue^T / T.
+        self.sgemm(
+            true,
+            false,
+            s.k,
+            s.n,
+            s.c,
+            1.0 / s.t,
+            queue,
+            s.c,
+            qn,
+            s.c,
+            logits,
+            s.k,
+        )?;
+        let f = self.gpu.function("contrast", "moco_softmax_ce_rows")?;
+        let cfg = LaunchConfig {
+            grid_dim: (s.n as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (abi, ld) = (s.abi(), s.k as u64);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&logits)
+            .arg(&ld)
+            .arg(&qn)
+            .arg(&kn)
+            .arg(&abi)
+            .arg(&coef0)
+            .arg(&loss_row)
+            .arg(&correct_row);
+        // SAFETY: signature matches moco_softmax_ce_rows; logits holds N*K floats with row
+        // stride K, qn/kn N*C, coef0/loss/correct N floats each.
+        unsafe { l.launch(cfg) }.call("cuLaunchKernel(moco_softmax_ce_rows)")?;
+        // G (N x C row-major) = P (N x K) queue (K x C): column-major G^T = queue^T P^T with
+        // queue as col-major C x K (no transpose) and P as col-major K x N.
+        self.sgemm(
+            false, false, s.c, s.n, s.k, 1.0, queue, s.c, logits, s.k, gg, s.c,
+        )?;
+        let f = self.gpu.function("contrast", "moco_infonce_finish")?;
+        let cfg = LaunchConfig {
+            grid_dim: (s.n as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (4 * s.c) as u32,
+        };
+        let mut l = stream.launch_builder(&f);
+        l.arg(&gg)
+            .arg(&coef0)
+            .arg(&qn)
+            .arg(&norms)
+            .arg(&kn)
+            .arg(&abi)
+            .arg(&grad);
+        // SAFETY: signature matches moco_infonce_finish; gg, qn, kn and grad hold N*C floats,
+        // coef0 and norms N floats; shared memory holds C floats.
+        unsafe { l.launch(cfg) }.call("cuLaunchKernel(moco_infonce_finish)")?;
+        Ok(())
+    }
+
+    /// Symmetric loss `loss(q1, k2) + loss(q2, k1)` against the same queue: writes both
+    /// gradients and returns (summed loss, mean accuracy of the two halves).
+    #[allow(clippy::too_many_arguments)]
+    pub fn infonce_symmetric<Q, K, U, G>(
+        &mut self,
+        q1: &Q,
+        k1: &K,
+        q2: &Q,
+        k2: &K,
+        queue: &U,
+        s: ContrastShape,
+        grad_q1: &mut G,
+        grad_q2: &mut G,
+        imp: InfoNceImpl,
+    ) -> Result<InfoNceStats>
+    where
+        Q: DevicePtr<f32>,
+        K: DevicePtr<f32>,
+        U: DevicePtr<f32>,
+        G: DevicePtrMut<f32>,
+    {
+        let a = self.infonce(q1, k2, queue, s, grad_q1, imp)?;
+        let b = self.infonce(q2, k1, queue, s, grad_q2, imp)?;
+        Ok(InfoNceStats {
+            loss: a.loss + b.loss,
+            accuracy: 0.5 * (a.accuracy + b.accuracy),
+        })
+    }
+}

@@ -1,0 +1,121 @@
+//! Circular enqueue and the Queue type.
+use moco::ops::{enqueue, enqueue_cpu, Queue};
+use moco::testing::{normal, POISON};
+
+#[test]
+fn enqueue_wraps_around() {
+    // K = 5 rows of C = 2; N = 3 keys, pointer walks 0 -> 3 -> 1 -> 4.
+    let (k, c) = (5, 2);
+    let mut q = vec![0.0f32; k * c];
+    let mut ptr = 0;
+    let mut expect = vec![0.0f32; k * c];
+    for step in 0..3 {
+        let keys: Vec<f32> = (0..3 * c).map(|i| (step * 100 + i) as f32).collect();
+        for i in 0..3 {
+            let row = (ptr + i) % k;
+            expect[row * c..row * c + c].copy_from_slice(&keys[i * c..i * c + c]);
+        }
+        ptr = enqueue_cpu(&mut q, &keys, k, c, ptr).unwrap();
+        assert_eq!(q, expect, "step {step}");
+    }
+    assert_eq!(ptr, 4);
+}
+
+#[test]
+fn enqueue_rejects_bad_input_and_changes_nothing() {
+    let mut q = vec![1.0f32; 8];
+    assert!(enqueue_cpu(&mut q, &[0.0; 10], 4, 2, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("does not fit"));
+    assert!(
+        enqueue_cpu(&mut q, &[0.0; 3], 4, 2, 0).is_err(),
+        "not a multiple of C"
+    );
+    assert!(
+        enqueue_cpu(&mut q, &[0.0; 2], 4, 2, 4).is_err(),
+        "pointer out of range"
+    );
+    assert!(
+        enqueue_cpu(&mut q, &[0.0; 2], 3, 2, 0).is_err(),
+        "queue size mismatch"
+    );
+    assert_eq!(q, vec![1.0; 8]);
+}
+
+#[test]
+fn queue_init_is_unit_rows_and_seeded() {
+    let a = Queue::new_cpu(16, 8, 3).unwrap();
+    let b = Queue::new_cpu(16, 8, 3).unwrap();
+    let c = Queue::new_cpu(16, 8, 4).unwrap();
+    assert_eq!(a.host().unwrap(), b.host().unwrap());
+    assert_ne!(a.host().unwrap(), c.host().unwrap());
+    for row in a.host().unwrap().chunks(8) {
+        let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((n - 1.0).abs() < 1e-5);
+    }
+    assert!(Queue::new_cpu(0, 8, 0).is_err());
+}
+
+#[test]
+fn pytorch_layout_is_transpose() {
+    let q = Queue::new_cpu(5, 3, 1).unwrap();
+    let rows = q.to_host().unwrap();
+    let t = q.to_pytorch_layout().unwrap();
+    for i in 0..5 {
+        for j in 0..3 {
+            assert_eq!(t[j * 5 + i], rows[i * 3 + j]);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_enqueue_matches_cpu_with_wraparound() {
+    let gpu = moco::testing::test_gpu();
+    for &(k, c, n) in &[
+        (1usize, 1usize, 1usize),
+        (33, 3, 7),
+        (4096, 128, 256),
+        (4096, 128, 257),
+        (65536, 128, 256),
+        (10, 4, 10),
+    ] {
+        let mut host = Queue::new_cpu(k, c, 9).unwrap();
+        let mut dev = Queue::new_cuda(&gpu, k, c, 9).unwrap();
+        assert_eq!(
+            dev.to_host().unwrap(),
+            host.to_host().unwrap(),
+            "same init on both devices"
+        );
+        for step in 0..5u64 {
+            let keys = normal(n * c, step);
+            host.enqueue_cpu(&keys).unwrap();
+            dev.enqueue_cuda(&gpu.upload(&keys).unwrap()).unwrap();
+            assert_eq!(dev.ptr(), host.ptr());
+            assert_eq!(
+                dev.to_host().unwrap(),
+                host.to_host().unwrap(),
+                "K={k} C={c} N={n} step {step}"
+            );
+        }
+    }
+    // Free function on a poisoned queue: rows not written stay poisoned.
+    let mut qd = gpu.upload(&[POISON; 6 * 2]).unwrap();
+    let p = enqueue(
+        &gpu,
+        &mut qd,
+        &gpu.upload(&[1.0f32, 2.0, 3.0, 4.0]).unwrap(),
+        6,
+        2,
+        5,
+    )
+    .unwrap();
+    assert_eq!(p, 1);
+    let got = gpu.download(&qd).unwrap();
+    assert_eq!(&got[10..12], &[1.0, 2.0]);
+    assert_eq!(&got[0..2], &[3.0, 4.0]);
+    assert!(got[2..10].iter().all(|v| v.is_nan()));
+    // N > K is an error.
+    assert!(enqueue(&gpu, &mut qd, &gpu.upload(&[0.0f32; 14]).unwrap(), 6, 2, 0).is_err());
+}
