@@ -148,6 +148,17 @@ fn invalid_shapes_are_errors() {
 // ------------------------------------------------------------------------------------------
 // GPU vs CPU.
 
+/// Rows whose positive logit is within fp32 rounding of their best negative.
+fn ambiguous_rows(q: &[f32], k: &[f32], queue: &[f32], s: ContrastShape) -> usize {
+    let l = logits_cpu(q, k, queue, s).unwrap();
+    l.chunks(1 + s.k)
+        .filter(|row| {
+            let best = row[1..].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            (row[0] - best).abs() <= 1e-5 * (1.0 / s.t)
+        })
+        .count()
+}
+
 fn check_gpu_case(
     contrast: &mut Contrast,
     n: usize,

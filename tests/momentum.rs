@@ -180,7 +180,7 @@ fn cuda_multi_tensor_matches_cpu() {
     let bq = gpu.upload(&big_q).unwrap();
     {
         let (mut a, mut b) = bk.split_at_mut(5001);
-        let (qa, qb) = (bq.slice(1..5002), bq.slice(5002..10_003));
+        let (qa, qb) = (bq.slice(1..5002), bq.slice(5001..10_003));
         let mut va = a.slice_mut(..);
         let mut vb = b.slice_mut(..);
         let mut pairs = vec![(&mut va, &qa), (&mut vb, &qb)];
@@ -188,7 +188,7 @@ fn cuda_multi_tensor_matches_cpu() {
     }
     let mut want = big_k.clone();
     momentum_update_cpu(&mut want[..5001], &big_q[1..5002], 0.9).unwrap();
-    momentum_update_cpu(&mut want[5001..], &big_q[5002..], 0.9).unwrap();
+    momentum_update_cpu(&mut want[5001..], &big_q[5001..], 0.9).unwrap();
     assert_close(
         "multi views",
         &gpu.download(&bk).unwrap(),
