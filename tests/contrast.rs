@@ -190,10 +190,14 @@ fn check_gpu_case(
             stats.loss,
             want.loss
         );
-        // Accuracy can differ only where a positive ties a negative within rounding.
+        // Accuracy can differ only on rows where the positive ties the best negative within
+        // fp32 rounding (with C = 1 every logit is +-1/T, so most rows tie).
+        let ties = ambiguous_rows(&q, &kk, &queue, s);
         assert!(
-            (stats.accuracy - want.accuracy).abs() <= 1.0 / n as f64 + 1e-12,
-            "{what}: acc"
+            (stats.accuracy - want.accuracy).abs() * n as f64 <= ties as f64 + 1e-9,
+            "{what}: acc {} vs {} with {ties} tied rows",
+            stats.accuracy,
+            want.accuracy
         );
         // fp32 error in dL/dqn is relative to its scale 1/(N T); the normalization backward
         // divides it by ||q||. That is the absolute floor; above it, 1e-4 relative.
