@@ -15,10 +15,13 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod cuda;
 pub mod device;
 pub mod error;
+pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod testing;
 
 pub use device::Device;

@@ -4,10 +4,67 @@ use moco::Result;
 
 /// Arguments of `moco info`.
 #[derive(Args, Debug)]
-pub struct InfoArgs {}
+pub struct InfoArgs {
+    /// Also describe this encoder: resnet8, resnet20, resnet18-cifar, resnet18, resnet50.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// With --arch: the MoCo v2 MLP head instead of the linear head.
+    #[arg(long)]
+    pub mlp: bool,
+    /// With --arch: output feature dimension of the head.
+    #[arg(long, default_value_t = 128)]
+    pub dim: usize,
+    /// With --arch: input channels (1 or 3).
+    #[arg(long, default_value_t = 3)]
+    pub in_channels: usize,
+    /// With --arch: print every state-dict tensor's name and shape.
+    #[arg(long)]
+    pub verbose: bool,
+}
 
-/// Prints version, kernel status and GPUs, one `key: value` per line.
-pub fn run(_args: InfoArgs) -> Result<()> {
+/// Prints the encoder's parameter counts (and, verbose, every tensor) for `--arch`.
+fn describe_arch(args: &InfoArgs, arch: &str) -> Result<()> {
+    let cfg = moco::model::EncoderConfig {
+        arch: arch.parse()?,
+        in_channels: args.in_channels,
+        dim: args.dim,
+        mlp: args.mlp,
+    };
+    let t = moco::model::ParamTable::for_config(&cfg)?;
+    println!("arch: {}", cfg.arch);
+    println!(
+        "head: {}",
+        if cfg.mlp {
+            "mlp (fc.0, relu, fc.2)"
+        } else {
+            "linear (fc)"
+        }
+    );
+    println!("in_channels: {}", cfg.in_channels);
+    println!("feature_dim: {}", cfg.arch.feature_dim());
+    println!("dim: {}", cfg.dim);
+    println!("backbone_params: {}", t.backbone_params());
+    println!("head_params: {}", t.head_params());
+    println!("total_params: {}", t.num_params());
+    println!("bn_buffers: {}", t.num_buffers());
+    if args.verbose {
+        for e in t.entries() {
+            let kind = match e.storage {
+                moco::model::Storage::Param => "param",
+                _ => "buffer",
+            };
+            println!("{} {:?} {}", e.name, e.shape, kind);
+        }
+    }
+    Ok(())
+}
+
+/// Prints version, kernel status and GPUs, one `key: value` per line; with `--arch`,
+/// only the encoder's description.
+pub fn run(args: InfoArgs) -> Result<()> {
+    if let Some(arch) = &args.arch {
+        return describe_arch(&args, arch);
+    }
     println!("moco: {}", moco::VERSION);
     if moco::cuda::kernels_available() {
         println!("kernels: yes ({})", moco::cuda::kernel_targets());

@@ -1,0 +1,444 @@
+//! The compute backends the ResNet is written against: [`Cpu`] (the reference, generic
+//! over f32/f64) and, with a GPU, [`Cuda`].
+//!
+//! Every operation takes whole buffers plus element offsets into them, so the model keeps
+//! its parameters (and gradients) in one flat buffer each (see `DESIGN.md`, "Flat
+//! parameters") and hands a layer's slice to the backend by offset. Activations are NCHW.
+//!
+//! Conventions shared by every implementation:
+//! * outputs named `y`/`dx` are overwritten; parameter gradients (`dw`, `dgamma`, ...) are
+//!   **accumulated** (`+=`), so several backward passes can add into one gradient buffer;
+//! * shapes are validated by the caller-facing shape constructors ([`ConvShape::new`], ...)
+//!   and every backend checks buffer lengths before touching memory, returning
+//!   [`Error::InvalidArgument`](crate::Error::InvalidArgument) instead of panicking.
+use crate::error::{Error, Result};
+
+pub mod cpu;
+pub mod cuda;
+
+pub use cpu::{Cpu, Scalar};
+pub use cuda::Cuda;
+
+/// Shape of a 2-D convolution without bias: `x` N x Cin x H x W, `w` Cout x Cin x K x K,
+/// `y` N x Cout x Ho x Wo with `Ho = (H + 2 pad - K) / stride + 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Batch size N.
+    pub n: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Square kernel size K.
+    pub k: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub pad: usize,
+    /// Output height.
+    pub ho: usize,
+    /// Output width.
+    pub wo: usize,
+}
+
+impl ConvShape {
+    /// Validates the shape and computes the output size.
+    pub fn new(
+        n: usize,
+        cin: usize,
+        (h, w): (usize, usize),
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
+        if n == 0 || cin == 0 || cout == 0 || k == 0 || stride == 0 {
+            return Err(Error::invalid(format!(
+                "conv2d: batch, channels, kernel and stride must be positive (n={n}, cin={cin}, cout={cout}, k={k}, stride={stride})"
+            )));
+        }
+        if h + 2 * pad < k || w + 2 * pad < k {
+            return Err(Error::invalid(format!(
+                "conv2d: input {h}x{w} with padding {pad} is smaller than the {k}x{k} kernel; use larger images"
+            )));
+        }
+        let ho = (h + 2 * pad - k) / stride + 1;
+        let wo = (w + 2 * pad - k) / stride + 1;
+        Ok(ConvShape {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            k,
+            stride,
+            pad,
+            ho,
+            wo,
+        })
+    }
+    /// Elements of `x`.
+    pub fn x_len(&self) -> usize {
+        self.n * self.cin * self.h * self.w
+    }
+    /// Elements of `y`.
+    pub fn y_len(&self) -> usize {
+        self.n * self.cout * self.ho * self.wo
+    }
+    /// Elements of the weight.
+    pub fn w_len(&self) -> usize {
+        self.cout * self.cin * self.k * self.k
+    }
+}
+
+/// Shape of a BatchNorm2d over `x` N x C x HW, with statistics per group of samples:
+/// group `b` holds the samples `n` with `n % groups == b` (exactly what PyTorch's
+/// split BatchNorm does through `x.view(-1, C * groups, H, W)`), `groups = 1` is plain
+/// BatchNorm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BnShape {
+    /// Batch size N.
+    pub n: usize,
+    /// Channels C.
+    pub c: usize,
+    /// Spatial size H * W (1 for a BatchNorm1d-like use).
+    pub hw: usize,
+    /// Number of statistic groups (shuffle-BN emulation), divides `n`.
+    pub groups: usize,
+}
+
+impl BnShape {
+    /// Validates: `groups` divides `n`, and each group has more than one value per channel
+    /// in training (the unbiased variance needs two).
+    pub fn new(n: usize, c: usize, hw: usize, groups: usize, train: bool) -> Result<Self> {
+        if n == 0 || c == 0 || hw == 0 {
+            return Err(Error::invalid(format!(
+                "batchnorm: empty input (n={n}, c={c}, hw={hw})"
+            )));
+        }
+        if groups == 0 || n % groups != 0 {
+            return Err(Error::invalid(format!(
+                "batchnorm: bn_splits = {groups} must divide the batch size {n}"
+            )));
+        }
+        if train && (n / groups) * hw < 2 {
+            return Err(Error::invalid(format!(
+                "batchnorm: training needs more than one value per channel and group (batch {n}, bn_splits {groups}, spatial {hw}); use a larger batch or fewer splits"
+            )));
+        }
+        Ok(BnShape { n, c, hw, groups })
+    }
+    /// Elements of `x`.
+    pub fn len(&self) -> usize {
+        self.n * self.c * self.hw
+    }
+    /// Always false (shapes are non-empty by construction).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    /// Values per (group, channel) statistic.
+    pub fn count(&self) -> usize {
+        self.n / self.groups * self.hw
+    }
+}
+
+/// Hyper-parameters of a BatchNorm (PyTorch defaults: momentum 0.1, eps 1e-5).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BnParams {
+    /// Running-statistics momentum (PyTorch's convention: `new = (1 - m) old + m batch`).
+    pub momentum: f64,
+    /// Variance epsilon.
+    pub eps: f64,
+}
+
+impl Default for BnParams {
+    fn default() -> Self {
+        BnParams {
+            momentum: 0.1,
+            eps: 1e-5,
+        }
+    }
+}
+
+/// Offsets of one BatchNorm's tensors: `gamma`/`beta` (C each) in the parameter buffer
+/// (and at the same offsets in the gradient buffer), running mean/var (C each) in the
+/// buffer of running statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BnOffsets {
+    /// Offset of the weight (gamma).
+    pub gamma: usize,
+    /// Offset of the bias (beta).
+    pub beta: usize,
+    /// Offset of the running mean.
+    pub mean: usize,
+    /// Offset of the running variance.
+    pub var: usize,
+}
+
+/// Shape of a max-pool (square window, zero-size padding treated as -inf, as PyTorch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolShape {
+    /// Batch times channels (independent planes).
+    pub planes: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Window.
+    pub k: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Padding.
+    pub pad: usize,
+    /// Output height.
+    pub ho: usize,
+    /// Output width.
+    pub wo: usize,
+}
+
+impl PoolShape {
+    /// Validates and computes the output size (floor mode).
+    pub fn new(
+        planes: usize,
+        (h, w): (usize, usize),
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
+        if planes == 0 || k == 0 || stride == 0 || 2 * pad > k {
+            return Err(Error::invalid(format!(
+                "maxpool: bad window (planes={planes}, k={k}, stride={stride}, pad={pad})"
+            )));
+        }
+        if h + 2 * pad < k || w + 2 * pad < k {
+            return Err(Error::invalid(format!(
+                "maxpool: input {h}x{w} is smaller than the {k}x{k} window; use larger images"
+            )));
+        }
+        Ok(PoolShape {
+            planes,
+            h,
+            w,
+            k,
+            stride,
+            pad,
+            ho: (h + 2 * pad - k) / stride + 1,
+            wo: (w + 2 * pad - k) / stride + 1,
+        })
+    }
+}
+
+/// Shape of a fully connected layer `y = x W^T + b`: `x` N x IN, `W` OUT x IN, `b` OUT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearShape {
+    /// Batch size.
+    pub n: usize,
+    /// Input features.
+    pub fin: usize,
+    /// Output features.
+    pub fout: usize,
+}
+
+/// The operations the ResNet needs, on one device.
+///
+/// `Buf` is a device buffer of the backend's scalar type; `Idx` holds max-pool argmax
+/// indices. Offsets (`w_off`, ...) index into a flat parameter or gradient buffer.
+pub trait Backend: Clone + Send + Sync {
+    /// A buffer of scalars on the device.
+    type Buf: Send + Sync;
+    /// A buffer of u32 indices on the device.
+    type Idx: Send + Sync;
+
+    /// Human-readable name ("cpu-f32", "cuda:0", ...).
+    fn name(&self) -> String;
+    /// A zero-filled buffer.
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A zero-filled index buffer.
+    fn zeros_idx(&self, n: usize) -> Result<Self::Idx>;
+    /// Copies host f32 values into a new buffer (converted to the backend's scalar).
+    fn upload_f32(&self, host: &[f32]) -> Result<Self::Buf>;
+    /// Copies a buffer back to the host as f32 (waits for the device).
+    fn download_f32(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Overwrites `buf[off..off + src.len()]` with host values.
+    fn write_f32(&self, buf: &mut Self::Buf, off: usize, src: &[f32]) -> Result<()>;
+    /// Number of elements.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// Sets every element to zero.
+    fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// A copy of the buffer.
+    fn copy(&self, buf: &Self::Buf) -> Result<Self::Buf>;
+
+    /// `y = conv2d(x, w[w_off..])`. `x`: N x Cin x H x W, `y`: N x Cout x Ho x Wo.
+    fn conv2d_forward(
+        &self,
+        s: &ConvShape,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        w_off: usize,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Backward of [`Backend::conv2d_forward`]: `dw[dw_off..] += dL/dw`, and `dx = dL/dx`
+    /// when `dx` is given.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward(
+        &self,
+        s: &ConvShape,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        w_off: usize,
+        dy: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        dw_off: usize,
+    ) -> Result<()>;
+
+    /// BatchNorm in training mode: normalizes with the statistics of each group, writes
+    /// `mean`/`invstd` (groups x C) for the backward pass, and updates the running
+    /// statistics in `running` (average over the groups of `(1-m) old + m stat`, the
+    /// variance unbiased).
+    #[allow(clippy::too_many_arguments)]
+    fn bn_forward_train(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        off: BnOffsets,
+        running: &mut Self::Buf,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        invstd: &mut Self::Buf,
+    ) -> Result<()>;
+    /// BatchNorm in inference mode, with the running statistics (`s.groups` is ignored).
+    #[allow(clippy::too_many_arguments)]
+    fn bn_forward_eval(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        off: BnOffsets,
+        running: &Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Backward of the training-mode BatchNorm (batch statistics depend on `x`):
+    /// `dx = ...`, `grads[gamma] += sum(dy * xhat)`, `grads[beta] += sum(dy)`.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_backward_train(
+        &self,
+        s: &BnShape,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        off: BnOffsets,
+        mean: &Self::Buf,
+        invstd: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        grads: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Backward of the inference-mode BatchNorm (statistics are constants).
+    #[allow(clippy::too_many_arguments)]
+    fn bn_backward_eval(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        off: BnOffsets,
+        running: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        grads: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `x = max(x, 0)` in place.
+    fn relu_forward(&self, x: &mut Self::Buf) -> Result<()>;
+    /// `dy *= (y > 0)` in place (`y` the ReLU's output).
+    fn relu_backward(&self, y: &Self::Buf, dy: &mut Self::Buf) -> Result<()>;
+    /// `a += b`.
+    fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> Result<()>;
+
+    /// Max-pool; `idx` receives each output's argmax (index within its input plane).
+    fn maxpool_forward(
+        &self,
+        s: &PoolShape,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+        idx: &mut Self::Idx,
+    ) -> Result<()>;
+    /// Backward of the max-pool: `dx` is overwritten.
+    fn maxpool_backward(
+        &self,
+        s: &PoolShape,
+        dy: &Self::Buf,
+        idx: &Self::Idx,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Global average pool: `x` planes x HW -> `y` planes.
+    fn avgpool_forward(
+        &self,
+        planes: usize,
+        hw: usize,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Backward of the global average pool (`dx` overwritten).
+    fn avgpool_backward(
+        &self,
+        planes: usize,
+        hw: usize,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `y = x W^T + b`, `W = params[w_off..]` (OUT x IN), `b = params[b_off..]` (OUT).
+    fn linear_forward(
+        &self,
+        s: &LinearShape,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        w_off: usize,
+        b_off: usize,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Backward of [`Backend::linear_forward`]: `grads[w] += dy^T x`, `grads[b] += sum dy`,
+    /// `dx = dy W` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        s: &LinearShape,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        w_off: usize,
+        b_off: usize,
+        dy: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        grads: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// One SGD step over the whole flat buffer, PyTorch semantics (no dampening, no
+    /// Nesterov): `g = grad + wd p; buf = momentum buf + g; p -= lr buf`.
+    fn sgd_step(
+        &self,
+        params: &mut Self::Buf,
+        grads: &Self::Buf,
+        momentum_buf: &mut Self::Buf,
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+    ) -> Result<()>;
+}
+
+/// Checks `len(buf) >= off + need`, naming the tensor in the error.
+pub(crate) fn check_len(what: &str, len: usize, off: usize, need: usize) -> Result<()> {
+    if off.checked_add(need).is_none_or(|end| end > len) {
+        return Err(Error::invalid(format!(
+            "{what}: buffer of {len} elements is too small for {need} elements at offset {off}"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,974 @@
+//! The encoder: ResNet backbone + MoCo head on one backend, with flat buffers.
+use std::sync::Arc;
+
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+
+use super::{Arch, EncoderConfig, ParamTable, Storage};
+use crate::backend::{Backend, BnOffsets, BnParams, BnShape, ConvShape, LinearShape, PoolShape};
+use crate::error::{Error, Result};
+
+/// One state-dict tensor: (torchvision name, shape, values).
+pub type StateEntry = (String, Vec<usize>, Vec<f32>);
+
+/// Shape of an input batch (NCHW).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputShape {
+    /// Batch size.
+    pub n: usize,
+    /// Channels.
+    pub c: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+}
+
+impl InputShape {
+    /// `N x C x H x W`.
+    pub fn new(n: usize, c: usize, h: usize, w: usize) -> Self {
+        InputShape { n, c, h, w }
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    /// True when the batch has no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Conv {
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    w: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bn {
+    c: usize,
+    off: BnOffsets,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Linear {
+    fin: usize,
+    fout: usize,
+    w: usize,
+    b: usize,
+}
+
+/// A residual block: `stages` of conv -> BN (-> ReLU except after the last), plus the
+/// shortcut (identity or 1x1 conv + BN), sum, ReLU. BasicBlock has 2 stages, Bottleneck 3.
+#[derive(Debug, Clone)]
+struct Block {
+    stages: Vec<(Conv, Bn)>,
+    down: Option<(Conv, Bn)>,
+}
+
+#[derive(Debug, Clone)]
+enum Head {
+    Linear(Linear),
+    Mlp(Linear, Linear),
+}
+
+#[derive(Debug, Clone)]
+struct Net {
+    conv1: Conv,
+    bn1: Bn,
+    maxpool: bool,
+    blocks: Vec<Block>,
+    feat: usize,
+    head: Head,
+}
+
+struct Builder {
+    table: ParamTable,
+    /// Host initial values of the parameters, in table order.
+    init: Vec<f32>,
+    running_init: Vec<f32>,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl Builder {
+    fn conv(&mut self, name: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Conv {
+        let w = self.table.push(
+            format!("{name}.weight"),
+            vec![cout, cin, k, k],
+            Storage::Param,
+        );
+        // torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+        let std = (2.0 / (cout * k * k) as f64).sqrt() as f32;
+        let dist = Normal::new(0.0f32, std).expect("finite std");
+        for _ in 0..cout * cin * k * k {
+            self.init.push(dist.sample(&mut self.rng));
+        }
+        Conv {
+            cin,
+            cout,
+            k,
+            stride,
+            pad: k / 2,
+            w,
+        }
+    }
+    fn bn(&mut self, name: &str, c: usize) -> Bn {
+        let gamma = self
+            .table
+            .push(format!("{name}.weight"), vec![c], Storage::Param);
+        self.init.extend(std::iter::repeat_n(1.0, c));
+        let beta = self
+            .table
+            .push(format!("{name}.bias"), vec![c], Storage::Param);
+        self.init.extend(std::iter::repeat_n(0.0, c));
+        let mean = self.table.push(
+            format!("{name}.running_mean"),
+            vec![c],
+            Storage::RunningMean,
+        );
+        self.running_init.extend(std::iter::repeat_n(0.0, c));
+        let var = self
+            .table
+            .push(format!("{name}.running_var"), vec![c], Storage::RunningVar);
+        self.running_init.extend(std::iter::repeat_n(1.0, c));
+        self.table.push(
+            format!("{name}.num_batches_tracked"),
+            vec![],
+            Storage::NumBatchesTracked,
+        );
+        Bn {
+            c,
+            off: BnOffsets {
+                gamma,
+                beta,
+                mean,
+                var,
+            },
+        }
+    }
+    fn linear(&mut self, name: &str, fin: usize, fout: usize) -> Linear {
+        // PyTorch default: kaiming_uniform_(a=sqrt(5)) => U(-1/sqrt(in), 1/sqrt(in)), same
+        // bound for the bias.
+        let bound = 1.0 / (fin as f32).sqrt();
+        let w = self
+            .table
+            .push(format!("{name}.weight"), vec![fout, fin], Storage::Param);
+        for _ in 0..fout * fin {
+            let v = self.rng.random_range(-bound..bound);
+            self.init.push(v);
+        }
+        let b = self
+            .table
+            .push(format!("{name}.bias"), vec![fout], Storage::Param);
+        for _ in 0..fout {
+            let v = self.rng.random_range(-bound..bound);
+            self.init.push(v);
+        }
+        Linear { fin, fout, w, b }
+    }
+}
+
+fn build(cfg: &EncoderConfig, seed: u64) -> (Net, ParamTable, Vec<f32>, Vec<f32>) {
+    let mut b = Builder {
+        table: ParamTable::default(),
+        init: Vec::new(),
+        running_init: Vec::new(),
+        rng: crate::testing::rng(seed),
+    };
+    let cin = cfg.in_channels;
+    let (conv1, maxpool, widths, depths, bottleneck) = match cfg.arch {
+        Arch::Resnet8 | Arch::Resnet20 => {
+            let n = if cfg.arch == Arch::Resnet8 { 1 } else { 3 };
+            (
+                b.conv("conv1", cin, 16, 3, 1),
+                false,
+                vec![16, 32, 64],
+                vec![n; 3],
+                false,
+            )
+        }
+        Arch::Resnet18Cifar => (
+            b.conv("conv1", cin, 64, 3, 1),
+            false,
+            vec![64, 128, 256, 512],
+            vec![2; 4],
+            false,
+        ),
+        Arch::Resnet18 => (
+            b.conv("conv1", cin, 64, 7, 2),
+            true,
+            vec![64, 128, 256, 512],
+            vec![2; 4],
+            false,
+        ),
+        Arch::Resnet50 => (
+            b.conv("conv1", cin, 64, 7, 2),
+            true,
+            vec![64, 128, 256, 512],
+            vec![3, 4, 6, 3],
+            true,
+        ),
+    };
+    let bn1 = b.bn("bn1", conv1.cout);
+    let mut blocks = Vec::new();
+    let mut c = conv1.cout;
+    for (li, (&width, &depth)) in widths.iter().zip(&depths).enumerate() {
+        for bi in 0..depth {
+            let stride = if li > 0 && bi == 0 { 2 } else { 1 };
+            let p = format!("layer{}.{}", li + 1, bi);
+            let (stages, cout) = if bottleneck {
+                let out = width * 4;
+                let c1 = b.conv(&format!("{p}.conv1"), c, width, 1, 1);
+                let n1 = b.bn(&format!("{p}.bn1"), width);
+                let c2 = b.conv(&format!("{p}.conv2"), width, width, 3, stride);
+                let n2 = b.bn(&format!("{p}.bn2"), width);
+                let c3 = b.conv(&format!("{p}.conv3"), width, out, 1, 1);
+                let n3 = b.bn(&format!("{p}.bn3"), out);
+                (vec![(c1, n1), (c2, n2), (c3, n3)], out)
+            } else {
+                let c1 = b.conv(&format!("{p}.conv1"), c, width, 3, stride);
+                let n1 = b.bn(&format!("{p}.bn1"), width);
+                let c2 = b.conv(&format!("{p}.conv2"), width, width, 3, 1);
+                let n2 = b.bn(&format!("{p}.bn2"), width);
+                (vec![(c1, n1), (c2, n2)], width)
+            };
+            let down = if stride != 1 || c != cout {
+                let dc = b.conv(&format!("{p}.downsample.0"), c, cout, 1, stride);
+                let dn = b.bn(&format!("{p}.downsample.1"), cout);
+                Some((dc, dn))
+            } else {
+                None
+            };
+            blocks.push(Block { stages, down });
+            c = cout;
+        }
+    }
+    b.table.backbone_params = b.table.params;
+    let head = if cfg.mlp {
+        let l1 = b.linear("fc.0", c, c);
+        let l2 = b.linear("fc.2", c, cfg.dim);
+        Head::Mlp(l1, l2)
+    } else {
+        Head::Linear(b.linear("fc", c, cfg.dim))
+    };
+    let net = Net {
+        conv1,
+        bn1,
+        maxpool,
+        blocks,
+        feat: c,
+        head,
+    };
+    (net, b.table, b.init, b.running_init)
+}
+
+/// The name/shape/offset table of `cfg` without allocating the parameters.
+pub(super) fn table_for(cfg: &EncoderConfig) -> Result<ParamTable> {
+    cfg.validate()?;
+    Ok(build(cfg, 0).1)
+}
+
+impl ParamTable {
+    /// The table of the encoder `cfg` describes (no parameter buffer is allocated).
+    pub fn for_config(cfg: &EncoderConfig) -> Result<ParamTable> {
+        table_for(cfg)
+    }
+}
+
+/// An activation: a shared buffer (cached by several layers) and its C, H, W.
+struct Act<B: Backend> {
+    buf: Arc<B::Buf>,
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+impl<B: Backend> Clone for Act<B> {
+    fn clone(&self) -> Self {
+        Act {
+            buf: self.buf.clone(),
+            c: self.c,
+            h: self.h,
+            w: self.w,
+        }
+    }
+}
+
+struct ConvCache<B: Backend> {
+    x: Arc<B::Buf>,
+    s: ConvShape,
+    conv: Conv,
+}
+
+struct BnCache<B: Backend> {
+    x: Arc<B::Buf>,
+    s: BnShape,
+    bn: Bn,
+    /// (mean, invstd) of the training-mode statistics; None in inference mode.
+    stats: Option<(B::Buf, B::Buf)>,
+}
+
+/// conv, BN, and the ReLU output (None for a block's last stage).
+type StageCache<B> = (ConvCache<B>, BnCache<B>, Option<Arc<<B as Backend>::Buf>>);
+
+struct BlockCache<B: Backend> {
+    /// Per stage: conv, BN, and the ReLU output (None for the last stage).
+    stages: Vec<StageCache<B>>,
+    down: Option<(ConvCache<B>, BnCache<B>)>,
+    /// Block output after the final ReLU.
+    out: Arc<B::Buf>,
+    in_len: usize,
+}
+
+struct Cache<B: Backend> {
+    input: InputShape,
+    conv1: ConvCache<B>,
+    bn1: BnCache<B>,
+    relu1: Arc<B::Buf>,
+    pool: Option<(PoolShape, B::Idx, usize)>,
+    blocks: Vec<BlockCache<B>>,
+    /// Last block output's (planes, hw) for the average pool.
+    avg: (usize, usize),
+    /// Backbone features (N x feat).
+    feats: Arc<B::Buf>,
+    /// MLP hidden activation after ReLU.
+    hidden: Option<Arc<B::Buf>>,
+}
+
+/// A MoCo encoder (ResNet backbone + head) on backend `B`.
+///
+/// Parameters, gradients and BatchNorm running statistics each live in one flat buffer laid
+/// out by [`ParamTable`]; two encoders built from the same config share the layout, so the
+/// momentum update is one pass over [`Encoder::params`].
+pub struct Encoder<B: Backend> {
+    backend: B,
+    cfg: EncoderConfig,
+    net: Net,
+    table: ParamTable,
+    params: B::Buf,
+    grads: B::Buf,
+    running: B::Buf,
+    num_batches_tracked: u64,
+    bn: BnParams,
+    cache: Option<Cache<B>>,
+}
+
+impl<B: Backend> Encoder<B> {
+    /// Builds the encoder with torchvision's initialization, seeded: conv weights
+    /// `N(0, 2 / fan_out)`, BatchNorm `gamma = 1, beta = 0`, linear layers
+    /// `U(-1/sqrt(in), 1/sqrt(in))`; running mean 0, variance 1; gradients zero.
+    pub fn new(backend: B, cfg: EncoderConfig, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let (net, table, init, running_init) = build(&cfg, seed);
+        let params = backend.upload_f32(&init)?;
+        let grads = backend.zeros(table.num_params())?;
+        let running = backend.upload_f32(&running_init)?;
+        Ok(Encoder {
+            backend,
+            cfg,
+            net,
+            table,
+            params,
+            grads,
+            running,
+            num_batches_tracked: 0,
+            bn: BnParams::default(),
+            cache: None,
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+    /// The configuration.
+    pub fn config(&self) -> &EncoderConfig {
+        &self.cfg
+    }
+    /// The name/shape/offset table.
+    pub fn table(&self) -> &ParamTable {
+        &self.table
+    }
+    /// Width of the backbone features.
+    pub fn feature_dim(&self) -> usize {
+        self.net.feat
+    }
+    /// The flat parameter buffer.
+    pub fn params(&self) -> &B::Buf {
+        &self.params
+    }
+    /// The flat parameter buffer, mutable (momentum update, SGD, loading).
+    pub fn params_mut(&mut self) -> &mut B::Buf {
+        &mut self.params
+    }
+    /// The flat gradient buffer (same layout as the parameters).
+    pub fn grads(&self) -> &B::Buf {
+        &self.grads
+    }
+    /// The flat gradient buffer, mutable.
+    pub fn grads_mut(&mut self) -> &mut B::Buf {
+        &mut self.grads
+    }
+    /// Parameters and gradients together (for an optimizer step).
+    pub fn params_and_grads(&mut self) -> (&mut B::Buf, &B::Buf) {
+        (&mut self.params, &self.grads)
+    }
+    /// BatchNorm running statistics (means and variances, table layout).
+    pub fn running_stats(&self) -> &B::Buf {
+        &self.running
+    }
+    /// BatchNorm running statistics, mutable.
+    pub fn running_stats_mut(&mut self) -> &mut B::Buf {
+        &mut self.running
+    }
+    /// Training-mode forward passes so far (PyTorch's `num_batches_tracked`).
+    pub fn num_batches_tracked(&self) -> u64 {
+        self.num_batches_tracked
+    }
+    /// Sets the `num_batches_tracked` counter (checkpoint restore).
+    pub fn set_num_batches_tracked(&mut self, n: u64) {
+        self.num_batches_tracked = n;
+    }
+    /// BatchNorm momentum and epsilon (PyTorch defaults).
+    pub fn bn_params(&self) -> BnParams {
+        self.bn
+    }
+    /// Zeroes the gradient buffer.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        self.backend.fill_zero(&mut self.grads)
+    }
+
+    /// Forward pass to the head output (N x dim), keeping what the backward pass needs.
+    ///
+    /// `train`: BatchNorm uses batch statistics (per group of `bn_splits` interleaved
+    /// sample groups, see [`BnShape`]) and updates the running statistics; otherwise the
+    /// running statistics. `x` is N x C x H x W as `shape` says.
+    pub fn forward(
+        &mut self,
+        x: &B::Buf,
+        shape: InputShape,
+        train: bool,
+        bn_splits: usize,
+    ) -> Result<B::Buf> {
+        self.cache = None;
+        let (out, cache) = self.run(x, shape, train, bn_splits, true, true)?;
+        self.cache = cache;
+        Ok(out)
+    }
+
+    /// Forward pass to the head output without keeping activations (key encoder: no
+    /// gradient). In training mode the running statistics are still updated.
+    pub fn forward_no_grad(
+        &mut self,
+        x: &B::Buf,
+        shape: InputShape,
+        train: bool,
+        bn_splits: usize,
+    ) -> Result<B::Buf> {
+        self.cache = None;
+        Ok(self.run(x, shape, train, bn_splits, true, false)?.0)
+    }
+
+    /// Backbone features (N x [`Encoder::feature_dim`]) in inference mode, for kNN monitors
+    /// and linear evaluation. Keeps nothing, changes nothing.
+    pub fn features(&mut self, x: &B::Buf, shape: InputShape) -> Result<B::Buf> {
+        self.cache = None;
+        Ok(self.run(x, shape, false, 1, false, false)?.0)
+    }
+
+    /// Backward pass of the last [`Encoder::forward`]: adds the parameter gradients into
+    /// [`Encoder::grads`] and returns the gradient with respect to the input.
+    pub fn backward(&mut self, grad_out: &B::Buf) -> Result<B::Buf> {
+        let cache = self.cache.take().ok_or_else(|| {
+            Error::invalid("backward called without a preceding forward (or twice)")
+        })?;
+        let n = cache.input.n;
+        if self.backend.len(grad_out) != n * self.cfg.dim {
+            return Err(Error::invalid(format!(
+                "backward: gradient has {} elements, expected {} x {}",
+                self.backend.len(grad_out),
+                n,
+                self.cfg.dim
+            )));
+        }
+        let be = self.backend.clone();
+        // Head.
+        let feats_grad = match (&self.net.head, &cache.hidden) {
+            (Head::Linear(l), _) => {
+                let mut d = be.zeros(n * l.fin)?;
+                be.linear_backward(
+                    &lin_shape(n, l),
+                    &cache.feats,
+                    &self.params,
+                    l.w,
+                    l.b,
+                    grad_out,
+                    Some(&mut d),
+                    &mut self.grads,
+                )?;
+                d
+            }
+            (Head::Mlp(l1, l2), Some(hidden)) => {
+                let mut dh = be.zeros(n * l2.fin)?;
+                be.linear_backward(
+                    &lin_shape(n, l2),
+                    hidden,
+                    &self.params,
+                    l2.w,
+                    l2.b,
+                    grad_out,
+                    Some(&mut dh),
+                    &mut self.grads,
+                )?;
+                be.relu_backward(hidden, &mut dh)?;
+                let mut d = be.zeros(n * l1.fin)?;
+                be.linear_backward(
+                    &lin_shape(n, l1),
+                    &cache.feats,
+                    &self.params,
+                    l1.w,
+                    l1.b,
+                    &dh,
+                    Some(&mut d),
+                    &mut self.grads,
+                )?;
+                d
+            }
+            (Head::Mlp(..), None) => {
+                return Err(Error::Other("internal: missing MLP cache".into()))
+            }
+        };
+        // Global average pool.
+        let (planes, hw) = cache.avg;
+        let mut d = be.zeros(planes * hw)?;
+        be.avgpool_backward(planes, hw, &feats_grad, &mut d)?;
+        // Blocks, last first.
+        for bc in cache.blocks.into_iter().rev() {
+            d = self.block_backward(bc, d)?;
+        }
+        // Stem.
+        if let Some((ps, idx, in_len)) = &cache.pool {
+            let mut dx = be.zeros(*in_len)?;
+            be.maxpool_backward(ps, &d, idx, &mut dx)?;
+            d = dx;
+        }
+        be.relu_backward(&cache.relu1, &mut d)?;
+        let d = self.bn_backward(&cache.bn1, &d)?;
+        let mut dx = be.zeros(cache.input.len())?;
+        self.conv_backward(&cache.conv1, &d, Some(&mut dx))?;
+        Ok(dx)
+    }
+
+    /// Every state-dict tensor as (torchvision name, shape, values), in torchvision order.
+    /// `num_batches_tracked` entries carry the counter as one f32 value.
+    pub fn state_dict(&self) -> Result<Vec<StateEntry>> {
+        let p = self.backend.download_f32(&self.params)?;
+        let r = self.backend.download_f32(&self.running)?;
+        Ok(self
+            .table
+            .entries()
+            .iter()
+            .map(|e| {
+                let v = match e.storage {
+                    Storage::Param => p[e.offset..e.offset + e.len].to_vec(),
+                    Storage::RunningMean | Storage::RunningVar => {
+                        r[e.offset..e.offset + e.len].to_vec()
+                    }
+                    Storage::NumBatchesTracked => vec![self.num_batches_tracked as f32],
+                };
+                (e.name.clone(), e.shape.clone(), v)
+            })
+            .collect())
+    }
+
+    /// Loads one tensor by torchvision name (parameters or running statistics; a
+    /// `num_batches_tracked` entry sets the counter). Errors on an unknown name or a shape
+    /// mismatch, changing nothing.
+    pub fn load_tensor(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
+        let e = self.table.get(name).ok_or_else(|| {
+            Error::invalid(format!("unknown tensor {name:?} for {}", self.cfg.arch))
+        })?;
+        if e.shape != shape || values.len() != e.len {
+            return Err(Error::invalid(format!(
+                "{name}: shape {shape:?} ({} values) does not match the model's {:?}",
+                values.len(),
+                e.shape
+            )));
+        }
+        let (storage, offset) = (e.storage, e.offset);
+        match storage {
+            Storage::Param => self.backend.write_f32(&mut self.params, offset, values),
+            Storage::RunningMean | Storage::RunningVar => {
+                self.backend.write_f32(&mut self.running, offset, values)
+            }
+            Storage::NumBatchesTracked => {
+                self.num_batches_tracked = values[0].max(0.0) as u64;
+                Ok(())
+            }
+        }
+    }
+
+    // ----- internals -------------------------------------------------------------------
+
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &mut self,
+        x: &B::Buf,
+        shape: InputShape,
+        train: bool,
+        bn_splits: usize,
+        head: bool,
+        keep: bool,
+    ) -> Result<(B::Buf, Option<Cache<B>>)> {
+        if shape.c != self.cfg.in_channels {
+            return Err(Error::invalid(format!(
+                "input has {} channels but the encoder was built for {}",
+                shape.c, self.cfg.in_channels
+            )));
+        }
+        if shape.n == 0 || shape.h == 0 || shape.w == 0 {
+            return Err(Error::invalid(format!("empty input batch {shape:?}")));
+        }
+        if self.backend.len(x) != shape.len() {
+            return Err(Error::invalid(format!(
+                "input has {} elements, expected {} for {:?}",
+                self.backend.len(x),
+                shape.len(),
+                shape
+            )));
+        }
+        if train && (bn_splits == 0 || shape.n % bn_splits != 0) {
+            return Err(Error::invalid(format!(
+                "bn_splits = {bn_splits} must divide the batch size {}",
+                shape.n
+            )));
+        }
+        let be = self.backend.clone();
+        let n = shape.n;
+        let groups = if train { bn_splits } else { 1 };
+        let input = Act::<B> {
+            buf: Arc::new(be.copy(x)?),
+            c: shape.c,
+            h: shape.h,
+            w: shape.w,
+        };
+        let conv1 = self.net.conv1;
+        let (h, c1) = self.conv_forward(n, &conv1, &input)?;
+        let bn1 = self.net.bn1;
+        let (mut a, b1) = self.bn_forward(n, &bn1, h, train, groups)?;
+        be.relu_forward(&mut a.0)?;
+        let relu1 = Arc::new(a.0);
+        let mut cur = Act::<B> {
+            buf: relu1.clone(),
+            c: a.1,
+            h: a.2,
+            w: a.3,
+        };
+        let mut pool = None;
+        if self.net.maxpool {
+            let ps = PoolShape::new(n * cur.c, (cur.h, cur.w), 3, 2, 1)?;
+            let mut y = be.zeros(ps.planes * ps.ho * ps.wo)?;
+            let mut idx = be.zeros_idx(ps.planes * ps.ho * ps.wo)?;
+            be.maxpool_forward(&ps, &cur.buf, &mut y, &mut idx)?;
+            pool = Some((ps, idx, n * cur.c * cur.h * cur.w));
+            cur = Act {
+                buf: Arc::new(y),
+                c: cur.c,
+                h: ps.ho,
+                w: ps.wo,
+            };
+        }
+        let mut blocks = Vec::new();
+        for bi in 0..self.net.blocks.len() {
+            let (out, bc) = self.block_forward(n, bi, cur, train, groups)?;
+            if keep {
+                blocks.push(bc);
+            }
+            cur = out;
+        }
+        let (planes, hw) = (n * cur.c, cur.h * cur.w);
+        let mut feats = be.zeros(planes)?;
+        be.avgpool_forward(planes, hw, &cur.buf, &mut feats)?;
+        if train {
+            self.num_batches_tracked += 1;
+        }
+        if !head {
+            return Ok((feats, None));
+        }
+        let feats = Arc::new(feats);
+        let (out, hidden) = match &self.net.head {
+            Head::Linear(l) => {
+                let mut y = be.zeros(n * l.fout)?;
+                be.linear_forward(&lin_shape(n, l), &feats, &self.params, l.w, l.b, &mut y)?;
+                (y, None)
+            }
+            Head::Mlp(l1, l2) => {
+                let mut hid = be.zeros(n * l1.fout)?;
+                be.linear_forward(
+                    &lin_shape(n, l1),
+                    &feats,
+                    &self.params,
+                    l1.w,
+                    l1.b,
+                    &mut hid,
+                )?;
+                be.relu_forward(&mut hid)?;
+                let mut y = be.zeros(n * l2.fout)?;
+                be.linear_forward(&lin_shape(n, l2), &hid, &self.params, l2.w, l2.b, &mut y)?;
+                (y, Some(Arc::new(hid)))
+            }
+        };
+        let cache = keep.then(|| Cache {
+            input: shape,
+            conv1: c1,
+            bn1: b1,
+            relu1,
+            pool,
+            blocks,
+            avg: (planes, hw),
+            feats,
+            hidden,
+        });
+        Ok((out, cache))
+    }
+
+    fn conv_forward(&self, n: usize, conv: &Conv, x: &Act<B>) -> Result<(Act<B>, ConvCache<B>)> {
+        if x.c != conv.cin {
+            return Err(Error::Other(format!(
+                "internal: conv expects {} channels, got {}",
+                conv.cin, x.c
+            )));
+        }
+        let s = ConvShape::new(
+            n,
+            conv.cin,
+            (x.h, x.w),
+            conv.cout,
+            conv.k,
+            conv.stride,
+            conv.pad,
+        )?;
+        let mut y = self.backend.zeros(s.y_len())?;
+        self.backend
+            .conv2d_forward(&s, &x.buf, &self.params, conv.w, &mut y)?;
+        Ok((
+            Act {
+                buf: Arc::new(y),
+                c: s.cout,
+                h: s.ho,
+                w: s.wo,
+            },
+            ConvCache {
+                x: x.buf.clone(),
+                s,
+                conv: *conv,
+            },
+        ))
+    }
+
+    /// Returns (output buffer, c, h, w) and the cache.
+    #[allow(clippy::type_complexity)]
+    fn bn_forward(
+        &mut self,
+        n: usize,
+        bn: &Bn,
+        x: Act<B>,
+        train: bool,
+        groups: usize,
+    ) -> Result<((B::Buf, usize, usize, usize), BnCache<B>)> {
+        let s = BnShape::new(n, bn.c, x.h * x.w, groups, train)?;
+        let be = &self.backend;
+        let mut y = be.zeros(s.len())?;
+        let stats = if train {
+            let mut mean = be.zeros(groups * bn.c)?;
+            let mut invstd = be.zeros(groups * bn.c)?;
+            be.bn_forward_train(
+                &s,
+                self.bn,
+                &x.buf,
+                &self.params,
+                bn.off,
+                &mut self.running,
+                &mut y,
+                &mut mean,
+                &mut invstd,
+            )?;
+            Some((mean, invstd))
+        } else {
+            be.bn_forward_eval(
+                &s,
+                self.bn,
+                &x.buf,
+                &self.params,
+                bn.off,
+                &self.running,
+                &mut y,
+            )?;
+            None
+        };
+        Ok((
+            (y, x.c, x.h, x.w),
+            BnCache {
+                x: x.buf,
+                s,
+                bn: *bn,
+                stats,
+            },
+        ))
+    }
+
+    fn block_forward(
+        &mut self,
+        n: usize,
+        bi: usize,
+        x: Act<B>,
+        train: bool,
+        groups: usize,
+    ) -> Result<(Act<B>, BlockCache<B>)> {
+        let block = self.net.blocks[bi].clone();
+        let be = self.backend.clone();
+        let mut stages = Vec::new();
+        let mut cur = x.clone();
+        let last = block.stages.len() - 1;
+        let mut main = None;
+        for (si, (conv, bn)) in block.stages.iter().enumerate() {
+            let (h, cc) = self.conv_forward(n, conv, &cur)?;
+            let ((mut y, c, hh, ww), bc) = self.bn_forward(n, bn, h, train, groups)?;
+            if si < last {
+                be.relu_forward(&mut y)?;
+                let y = Arc::new(y);
+                stages.push((cc, bc, Some(y.clone())));
+                cur = Act {
+                    buf: y,
+                    c,
+                    h: hh,
+                    w: ww,
+                };
+            } else {
+                stages.push((cc, bc, None));
+                main = Some((y, c, hh, ww));
+            }
+        }
+        let (mut y, c, hh, ww) =
+            main.ok_or_else(|| Error::Other("internal: empty block".into()))?;
+        let down = match &block.down {
+            Some((conv, bn)) => {
+                let (h, cc) = self.conv_forward(n, conv, &x)?;
+                let ((sc, ..), bc) = self.bn_forward(n, bn, h, train, groups)?;
+                be.add_assign(&mut y, &sc)?;
+                Some((cc, bc))
+            }
+            None => {
+                be.add_assign(&mut y, &x.buf)?;
+                None
+            }
+        };
+        be.relu_forward(&mut y)?;
+        let out = Arc::new(y);
+        Ok((
+            Act {
+                buf: out.clone(),
+                c,
+                h: hh,
+                w: ww,
+            },
+            BlockCache {
+                stages,
+                down,
+                out,
+                in_len: n * x.c * x.h * x.w,
+            },
+        ))
+    }
+
+    fn conv_backward(
+        &mut self,
+        cc: &ConvCache<B>,
+        dy: &B::Buf,
+        dx: Option<&mut B::Buf>,
+    ) -> Result<()> {
+        self.backend.conv2d_backward(
+            &cc.s,
+            &cc.x,
+            &self.params,
+            cc.conv.w,
+            dy,
+            dx,
+            &mut self.grads,
+            cc.conv.w,
+        )
+    }
+
+    fn bn_backward(&mut self, bc: &BnCache<B>, dy: &B::Buf) -> Result<B::Buf> {
+        let be = &self.backend;
+        let mut dx = be.zeros(bc.s.len())?;
+        match &bc.stats {
+            Some((mean, invstd)) => be.bn_backward_train(
+                &bc.s,
+                &bc.x,
+                &self.params,
+                bc.bn.off,
+                mean,
+                invstd,
+                dy,
+                &mut dx,
+                &mut self.grads,
+            )?,
+            None => be.bn_backward_eval(
+                &bc.s,
+                self.bn,
+                &bc.x,
+                &self.params,
+                bc.bn.off,
+                &self.running,
+                dy,
+                &mut dx,
+                &mut self.grads,
+            )?,
+        }
+        Ok(dx)
+    }
+
+    fn block_backward(&mut self, bc: BlockCache<B>, mut dout: B::Buf) -> Result<B::Buf> {
+        let be = self.backend.clone();
+        be.relu_backward(&bc.out, &mut dout)?;
+        // Shortcut branch.
+        let mut dx = match &bc.down {
+            Some((cc, nc)) => {
+                let d = self.bn_backward(nc, &dout)?;
+                let mut dx = be.zeros(bc.in_len)?;
+                self.conv_backward(cc, &d, Some(&mut dx))?;
+                dx
+            }
+            None => be.copy(&dout)?,
+        };
+        // Main branch, last stage first.
+        let mut d = dout;
+        for (si, (cc, nc, relu)) in bc.stages.iter().enumerate().rev() {
+            if let Some(y) = relu {
+                be.relu_backward(y, &mut d)?;
+            }
+            let dh = self.bn_backward(nc, &d)?;
+            let mut dxs = be.zeros(cc.s.x_len())?;
+            self.conv_backward(cc, &dh, Some(&mut dxs))?;
+            if si == 0 {
+                be.add_assign(&mut dx, &dxs)?;
+            }
+            d = dxs;
+        }
+        Ok(dx)
+    }
+}
+
+fn lin_shape(n: usize, l: &Linear) -> LinearShape {
+    LinearShape {
+        n,
+        fin: l.fin,
+        fout: l.fout,
+    }
+}

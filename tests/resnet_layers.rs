@@ -1,0 +1,544 @@
+//! Every layer of the CPU backend: the fast path (f32) against the plain-loop f64
+//! reference, gradients by finite differences in f64, SGD and the LR schedules.
+use moco::backend::{
+    Backend, BnOffsets, BnParams, BnShape, ConvShape, Cpu, LinearShape, PoolShape,
+};
+use moco::model::reference as r;
+use moco::testing::{assert_close, normal, uniform};
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Central finite differences of `loss` with respect to `v[i]` for the given indices,
+/// compared with `analytic[i]`.
+#[track_caller]
+fn fd_check(
+    what: &str,
+    v: &mut [f64],
+    idx: impl IntoIterator<Item = usize>,
+    analytic: &[f64],
+    mut loss: impl FnMut(&[f64]) -> f64,
+) {
+    let h = 1e-5;
+    let mut worst = 0.0f64;
+    for i in idx {
+        let old = v[i];
+        v[i] = old + h;
+        let lp = loss(v);
+        v[i] = old - h;
+        let lm = loss(v);
+        v[i] = old;
+        let fd = (lp - lm) / (2.0 * h);
+        let err = (fd - analytic[i]).abs() / (fd.abs() + analytic[i].abs() + 1e-3);
+        assert!(
+            err < 1e-6,
+            "{what}[{i}]: finite difference {fd:.10e} vs analytic {:.10e} (rel {err:.2e})",
+            analytic[i]
+        );
+        worst = worst.max(err);
+    }
+    assert!(worst.is_finite());
+}
+
+/// Indices 0..n, or a seeded sample of `k` of them when n is large.
+fn some(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    if n <= k {
+        return (0..n).collect();
+    }
+    let u = uniform(k, seed);
+    u.iter()
+        .map(|&x| ((x as f64 + 1.0) / 2.0 * n as f64) as usize % n)
+        .collect()
+}
+
+/// n, cin, (h, w), cout, k, stride, pad
+type ConvCase = (usize, usize, (usize, usize), usize, usize, usize, usize);
+
+const CONV_CASES: &[ConvCase] = &[
+    // n, cin, (h, w), cout, k, stride, pad
+    (1, 1, (5, 5), 1, 3, 1, 1),
+    (2, 3, (8, 8), 4, 3, 1, 1),
+    (3, 3, (9, 7), 5, 3, 2, 1),
+    (2, 4, (6, 6), 6, 1, 1, 0),
+    (2, 4, (7, 9), 3, 1, 2, 0),
+    (2, 3, (13, 11), 4, 7, 2, 3),
+    (5, 2, (4, 4), 3, 3, 2, 1),
+    (9, 2, (3, 3), 2, 3, 1, 1),
+];
+
+#[test]
+fn conv_forward_backward_match_reference() {
+    let be = Cpu::<f32>::new();
+    for (ci, &(n, cin, hw, cout, k, st, p)) in CONV_CASES.iter().enumerate() {
+        let s = ConvShape::new(n, cin, hw, cout, k, st, p).unwrap();
+        let x = normal(s.x_len(), 10 + ci as u64);
+        let w = normal(s.w_len() + 3, 20 + ci as u64);
+        let dy = normal(s.y_len(), 30 + ci as u64);
+        let mut y = vec![f32::NAN; s.y_len()];
+        be.conv2d_forward(&s, &x, &w, 3, &mut y).unwrap();
+        let yr = r::conv2d(&s, &f64s(&x), &f64s(&w[3..]));
+        assert_close(&format!("conv y {s:?}"), &y, &f32s(&yr), 1e-5, 1e-4);
+        let mut dx = vec![f32::NAN; s.x_len()];
+        let mut dw = vec![1.0f32; s.w_len() + 2];
+        be.conv2d_backward(&s, &x, &w, 3, &dy, Some(&mut dx), &mut dw, 2)
+            .unwrap();
+        let (dxr, dwr) = r::conv2d_backward(&s, &f64s(&x), &f64s(&w[3..]), &f64s(&dy));
+        assert_close(&format!("conv dx {s:?}"), &dx, &f32s(&dxr), 1e-5, 1e-4);
+        let dwr1: Vec<f32> = dwr.iter().map(|v| (v + 1.0) as f32).collect();
+        assert_close(
+            &format!("conv dw (accumulated) {s:?}"),
+            &dw[2..],
+            &dwr1,
+            1e-5,
+            1e-3,
+        );
+        assert_eq!(
+            &dw[..2],
+            &[1.0, 1.0],
+            "conv dw: elements before the offset untouched"
+        );
+        // Without dx, the same dw.
+        let mut dw2 = vec![1.0f32; s.w_len() + 2];
+        be.conv2d_backward(&s, &x, &w, 3, &dy, None, &mut dw2, 2)
+            .unwrap();
+        assert_eq!(dw, dw2);
+    }
+}
+
+#[test]
+fn conv_gradients_finite_differences_f64() {
+    let be = Cpu::<f64>::new();
+    for (ci, &(n, cin, hw, cout, k, st, p)) in CONV_CASES.iter().enumerate().take(6) {
+        let s = ConvShape::new(n, cin, hw, cout, k, st, p).unwrap();
+        let mut x = f64s(&normal(s.x_len(), 40 + ci as u64));
+        let mut w = f64s(&normal(s.w_len(), 50 + ci as u64));
+        let rr = f64s(&normal(s.y_len(), 60 + ci as u64));
+        let mut dx = vec![0.0; s.x_len()];
+        let mut dw = vec![0.0; s.w_len()];
+        be.conv2d_backward(&s, &x, &w, 0, &rr, Some(&mut dx), &mut dw, 0)
+            .unwrap();
+        let loss = |x: &[f64], w: &[f64]| {
+            let mut y = vec![0.0; s.y_len()];
+            be.conv2d_forward(&s, &x.to_vec(), &w.to_vec(), 0, &mut y)
+                .unwrap();
+            dot(&y, &rr)
+        };
+        let w0 = w.clone();
+        fd_check("conv dx", &mut x, some(s.x_len(), 40, 1), &dx, |x| {
+            loss(x, &w0)
+        });
+        let x0 = x.clone();
+        fd_check("conv dw", &mut w, some(s.w_len(), 40, 2), &dw, |w| {
+            loss(&x0, w)
+        });
+    }
+}
+
+fn bn_setup(c: usize, seed: u64) -> (Vec<f32>, BnOffsets, Vec<f32>) {
+    // params: [pad, gamma (C), beta (C)], running: [mean (C), var (C)]
+    let mut params = vec![0.5f32];
+    params.extend(uniform(c, seed).iter().map(|v| 1.0 + 0.5 * v));
+    params.extend(uniform(c, seed + 1).iter().map(|v| 0.3 * v));
+    let mut running = uniform(c, seed + 2);
+    running.extend(uniform(c, seed + 3).iter().map(|v| 1.0 + 0.5 * v));
+    let off = BnOffsets {
+        gamma: 1,
+        beta: 1 + c,
+        mean: 0,
+        var: c,
+    };
+    (params, off, running)
+}
+
+#[test]
+fn batchnorm_train_forward_and_running_stats_match_reference() {
+    let be = Cpu::<f32>::new();
+    for &(n, c, hw, g) in &[
+        (2, 3, 4, 1),
+        (4, 2, 9, 2),
+        (8, 5, 1, 4),
+        (6, 3, 5, 3),
+        (16, 4, 16, 8),
+        (3, 1, 1, 1),
+    ] {
+        let s = BnShape::new(n, c, hw, g, true).unwrap();
+        let x: Vec<f32> = normal(s.len(), 7).iter().map(|v| 2.0 * v + 0.7).collect();
+        let (params, off, running0) = bn_setup(c, 11);
+        let mut running = running0.clone();
+        let mut y = vec![f32::NAN; s.len()];
+        let (mut mean, mut invstd) = (vec![0.0; g * c], vec![0.0; g * c]);
+        let hp = BnParams::default();
+        be.bn_forward_train(
+            &s,
+            hp,
+            &x,
+            &params,
+            off,
+            &mut running,
+            &mut y,
+            &mut mean,
+            &mut invstd,
+        )
+        .unwrap();
+        let p = f64s(&params);
+        let (yr, mr, vr) = r::batchnorm_train(&s, &f64s(&x), &p[1..1 + c], &p[1 + c..], 1e-5);
+        assert_close("bn train y", &y, &f32s(&yr), 1e-6, 1e-5);
+        assert_close("bn mean", &mean, &f32s(&mr), 1e-6, 1e-6);
+        let mut rm = f64s(&running0[..c]);
+        let mut rv = f64s(&running0[c..]);
+        r::batchnorm_running_update(&s, &mr, &vr, &mut rm, &mut rv, 0.1);
+        assert_close("bn running_mean", &running[..c], &f32s(&rm), 1e-6, 1e-6);
+        assert_close("bn running_var", &running[c..], &f32s(&rv), 1e-6, 1e-6);
+        // Eval mode with the running statistics.
+        be.bn_forward_eval(&s, hp, &x, &params, off, &running, &mut y)
+            .unwrap();
+        let ye = r::batchnorm_eval(&s, &f64s(&x), &p[1..1 + c], &p[1 + c..], &rm, &rv, 1e-5);
+        assert_close("bn eval y", &y, &f32s(&ye), 1e-6, 1e-5);
+    }
+}
+
+#[test]
+fn batchnorm_split_groups_are_interleaved_like_pytorch() {
+    // PyTorch's split BN views N x C as (N/G) x (G C): sample n is in group n % G.
+    let be = Cpu::<f64>::new();
+    let s = BnShape::new(4, 1, 1, 2, true).unwrap();
+    let x = vec![0.0, 10.0, 2.0, 14.0];
+    let params = vec![1.0, 0.0];
+    let off = BnOffsets {
+        gamma: 0,
+        beta: 1,
+        mean: 0,
+        var: 1,
+    };
+    let mut running = vec![0.0, 1.0];
+    let mut y = vec![0.0; 4];
+    let (mut m, mut is) = (vec![0.0; 2], vec![0.0; 2]);
+    be.bn_forward_train(
+        &s,
+        BnParams::default(),
+        &x,
+        &params,
+        off,
+        &mut running,
+        &mut y,
+        &mut m,
+        &mut is,
+    )
+    .unwrap();
+    assert_eq!(m, vec![1.0, 12.0]);
+    // Running mean: average of 0.1 * 1 and 0.1 * 12; unbiased variances 2 and 8.
+    assert!((running[0] - 0.65).abs() < 1e-12, "{running:?}");
+    assert!(
+        (running[1] - (0.9 + 0.1 * 5.0)).abs() < 1e-12,
+        "{running:?}"
+    );
+}
+
+#[test]
+fn batchnorm_gradients_finite_differences_f64() {
+    let be = Cpu::<f64>::new();
+    for &(n, c, hw, g, train) in &[
+        (2, 3, 4, 1, true),
+        (4, 2, 3, 2, true),
+        (6, 2, 1, 3, true),
+        (3, 2, 5, 1, false),
+    ] {
+        let s = BnShape::new(n, c, hw, g, train).unwrap();
+        let mut x = f64s(&normal(s.len(), 70));
+        let (p32, off, run32) = bn_setup(c, 12);
+        let mut params = f64s(&p32);
+        let running = f64s(&run32);
+        let rr = f64s(&normal(s.len(), 71));
+        let hp = BnParams::default();
+        let fwd = |x: &[f64], params: &[f64]| {
+            let mut y = vec![0.0; s.len()];
+            let mut run = running.clone();
+            let (mut m, mut is) = (vec![0.0; g * c], vec![0.0; g * c]);
+            if train {
+                be.bn_forward_train(
+                    &s,
+                    hp,
+                    &x.to_vec(),
+                    &params.to_vec(),
+                    off,
+                    &mut run,
+                    &mut y,
+                    &mut m,
+                    &mut is,
+                )
+                .unwrap();
+            } else {
+                be.bn_forward_eval(&s, hp, &x.to_vec(), &params.to_vec(), off, &run, &mut y)
+                    .unwrap();
+            }
+            (y, m, is)
+        };
+        let (_, m, is) = fwd(&x, &params);
+        let mut dx = vec![0.0; s.len()];
+        let mut grads = vec![0.0; params.len()];
+        if train {
+            be.bn_backward_train(&s, &x, &params, off, &m, &is, &rr, &mut dx, &mut grads)
+                .unwrap();
+        } else {
+            be.bn_backward_eval(&s, hp, &x, &params, off, &running, &rr, &mut dx, &mut grads)
+                .unwrap();
+        }
+        let p0 = params.clone();
+        fd_check("bn dx", &mut x, 0..s.len(), &dx, |x| {
+            dot(&fwd(x, &p0).0, &rr)
+        });
+        let x0 = x.clone();
+        fd_check("bn dgamma/dbeta", &mut params, 1..1 + 2 * c, &grads, |p| {
+            dot(&fwd(&x0, p).0, &rr)
+        });
+    }
+}
+
+#[test]
+fn batchnorm_rejects_bad_shapes() {
+    assert!(
+        BnShape::new(6, 2, 1, 4, true).is_err(),
+        "splits must divide the batch"
+    );
+    assert!(
+        BnShape::new(2, 2, 1, 2, true).is_err(),
+        "one value per group and channel"
+    );
+    assert!(
+        BnShape::new(2, 2, 1, 2, false).is_ok(),
+        "fine in inference mode"
+    );
+}
+
+#[test]
+fn pools_relu_linear_match_reference() {
+    let be = Cpu::<f32>::new();
+    for &(planes, h, w) in &[(3, 8, 8), (2, 7, 5), (1, 2, 2), (4, 1, 1), (2, 112, 112)] {
+        let s = PoolShape::new(planes, (h, w), 3, 2, 1).unwrap();
+        let x = normal(planes * h * w, 80);
+        let mut y = vec![f32::NAN; planes * s.ho * s.wo];
+        let mut idx = vec![u32::MAX; y.len()];
+        be.maxpool_forward(&s, &x, &mut y, &mut idx).unwrap();
+        let (yr, ir) = r::maxpool(&s, &f64s(&x));
+        assert_eq!(y, f32s(&yr));
+        assert_eq!(idx.iter().map(|&i| i as usize).collect::<Vec<_>>(), ir);
+        let mut a = vec![f32::NAN; planes];
+        be.avgpool_forward(planes, h * w, &x, &mut a).unwrap();
+        assert_close(
+            "avgpool",
+            &a,
+            &f32s(&r::avgpool(planes, h * w, &f64s(&x))),
+            1e-6,
+            1e-6,
+        );
+    }
+    for &(n, fin, fout) in &[(1, 1, 1), (3, 5, 7), (17, 64, 128), (40, 33, 65)] {
+        let s = LinearShape { n, fin, fout };
+        let x = normal(n * fin, 81);
+        let params = normal(fout * fin + fout + 1, 82);
+        let mut y = vec![f32::NAN; n * fout];
+        be.linear_forward(&s, &x, &params, 1, 1 + fout * fin, &mut y)
+            .unwrap();
+        let p = f64s(&params);
+        let yr = r::linear(
+            n,
+            fin,
+            fout,
+            &f64s(&x),
+            &p[1..1 + fout * fin],
+            &p[1 + fout * fin..],
+        );
+        assert_close("linear", &y, &f32s(&yr), 1e-5, 1e-4);
+    }
+    let mut x = vec![-1.0f32, 0.0, 2.0, -0.5];
+    be.relu_forward(&mut x).unwrap();
+    assert_eq!(x, vec![0.0, 0.0, 2.0, 0.0]);
+    let mut d = vec![1.0f32; 4];
+    be.relu_backward(&x, &mut d).unwrap();
+    assert_eq!(d, vec![0.0, 0.0, 1.0, 0.0]);
+}
+
+#[test]
+fn pools_linear_gradients_finite_differences_f64() {
+    let be = Cpu::<f64>::new();
+    // Max-pool (distinct values: no ties within a window).
+    let s = PoolShape::new(3, (7, 6), 3, 2, 1).unwrap();
+    let mut x = f64s(&uniform(3 * 7 * 6, 90));
+    let rr = f64s(&normal(3 * s.ho * s.wo, 91));
+    let fwd = |x: &[f64]| {
+        let mut y = vec![0.0; rr.len()];
+        let mut idx = vec![0; rr.len()];
+        be.maxpool_forward(&s, &x.to_vec(), &mut y, &mut idx)
+            .unwrap();
+        (y, idx)
+    };
+    let (_, idx) = fwd(&x);
+    let mut dx = vec![0.0; x.len()];
+    be.maxpool_backward(&s, &rr, &idx, &mut dx).unwrap();
+    let nx = x.len();
+    fd_check("maxpool dx", &mut x, 0..nx, &dx, |x| dot(&fwd(x).0, &rr));
+    // Average pool.
+    let mut x = f64s(&normal(4 * 9, 92));
+    let rr = f64s(&normal(4, 93));
+    let mut dx = vec![0.0; x.len()];
+    be.avgpool_backward(4, 9, &rr, &mut dx).unwrap();
+    fd_check("avgpool dx", &mut x, 0..36, &dx, |x| {
+        let mut y = vec![0.0; 4];
+        be.avgpool_forward(4, 9, &x.to_vec(), &mut y).unwrap();
+        dot(&y, &rr)
+    });
+    // Linear, with the weight at an offset.
+    for &(n, fin, fout) in &[(3, 4, 5), (20, 7, 40), (1, 3, 1)] {
+        let s = LinearShape { n, fin, fout };
+        let mut x = f64s(&normal(n * fin, 94));
+        let mut p = f64s(&normal(2 + fout * fin + fout, 95));
+        let rr = f64s(&normal(n * fout, 96));
+        let (wo, bo) = (2, 2 + fout * fin);
+        let loss = |x: &[f64], p: &[f64]| {
+            let mut y = vec![0.0; n * fout];
+            be.linear_forward(&s, &x.to_vec(), &p.to_vec(), wo, bo, &mut y)
+                .unwrap();
+            dot(&y, &rr)
+        };
+        let mut dx = vec![0.0; n * fin];
+        let mut g = vec![0.0; p.len()];
+        be.linear_backward(&s, &x, &p, wo, bo, &rr, Some(&mut dx), &mut g)
+            .unwrap();
+        assert_eq!(&g[..2], &[0.0, 0.0]);
+        let p0 = p.clone();
+        fd_check("linear dx", &mut x, 0..n * fin, &dx, |x| loss(x, &p0));
+        let x0 = x.clone();
+        fd_check("linear dw db", &mut p, 2..p0.len(), &g, |p| loss(&x0, p));
+    }
+    // ReLU (away from the kink).
+    let mut x: Vec<f64> = f64s(&uniform(50, 97))
+        .iter()
+        .map(|v| v + 0.01f64.copysign(*v))
+        .collect();
+    let rr = f64s(&normal(50, 98));
+    let mut y = x.clone();
+    be.relu_forward(&mut y).unwrap();
+    let mut d = rr.clone();
+    be.relu_backward(&y, &mut d).unwrap();
+    fd_check("relu dx", &mut x, 0..50, &d, |x| {
+        let mut y = x.to_vec();
+        be.relu_forward(&mut y).unwrap();
+        dot(&y, &rr)
+    });
+}
+
+#[test]
+fn sgd_matches_pytorch_formula() {
+    let be = Cpu::<f32>::new();
+    let n = 70_001;
+    let mut p = normal(n, 100);
+    let g = normal(n, 101);
+    let mut opt = moco::optim::Sgd::new(be, n, 0.9, 5e-4).unwrap();
+    let (mut pr, mut br) = (f64s(&p), vec![0.0; n]);
+    for step in 0..3 {
+        opt.step(&mut p, &g, 0.06 / (step + 1) as f32).unwrap();
+        r::sgd_step(
+            &mut pr,
+            &f64s(&g),
+            &mut br,
+            0.06 / (step + 1) as f64,
+            0.9,
+            5e-4,
+        );
+    }
+    assert_close("sgd params", &p, &f32s(&pr), 1e-6, 1e-6);
+    assert_close(
+        "sgd momentum",
+        opt.momentum_buffer(),
+        &f32s(&br),
+        1e-6,
+        1e-6,
+    );
+    assert!(opt.step(&mut p, &g[..5].to_vec(), 0.1).is_err());
+    assert!(opt.step(&mut p, &g, f32::NAN).is_err());
+    assert!(moco::optim::Sgd::new(be, 3, 1.5, 0.0).is_err());
+}
+
+#[test]
+fn lr_schedules() {
+    use moco::optim::{Decay, LrSchedule};
+    let cos = LrSchedule {
+        base_lr: 0.06,
+        epochs: 200,
+        steps_per_epoch: 10,
+        warmup_epochs: 0,
+        decay: Decay::Cosine { per_step: false },
+    };
+    cos.validate().unwrap();
+    assert!((cos.lr_at(0) - 0.06).abs() < 1e-12);
+    assert!(
+        (cos.lr_at(9) - 0.06).abs() < 1e-12,
+        "per epoch: constant within an epoch"
+    );
+    assert!((cos.lr_at(1000) - 0.03).abs() < 1e-12, "half way");
+    let e199 = 0.06 * 0.5 * (1.0 + (std::f64::consts::PI * 199.0 / 200.0).cos());
+    assert!((cos.lr_at(1999) - e199).abs() < 1e-12);
+    let per_step = LrSchedule {
+        decay: Decay::Cosine { per_step: true },
+        ..cos.clone()
+    };
+    assert!(per_step.lr_at(5) < per_step.lr_at(4));
+    let step = LrSchedule {
+        base_lr: 0.03,
+        epochs: 200,
+        steps_per_epoch: 5,
+        warmup_epochs: 0,
+        decay: Decay::Step {
+            milestones: vec![120, 160],
+            gamma: 0.1,
+        },
+    };
+    assert!((step.lr_at(599) - 0.03).abs() < 1e-12);
+    assert!((step.lr_at(600) - 0.003).abs() < 1e-12);
+    assert!((step.lr_at(800) - 0.0003).abs() < 1e-12);
+    let warm = LrSchedule {
+        warmup_epochs: 2,
+        ..cos.clone()
+    };
+    assert!((warm.lr_at(0) - 0.003).abs() < 1e-12);
+    assert!((warm.lr_at(19) - 0.06).abs() < 1e-12);
+    assert!(
+        (warm.lr_at(20) - 0.06).abs() < 1e-12,
+        "cosine starts after the warmup"
+    );
+    assert!(LrSchedule {
+        warmup_epochs: 200,
+        ..cos.clone()
+    }
+    .validate()
+    .is_err());
+    assert!(LrSchedule {
+        base_lr: f64::NAN,
+        ..cos
+    }
+    .validate()
+    .is_err());
+}
+
+#[test]
+fn bad_lengths_are_errors_not_panics() {
+    let be = Cpu::<f32>::new();
+    let s = ConvShape::new(2, 3, (8, 8), 4, 3, 1, 1).unwrap();
+    let mut y = vec![0.0; s.y_len()];
+    let e = be
+        .conv2d_forward(&s, &vec![0.0; 10], &vec![0.0; s.w_len()], 0, &mut y)
+        .unwrap_err();
+    assert!(e.to_string().contains("too small"), "{e}");
+    assert!(be
+        .conv2d_forward(&s, &vec![0.0; s.x_len()], &vec![0.0; s.w_len()], 1, &mut y)
+        .is_err());
+    assert!(ConvShape::new(1, 1, (2, 2), 1, 7, 2, 0).is_err());
+    assert!(PoolShape::new(1, (1, 1), 3, 2, 0).is_err());
+}
