@@ -240,3 +240,62 @@ fn invalid_configs_and_shapes_are_errors() {
     assert!("v3".parse::<Preset>().is_err());
     assert_eq!("V2".parse::<Preset>().unwrap(), Preset::V2);
 }
+
+/// Direct 2-D convolution with the torchvision kernel and reflect padding, in f64.
+fn blur_reference(img: &[f32], c: usize, h: usize, w: usize, sigma: f64, k: usize) -> Vec<f32> {
+    let half = (k / 2) as isize;
+    let g: Vec<f64> = (-half..=half)
+        .map(|x| (-0.5 * (x as f64 / sigma).powi(2)).exp())
+        .collect();
+    let sum: f64 = g.iter().sum();
+    let refl = |i: isize, n: usize| -> usize {
+        // Mirror without repeating the edge, as many times as needed.
+        let mut i = i;
+        loop {
+            if i < 0 {
+                i = -i;
+            } else if i >= n as isize {
+                i = 2 * (n as isize - 1) - i;
+            } else {
+                return i as usize;
+            }
+            if n == 1 {
+                return 0;
+            }
+        }
+    };
+    let mut out = vec![0.0f32; img.len()];
+    for ch in 0..c {
+        for y in 0..h {
+            for x in 0..w {
+                let mut acc = 0.0f64;
+                for (a, ga) in g.iter().enumerate() {
+                    for (b, gb) in g.iter().enumerate() {
+                        let yy = refl(y as isize + a as isize - half, h);
+                        let xx = refl(x as isize + b as isize - half, w);
+                        acc += ga * gb / (sum * sum) * img[ch * h * w + yy * w + xx] as f64;
+                    }
+                }
+                out[ch * h * w + y * w + x] = acc as f32;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn blur_matches_direct_convolution() {
+    let mut scratch = Vec::new();
+    for (c, h, w, sigma, k) in [
+        (3, 9, 7, 1.3f32, 3),
+        (1, 12, 16, 0.4, 5),
+        (2, 5, 6, 2.0, 9),
+        (3, 24, 24, 1.7, 23),
+    ] {
+        let img = to_f32(&random_image(c, h, w, 21));
+        let mut got = img.clone();
+        augment::gaussian_blur(&mut got, c, h, w, sigma, k, &mut scratch);
+        let want = blur_reference(&img, c, h, w, sigma as f64, k);
+        moco::testing::assert_close(&format!("blur {c}x{h}x{w} k{k}"), &got, &want, 1e-5, 1e-5);
+    }
+}

@@ -620,30 +620,38 @@ pub fn gaussian_blur(
         .collect();
     let sum: f32 = kern.iter().sum();
     kern.iter_mut().for_each(|k| *k /= sum);
+    let hu = half as usize;
+    // scratch = [horizontal result h*w | padded row w + 2 half]
     scratch.clear();
-    scratch.resize(h * w, 0.0);
+    scratch.resize(h * w + w + 2 * hu, 0.0);
+    let (tmp, padded) = scratch.split_at_mut(h * w);
+    let mut acc = vec![0.0f32; w];
     for ch in 0..c {
         let plane = &mut img[ch * h * w..(ch + 1) * h * w];
-        // Horizontal pass: plane -> scratch.
+        // Horizontal pass: plane -> tmp, through a reflect-padded copy of each row.
         for y in 0..h {
             let row = &plane[y * w..(y + 1) * w];
-            for x in 0..w {
-                let mut acc = 0.0f32;
-                for (t, &kv) in kern.iter().enumerate() {
-                    acc += kv * row[reflect(x as isize + t as isize - half, w)];
+            for (p, v) in padded.iter_mut().enumerate() {
+                *v = row[reflect(p as isize - half, w)];
+            }
+            let out = &mut tmp[y * w..(y + 1) * w];
+            out.iter_mut().for_each(|v| *v = 0.0);
+            for (t, &kv) in kern.iter().enumerate() {
+                for (o, &pv) in out.iter_mut().zip(&padded[t..t + w]) {
+                    *o += kv * pv;
                 }
-                scratch[y * w + x] = acc;
             }
         }
-        // Vertical pass: scratch -> plane.
+        // Vertical pass: tmp -> plane, whole rows at a time.
         for y in 0..h {
-            for x in 0..w {
-                let mut acc = 0.0f32;
-                for (t, &kv) in kern.iter().enumerate() {
-                    acc += kv * scratch[reflect(y as isize + t as isize - half, h) * w + x];
+            acc.iter_mut().for_each(|v| *v = 0.0);
+            for (t, &kv) in kern.iter().enumerate() {
+                let src = reflect(y as isize + t as isize - half, h);
+                for (a, &v) in acc.iter_mut().zip(&tmp[src * w..(src + 1) * w]) {
+                    *a += kv * v;
                 }
-                plane[y * w + x] = acc;
             }
+            plane[y * w..(y + 1) * w].copy_from_slice(&acc);
         }
     }
 }
