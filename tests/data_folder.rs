@@ -44,6 +44,8 @@ fn make_tree(root: &Path) {
         }
     });
     std::fs::write(root.join("train/dog/notes.txt"), "not an image").unwrap();
+    // Hidden folders are not classes.
+    std::fs::create_dir_all(root.join("train/.cache")).unwrap();
     let jpg = image::RgbImage::from_fn(16, 16, |_, _| image::Rgb([0, 0, 255]));
     jpg.save(root.join("val/dog/x.jpg")).unwrap();
 }

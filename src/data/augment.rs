@@ -302,7 +302,8 @@ impl Augment {
         out: &mut [f32],
     ) -> Result<()> {
         self.validate()?;
-        if c == 0 || h == 0 || w == 0 || src.len() != c * h * w {
+        let expect = c.checked_mul(h).and_then(|v| v.checked_mul(w));
+        if c == 0 || h == 0 || w == 0 || expect != Some(src.len()) {
             return Err(Error::invalid(format!(
                 "augment: source of {} bytes is not {c}x{h}x{w}",
                 src.len()
@@ -410,6 +411,9 @@ pub fn random_resized_crop_params<R: Rng + ?Sized>(
 /// Cuts `region = (top, left, height, width)` out of the `u8` CHW image `src` (`c x h x w`)
 /// and resizes it bilinearly (half-pixel centres, clamped to the region) to `oh x ow`,
 /// writing values in [0, 1] to `out` (`c x oh x ow`).
+///
+/// A low-level step: panics if the region is empty or leaves the image, or a buffer is too
+/// short ([`Augment::apply`] checks everything before calling it).
 #[allow(clippy::too_many_arguments)]
 pub fn resized_crop(
     src: &[u8],
@@ -605,6 +609,7 @@ fn reflect(i: isize, n: usize) -> usize {
 
 /// Separable Gaussian blur of every channel (torchvision `gaussian_blur`: kernel
 /// `exp(-x^2 / (2 sigma^2))` over `x = -(k-1)/2 ..= (k-1)/2`, normalized, reflect padding).
+/// `sigma` must be > 0; an even `ksize` acts as `ksize + 1`. `scratch` is reused between calls.
 pub fn gaussian_blur(
     img: &mut [f32],
     c: usize,

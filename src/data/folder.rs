@@ -4,7 +4,8 @@
 //! root/train/<class>/*.{jpg,jpeg,png}     root/val/<class>/*.{jpg,jpeg,png}
 //! ```
 //!
-//! Classes are the subfolders of `root/train` sorted by name (label = position), for both
+//! Classes are the subfolders of `root/train` sorted by name (label = position; hidden
+//! folders, whose names start with a dot, are skipped), for both
 //! splits, so a class missing from `val/` keeps its label. The test split is `root/val` or,
 //! failing that, `root/test`. A `root` without a `train/` subfolder is itself the class root
 //! and serves both splits.
@@ -134,6 +135,7 @@ pub fn load(root: impl AsRef<Path>, train: bool, image_size: usize) -> Result<Da
         .into_iter()
         .filter(|p| p.is_dir())
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| !n.starts_with('.'))
         .collect();
     if classes.is_empty() {
         return Err(data_err(

@@ -68,7 +68,16 @@ pub fn sample_rng(seed: u64, epoch: u64, index: usize) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(mix(seed ^ 0x0005_EED0_FA06, epoch, index as u64))
 }
 
-/// Builds batches from a data set; cheap to clone (the data set is shared).
+fn build_pool(workers: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .thread_name(|i| format!("moco-loader-{i}"))
+        .build()
+        .map_err(|e| Error::Other(format!("cannot start {workers} loader threads: {e}")))
+}
+
+/// Builds batches from a data set; cheap to clone (the data set, the augmentations and the
+/// worker pool are shared).
 #[derive(Clone, Debug)]
 pub struct Loader {
     dataset: Arc<Dataset>,
@@ -80,6 +89,7 @@ pub struct Loader {
     drop_last: bool,
     workers: usize,
     prefetch: usize,
+    pool: Arc<rayon::ThreadPool>,
 }
 
 impl Loader {
@@ -152,6 +162,7 @@ impl Loader {
             drop_last,
             workers: 2,
             prefetch: 4,
+            pool: Arc::new(build_pool(2)?),
         };
         if l.steps_per_epoch() == 0 {
             return Err(Error::invalid(format!(
@@ -174,6 +185,7 @@ impl Loader {
         if workers == 0 {
             return Err(Error::invalid("the loader needs at least 1 worker"));
         }
+        self.pool = Arc::new(build_pool(workers)?);
         self.workers = workers;
         Ok(self)
     }
@@ -301,22 +313,9 @@ impl Loader {
         let handle = std::thread::Builder::new()
             .name("moco-loader".into())
             .spawn(move || {
-                let pool = match rayon::ThreadPoolBuilder::new()
-                    .num_threads(me.workers)
-                    .thread_name(|i| format!("moco-loader-{i}"))
-                    .build()
-                {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = tx.send(Err(Error::Other(format!(
-                            "cannot start loader threads: {e}"
-                        ))));
-                        return;
-                    }
-                };
                 let perm = me.permutation(epoch);
                 for step in start..me.steps_per_epoch() {
-                    let b = pool.install(|| me.build(&perm, epoch, step));
+                    let b = me.pool.install(|| me.build(&perm, epoch, step));
                     let failed = b.is_err();
                     // The consumer hung up: stop.
                     if tx.send(b).is_err() || failed {
