@@ -6,6 +6,8 @@
 //! * [`ops`]: the MoCo operations (momentum update, ...), CPU and CUDA.
 //! * [`cuda`]: the CUDA runtime ([`cuda::Gpu`]) that loads the embedded kernels.
 //! * [`Device`]: CPU or CUDA, with auto-selection.
+//! * [`data`]: data sets (synthetic, IDX, CIFAR, image folders), augmentation, loader.
+//! * [`eval`]: the kNN monitor.
 //!
 //! ```
 //! // The CPU reference works everywhere.
@@ -17,9 +19,11 @@
 
 pub mod backend;
 pub mod cuda;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod model;
+pub mod eval;
 pub mod ops;
 pub mod optim;
 pub mod testing;

@@ -1,0 +1,400 @@
+//! Batches of augmented views: seeded shuffling, prefetching workers, resumable.
+//!
+//! A [`Loader`] turns a [`Dataset`] into [`Batch`]es of `f32` NCHW tensors. Epoch `e` visits
+//! the images in a permutation seeded from `(seed, e)` (training) or in order (eval); the
+//! views of the image at dataset index `i` in epoch `e` are drawn from a ChaCha8 stream
+//! seeded from `(seed, e, i)` (query view first, then key view). The batches therefore
+//! depend only on the seed, never on the number of workers or on timing.
+//!
+//! [`Loader::epoch_from`] starts an epoch at any step (checkpoint resume) and yields exactly
+//! what the uninterrupted epoch would have from that step on. Batches are built by a
+//! background thread that fills a bounded channel (`prefetch` batches ahead) using a private
+//! rayon pool of `workers` threads; the consumer only waits when the workers fall behind.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use moco::data::{synthetic::SyntheticConfig, augment::Augment, loader::Loader};
+//! let ds = Arc::new(SyntheticConfig { train_len: 40, ..Default::default() }.generate(true).unwrap());
+//! let aug = Augment::cifar(32, &ds.mean, &ds.std).unwrap();
+//! let loader = Loader::train(ds, aug, 16, 1).unwrap().workers(2).unwrap();
+//! assert_eq!(loader.steps_per_epoch(), 2); // 40 / 16, last partial batch dropped
+//! let batches: Vec<_> = loader.epoch(0).collect();
+//! assert_eq!(batches.len(), 2);
+//! // Resuming at step 1 gives the same second batch.
+//! let resumed = loader.epoch_from(0, 1).unwrap().next().unwrap();
+//! assert_eq!(resumed.x_k, batches[1].x_k);
+//! ```
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::augment::Augment;
+use super::synthetic::mix;
+use super::Dataset;
+use crate::{Error, Result};
+
+/// One batch, `f32` NCHW.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// Query views (or the only view, for eval), `n x c x h x w`.
+    pub x_q: Vec<f32>,
+    /// Key views, `n x c x h x w`; empty for a one-view (eval) loader.
+    pub x_k: Vec<f32>,
+    /// Labels of the images.
+    pub labels: Vec<u32>,
+    /// Dataset indices of the images.
+    pub indices: Vec<usize>,
+    /// Batch size.
+    pub n: usize,
+    /// Channels.
+    pub c: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+    /// Epoch this batch belongs to.
+    pub epoch: u64,
+    /// Step within the epoch.
+    pub step: usize,
+}
+
+/// The RNG for the views of dataset image `index` in epoch `epoch`.
+pub fn sample_rng(seed: u64, epoch: u64, index: usize) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(mix(seed ^ 0x0005_EED0_FA06, epoch, index as u64))
+}
+
+fn build_pool(workers: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .thread_name(|i| format!("moco-loader-{i}"))
+        .build()
+        .map_err(|e| Error::Other(format!("cannot start {workers} loader threads: {e}")))
+}
+
+/// Builds batches from a data set; cheap to clone (the data set, the augmentations and the
+/// worker pool are shared).
+#[derive(Clone, Debug)]
+pub struct Loader {
+    dataset: Arc<Dataset>,
+    aug_q: Arc<Augment>,
+    aug_k: Option<Arc<Augment>>,
+    batch_size: usize,
+    seed: u64,
+    shuffle: bool,
+    drop_last: bool,
+    workers: usize,
+    prefetch: usize,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl Loader {
+    /// A training loader: two views per image (both with `augment`), shuffled every epoch,
+    /// last partial batch dropped; 2 workers, 4 batches of prefetch.
+    pub fn train(
+        dataset: Arc<Dataset>,
+        augment: Augment,
+        batch_size: usize,
+        seed: u64,
+    ) -> Result<Loader> {
+        let k = Arc::new(augment);
+        Self::new(dataset, k.clone(), Some(k), batch_size, seed, true, true)
+    }
+
+    /// An evaluation loader: one view per image (`augment`, typically [`Augment::eval`]), in
+    /// dataset order, last partial batch kept.
+    pub fn eval(dataset: Arc<Dataset>, augment: Augment, batch_size: usize) -> Result<Loader> {
+        Self::new(
+            dataset,
+            Arc::new(augment),
+            None,
+            batch_size,
+            0,
+            false,
+            false,
+        )
+    }
+
+    /// The general constructor: query augmentation, optional key augmentation (two views
+    /// when present), shuffling, dropping of the last partial batch.
+    pub fn new(
+        dataset: Arc<Dataset>,
+        aug_q: Arc<Augment>,
+        aug_k: Option<Arc<Augment>>,
+        batch_size: usize,
+        seed: u64,
+        shuffle: bool,
+        drop_last: bool,
+    ) -> Result<Loader> {
+        if batch_size == 0 {
+            return Err(Error::invalid("batch size must be at least 1"));
+        }
+        for a in std::iter::once(&aug_q).chain(aug_k.as_ref()) {
+            a.validate()?;
+            if a.mean.len() != dataset.channels {
+                return Err(Error::invalid(format!(
+                    "augmentation normalizes {} channels but {} has {}",
+                    a.mean.len(),
+                    dataset.name,
+                    dataset.channels
+                )));
+            }
+        }
+        if let Some(k) = &aug_k {
+            if k.size != aug_q.size {
+                return Err(Error::invalid(format!(
+                    "query and key views differ in size ({} vs {})",
+                    aug_q.size, k.size
+                )));
+            }
+        }
+        let l = Loader {
+            dataset,
+            aug_q,
+            aug_k,
+            batch_size,
+            seed,
+            shuffle,
+            drop_last,
+            workers: 2,
+            prefetch: 4,
+            pool: Arc::new(build_pool(2)?),
+        };
+        if l.steps_per_epoch() == 0 {
+            return Err(Error::invalid(format!(
+                "{} has {} images, fewer than one batch of {}{}",
+                l.dataset.name,
+                l.dataset.len(),
+                batch_size,
+                if drop_last {
+                    " (training drops partial batches)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(l)
+    }
+
+    /// Sets the number of worker threads (>= 1). Output does not depend on it.
+    pub fn workers(mut self, workers: usize) -> Result<Loader> {
+        if workers == 0 {
+            return Err(Error::invalid("the loader needs at least 1 worker"));
+        }
+        self.pool = Arc::new(build_pool(workers)?);
+        self.workers = workers;
+        Ok(self)
+    }
+
+    /// Sets how many finished batches may wait for the consumer (>= 1).
+    pub fn prefetch(mut self, batches: usize) -> Result<Loader> {
+        if batches == 0 {
+            return Err(Error::invalid("prefetch must be at least 1 batch"));
+        }
+        self.prefetch = batches;
+        Ok(self)
+    }
+
+    /// The data set.
+    pub fn dataset(&self) -> &Arc<Dataset> {
+        &self.dataset
+    }
+
+    /// Batch size.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Output view shape `(c, h, w)`.
+    pub fn view_shape(&self) -> (usize, usize, usize) {
+        (self.dataset.channels, self.aug_q.size, self.aug_q.size)
+    }
+
+    /// Batches per epoch.
+    pub fn steps_per_epoch(&self) -> usize {
+        let n = self.dataset.len();
+        if self.drop_last {
+            n / self.batch_size
+        } else {
+            n.div_ceil(self.batch_size)
+        }
+    }
+
+    /// The order in which epoch `epoch` visits the data set.
+    pub fn permutation(&self, epoch: u64) -> Vec<usize> {
+        let mut p: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.shuffle {
+            let mut r = ChaCha8Rng::seed_from_u64(mix(self.seed, 0x5045_524D, epoch));
+            p.shuffle(&mut r);
+        }
+        p
+    }
+
+    /// Builds batch `step` of `epoch` in the calling thread's rayon pool (no prefetch).
+    pub fn batch(&self, epoch: u64, step: usize) -> Result<Batch> {
+        if step >= self.steps_per_epoch() {
+            return Err(Error::invalid(format!(
+                "step {step} is past the end of an epoch of {} steps",
+                self.steps_per_epoch()
+            )));
+        }
+        self.build(&self.permutation(epoch), epoch, step)
+    }
+
+    fn build(&self, perm: &[usize], epoch: u64, step: usize) -> Result<Batch> {
+        let start = step * self.batch_size;
+        let end = (start + self.batch_size).min(perm.len());
+        let indices: Vec<usize> = perm[start..end].to_vec();
+        let n = indices.len();
+        let (c, h, w) = self.view_shape();
+        let per = c * h * w;
+        let ds = &*self.dataset;
+        let mut x_q = vec![0.0f32; n * per];
+        let mut x_k = vec![0.0f32; if self.aug_k.is_some() { n * per } else { 0 }];
+        let work = |(j, q): (usize, &mut [f32]), k: Option<&mut [f32]>| -> Result<()> {
+            let i = indices[j];
+            let mut rng = sample_rng(self.seed, epoch, i);
+            let img = ds.image(i);
+            self.aug_q
+                .apply(img, ds.channels, ds.height, ds.width, &mut rng, q)?;
+            if let (Some(a), Some(k)) = (&self.aug_k, k) {
+                a.apply(img, ds.channels, ds.height, ds.width, &mut rng, k)?;
+            }
+            Ok(())
+        };
+        if self.aug_k.is_some() {
+            x_q.par_chunks_mut(per)
+                .zip(x_k.par_chunks_mut(per))
+                .enumerate()
+                .try_for_each(|(j, (q, k))| work((j, q), Some(k)))?;
+        } else {
+            x_q.par_chunks_mut(per)
+                .enumerate()
+                .try_for_each(|jq| work(jq, None))?;
+        }
+        Ok(Batch {
+            x_q,
+            x_k,
+            labels: indices.iter().map(|&i| ds.labels[i]).collect(),
+            indices,
+            n,
+            c,
+            h,
+            w,
+            epoch,
+            step,
+        })
+    }
+
+    /// All batches of `epoch`, prefetched in the background.
+    pub fn epoch(&self, epoch: u64) -> EpochIter {
+        self.spawn(epoch, 0)
+    }
+
+    /// The batches of `epoch` from step `start` on (to resume mid-epoch); `start` may equal
+    /// [`Loader::steps_per_epoch`] (an empty iterator).
+    pub fn epoch_from(&self, epoch: u64, start: usize) -> Result<EpochIter> {
+        if start > self.steps_per_epoch() {
+            return Err(Error::invalid(format!(
+                "cannot start at step {start} of an epoch of {} steps",
+                self.steps_per_epoch()
+            )));
+        }
+        Ok(self.spawn(epoch, start))
+    }
+
+    fn spawn(&self, epoch: u64, start: usize) -> EpochIter {
+        let (tx, rx) = sync_channel::<Result<Batch>>(self.prefetch);
+        let me = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("moco-loader".into())
+            .spawn(move || {
+                let perm = me.permutation(epoch);
+                for step in start..me.steps_per_epoch() {
+                    let b = me.pool.install(|| me.build(&perm, epoch, step));
+                    let failed = b.is_err();
+                    // The consumer hung up: stop.
+                    if tx.send(b).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        match handle {
+            Ok(h) => EpochIter {
+                rx: Some(rx),
+                handle: Some(h),
+                error: None,
+            },
+            Err(e) => EpochIter {
+                rx: None,
+                handle: None,
+                error: Some(Error::Other(format!("cannot start the loader thread: {e}"))),
+            },
+        }
+    }
+}
+
+/// The batches of one epoch, in order. Items are `Batch`; an error (which the in-memory
+/// pipeline does not produce after the loader's checks) ends the iteration and is kept
+/// in [`EpochIter::error`]. Dropping the iterator stops the background thread.
+#[derive(Debug)]
+pub struct EpochIter {
+    rx: Option<Receiver<Result<Batch>>>,
+    handle: Option<JoinHandle<()>>,
+    error: Option<Error>,
+}
+
+impl EpochIter {
+    /// The error that ended the iteration early, if any.
+    pub fn error(&self) -> Option<&Error> {
+        self.error.as_ref()
+    }
+
+    /// The next batch, or the error that stopped the epoch; `None` at the end.
+    pub fn try_next(&mut self) -> Option<Result<Batch>> {
+        if let Some(e) = self.error.take() {
+            self.rx = None;
+            return Some(Err(e));
+        }
+        let r = self.rx.as_ref()?.recv().ok();
+        if r.is_none() {
+            self.rx = None;
+        }
+        r
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Batch;
+    fn next(&mut self) -> Option<Batch> {
+        if self.error.is_some() {
+            return None;
+        }
+        match self.rx.as_ref()?.recv() {
+            Ok(Ok(b)) => Some(b),
+            Ok(Err(e)) => {
+                self.error = Some(e);
+                self.rx = None;
+                None
+            }
+            Err(_) => {
+                self.rx = None;
+                None
+            }
+        }
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        // Hang up first so a producer blocked on a full channel wakes and exits.
+        self.rx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
