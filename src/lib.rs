@@ -8,6 +8,7 @@
 //! * [`Device`]: CPU or CUDA, with auto-selection.
 //! * [`data`]: data sets (synthetic, IDX, CIFAR, image folders), augmentation, loader.
 //! * [`eval`]: the kNN monitor.
+//! * [`train`]: checkpoints (safetensors), per-epoch metrics (JSON lines) and plots.
 //!
 //! ```
 //! // The CPU reference works everywhere.
@@ -22,11 +23,12 @@ pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod error;
-pub mod model;
 pub mod eval;
+pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod testing;
+pub mod train;
 
 pub use device::Device;
 pub use error::{Error, Result};
