@@ -147,7 +147,14 @@ fn bad_loader_settings_are_errors() {
         .is_err());
     let grey = Augment::v2(16, &[0.5], &[0.5]).unwrap();
     assert!(Loader::train(ds.clone(), grey, 4, 1).is_err()); // channel mismatch
-    assert!(Loader::eval(ds.clone(), aug, 11).is_ok()); // eval keeps the partial batch
+    assert!(Loader::eval(ds.clone(), aug.clone(), 11).is_ok()); // eval keeps the partial batch
+                                                                // A data set broken after construction is refused, not indexed out of bounds.
+    let mut broken = (*ds).clone();
+    broken.images.truncate(100);
+    assert!(Loader::train(Arc::new(broken), aug.clone(), 4, 1).is_err());
+    let mut broken = (*ds).clone();
+    broken.labels[3] = 10;
+    assert!(Loader::train(Arc::new(broken), aug, 4, 1).is_err());
 }
 
 #[test]

@@ -192,3 +192,15 @@ fn bad_shapes_and_arguments_are_errors() {
         Vec::<u32>::new()
     );
 }
+
+#[test]
+fn monitor_uses_k200_t01() {
+    let bank = moco::testing::normal(250 * 8, 5);
+    let labels: Vec<u32> = (0..250).map(|i| i % 3).collect();
+    let q = moco::testing::normal(20 * 8, 6);
+    let ql: Vec<u32> = (0..20).map(|i| (i * 7) % 3).collect();
+    assert_eq!(
+        moco::eval::knn_monitor(&bank, &labels, &q, &ql, 8, 3).unwrap(),
+        knn_top1(&bank, &labels, &q, &ql, 8, 200, 0.1, 3).unwrap()
+    );
+}

@@ -636,8 +636,9 @@ pub fn gaussian_blur(
         // Horizontal pass: plane -> tmp, through a reflect-padded copy of each row.
         for y in 0..h {
             let row = &plane[y * w..(y + 1) * w];
-            for (p, v) in padded.iter_mut().enumerate() {
-                *v = row[reflect(p as isize - half, w)];
+            padded[hu..hu + w].copy_from_slice(row);
+            for p in (0..hu).chain(hu + w..w + 2 * hu) {
+                padded[p] = row[reflect(p as isize - half, w)];
             }
             let out = &mut tmp[y * w..(y + 1) * w];
             out.iter_mut().for_each(|v| *v = 0.0);

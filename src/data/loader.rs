@@ -133,6 +133,7 @@ impl Loader {
         if batch_size == 0 {
             return Err(Error::invalid("batch size must be at least 1"));
         }
+        dataset.validate()?;
         for a in std::iter::once(&aug_q).chain(aug_k.as_ref()) {
             a.validate()?;
             if a.mean.len() != dataset.channels {

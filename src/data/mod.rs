@@ -125,6 +125,54 @@ impl Dataset {
         Ok(ds)
     }
 
+    /// Checks the invariants [`Dataset::new`] establishes (the fields are public, so a
+    /// changed data set may break them): sizes agree, labels in range, one mean/std per
+    /// channel with std > 0. The [`Loader`] calls it.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(format!("{}: {m}", self.name)));
+        if self.channels == 0 || self.height == 0 || self.width == 0 {
+            return bad(format!(
+                "empty image shape {}x{}x{}",
+                self.channels, self.height, self.width
+            ));
+        }
+        let per = self
+            .channels
+            .checked_mul(self.height)
+            .and_then(|v| v.checked_mul(self.width));
+        if per.and_then(|p| p.checked_mul(self.labels.len())) != Some(self.images.len()) {
+            return bad(format!(
+                "{} bytes of pixels for {} labels of {}x{}x{} images",
+                self.images.len(),
+                self.labels.len(),
+                self.channels,
+                self.height,
+                self.width
+            ));
+        }
+        if let Some(l) = self
+            .labels
+            .iter()
+            .find(|&&l| l as usize >= self.num_classes)
+        {
+            return bad(format!(
+                "label {l} is out of range for {} classes",
+                self.num_classes
+            ));
+        }
+        if self.mean.len() != self.channels
+            || self.std.len() != self.channels
+            || self.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+            || self.mean.iter().any(|m| !m.is_finite())
+        {
+            return bad(format!(
+                "normalization mean {:?} / std {:?} must have one finite value per channel, std > 0",
+                self.mean, self.std
+            ));
+        }
+        Ok(())
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.labels.len()

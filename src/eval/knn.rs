@@ -233,3 +233,31 @@ pub fn knn_top1(
         .count();
     Ok(hits as f64 / query_labels.len() as f64)
 }
+
+/// The kNN monitor of the MoCo CIFAR-10 demo: top-1 accuracy of the test features against
+/// the training features as the bank, with [`KNN_K`] = 200 neighbours and [`KNN_T`] = 0.1.
+///
+/// ```
+/// let bank = [1.0, 0.0, 0.0, 1.0];
+/// let acc = moco::eval::knn::knn_monitor(&bank, &[0, 1], &[0.9, 0.2], &[0], 2, 2).unwrap();
+/// assert_eq!(acc, 1.0);
+/// ```
+pub fn knn_monitor(
+    train_features: &[f32],
+    train_labels: &[u32],
+    test_features: &[f32],
+    test_labels: &[u32],
+    dim: usize,
+    num_classes: usize,
+) -> Result<f64> {
+    knn_top1(
+        train_features,
+        train_labels,
+        test_features,
+        test_labels,
+        dim,
+        KNN_K,
+        KNN_T,
+        num_classes,
+    )
+}

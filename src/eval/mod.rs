@@ -4,4 +4,4 @@
 //!   (k = 200, t = 0.1): features of the training split are the bank, top-1 on the test split.
 pub mod knn;
 
-pub use knn::{knn_predict, knn_top1, KNN_K, KNN_T};
+pub use knn::{knn_monitor, knn_predict, knn_top1, KNN_K, KNN_T};
