@@ -15,13 +15,26 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Version, whether this build has CUDA kernels, and the GPUs found.
+    /// Pretrain an encoder with MoCo (default: the demo run on the built-in data set).
+    Train(Box<cli::train::TrainArgs>),
+    /// Evaluate a trained encoder: kNN monitor or linear probe.
+    #[command(subcommand)]
+    Eval(cli::eval::EvalCommand),
+    /// Export the query encoder (torchvision names) and optionally the queue as safetensors.
+    Export(cli::export::ExportArgs),
+    /// End-to-end training-step throughput (images/s) as one JSON line.
+    Bench(cli::bench::BenchArgs),
+    /// Version, whether this build has CUDA kernels, the GPUs found, and (--arch) models.
     Info(cli::info::InfoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
+        Command::Train(a) => cli::train::run(*a),
+        Command::Eval(c) => cli::eval::run(c),
+        Command::Export(a) => cli::export::run(a),
+        Command::Bench(a) => cli::bench::run(a),
         Command::Info(a) => cli::info::run(a),
     };
     match res {

@@ -1,2 +1,41 @@
 //! Subcommands of the `moco` binary.
+pub mod bench;
+pub mod eval;
+pub mod export;
 pub mod info;
+pub mod train;
+
+use moco::backend::{Cpu, Cuda};
+use moco::train::MocoBackend;
+use moco::{Device, Result};
+
+/// Work generic over the backend, run on the device the user picked.
+pub trait Job {
+    /// What the job returns.
+    type Out;
+    /// Runs on backend `be`.
+    fn run<B: MocoBackend>(self, be: B) -> Result<Self::Out>;
+}
+
+/// Resolves `device` (`auto` included), sets up its backend and runs `job` on it.
+pub fn dispatch<J: Job>(device: &str, job: J) -> Result<J::Out> {
+    let dev: Device = device.parse()?;
+    match dev {
+        Device::Cpu => job.run(Cpu::<f32>::new()),
+        Device::Cuda(i) => {
+            let gpu = moco::cuda::Gpu::new(i)?;
+            job.run(Cuda::new(gpu)?)
+        }
+    }
+}
+
+/// Sets the size of the CPU thread pool (0 = all cores). Must run before any parallel work.
+pub fn set_threads(threads: usize) -> Result<()> {
+    if threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .map_err(|e| moco::Error::Other(format!("cannot set --threads: {e}")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! `moco train`: pretrain an encoder with MoCo.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use moco::train::metrics::{EpochMetrics, MetricsLog};
+use moco::train::{MocoBackend, TrainConfig, Trainer};
+use moco::{Error, Result};
+
+use super::Job;
+
+/// Flags of `moco train`. Every value defaults to the preset's (see `--preset`).
+#[derive(Args, Debug, Default, Clone)]
+pub struct TrainArgs {
+    /// Start from this preset: demo (default: resnet8 on the synthetic set, minutes on a
+    /// CPU), v1, v2 (the papers' ImageNet recipes), cifar (the official CIFAR-10 recipe).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// TOML or JSON file of config values (keys as in the run directory's config.json);
+    /// flags given on the command line override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data set: synthetic (built in), idx (MNIST/Fashion-MNIST/KMNIST), cifar10, cifar100,
+    /// folder (one subfolder per class). [preset: synthetic]
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Directory holding the data set's files.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Side of the training views in pixels. [preset: 32, v1/v2 224]
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Use only the first N training images (0 = all).
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Use only the first N test images in the kNN monitor (0 = all).
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    /// Backbone: resnet8, resnet20, resnet18-cifar, resnet18, resnet50. [demo: resnet8]
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// MoCo v2 MLP head. [demo: on]
+    #[arg(long, conflicts_with = "no_mlp")]
+    pub mlp: bool,
+    /// Linear head (MoCo v1).
+    #[arg(long)]
+    pub no_mlp: bool,
+    /// Feature dimension of the head. [demo: 64, others 128]
+    #[arg(long)]
+    pub dim: Option<usize>,
+    /// Augmentation: v1, v2 (with blur), cifar (v2 without blur). [demo: cifar]
+    #[arg(long)]
+    pub augment: Option<String>,
+    /// Epochs. [demo: 8, others 200]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per step. [demo: 128, v1/v2 256, cifar 512]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Base learning rate. [demo/cifar: 0.06, v1/v2 0.03]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning-rate decay: cosine, step, constant. [v1: step, others cosine]
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Linear warmup epochs. [0]
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
+    /// Weight decay. [demo/cifar: 5e-4, v1/v2 1e-4]
+    #[arg(long)]
+    pub wd: Option<f32>,
+    /// Queue length K (need not be a multiple of the batch). [demo: 2048, cifar 4096, v1/v2 65536]
+    #[arg(long)]
+    pub moco_k: Option<usize>,
+    /// Key-encoder momentum m. [demo/cifar: 0.99, v1/v2 0.999]
+    #[arg(long)]
+    pub moco_m: Option<f32>,
+    /// Temperature T. [demo/cifar: 0.1, v1 0.07, v2 0.2]
+    #[arg(long)]
+    pub moco_t: Option<f32>,
+    /// Symmetric loss loss(q1,k2) + loss(q2,k1). [off]
+    #[arg(long)]
+    pub symmetric: bool,
+    /// BatchNorm groups that emulate shuffle-BN on one device. [demo: 4, others 8]
+    #[arg(long)]
+    pub bn_splits: Option<usize>,
+    /// Seed of everything random. [0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// auto (GPU if usable, else CPU), cpu, cuda, cuda:N. [auto]
+    #[arg(long)]
+    pub device: Option<String>,
+    /// CPU threads (0 = all cores). [0]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Data-loading worker threads. [2]
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Run the kNN monitor every N epochs (0 = only before and after training). [1]
+    #[arg(long)]
+    pub knn_every: Option<usize>,
+    /// InfoNCE on the GPU: fused (default) or unfused (cuBLAS).
+    #[arg(long)]
+    pub infonce: Option<String>,
+    /// Run directory (config, metrics.jsonl, plot, checkpoint). [runs/run-<unix time>]
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in RUN_DIR from its checkpoint (only --epochs, --device, --threads,
+    /// --workers and --quiet may change).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// No progress bars: one log line per epoch.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// The config: preset or file, then the flags.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let mut c = match (&self.config, &self.preset) {
+            (Some(path), _) => {
+                let mut c = TrainConfig::load(path)?;
+                if let Some(p) = &self.preset {
+                    let fresh = TrainConfig::preset(p)?;
+                    if fresh.preset != c.preset {
+                        return Err(Error::invalid(
+                            "give the preset in the config file or as --preset, not both",
+                        ));
+                    }
+                    c.preset = fresh.preset;
+                }
+                c
+            }
+            (None, Some(p)) => TrainConfig::preset(p)?,
+            (None, None) => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident => $g:ident),*) => {$( if let Some(v) = &self.$f { c.$g = v.clone(); } )*};
+        }
+        set!(dataset => dataset, image_size => image_size, train_limit => train_limit,
+             test_limit => test_limit, arch => arch, dim => dim, augment => augment,
+             epochs => epochs, batch_size => batch_size, lr => lr, schedule => schedule,
+             warmup_epochs => warmup_epochs, wd => weight_decay, moco_k => moco_k,
+             moco_m => moco_m, moco_t => moco_t, bn_splits => bn_splits, seed => seed,
+             device => device, threads => threads, workers => workers,
+             knn_every => knn_every, infonce => infonce);
+        if self.data.is_some() {
+            c.data = self.data.clone();
+        }
+        if self.mlp {
+            c.mlp = true;
+        }
+        if self.no_mlp {
+            c.mlp = false;
+        }
+        if self.symmetric {
+            c.symmetric = true;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+struct TrainJob {
+    cfg: TrainConfig,
+    dir: PathBuf,
+    resume: bool,
+    quiet: bool,
+    stop: Arc<AtomicBool>,
+}
+
+fn fmt_pct(x: Option<f64>) -> String {
+    x.map(|v| format!("{:.2}%", 100.0 * v))
+        .unwrap_or_else(|| "-".into())
+}
+
+impl Job for TrainJob {
+    type Out = ();
+    fn run<B: MocoBackend>(self, be: B) -> Result<()> {
+        let name = be.name();
+        let mut t = if self.resume {
+            Trainer::resume(&self.dir, Some(self.cfg.clone()), be)?
+        } else {
+            Trainer::new(self.cfg.clone(), be)?
+        };
+        let cfg = t.config().clone();
+        eprintln!(
+            "moco: {} on {} | {} {} dim {} mlp {} | K {} m {} T {} | batch {} lr {} | {} epochs x {} steps -> {}",
+            cfg.dataset,
+            name,
+            cfg.arch,
+            cfg.augment,
+            cfg.dim,
+            cfg.mlp,
+            cfg.moco_k,
+            cfg.moco_m,
+            cfg.moco_t,
+            cfg.batch_size,
+            cfg.lr,
+            cfg.epochs,
+            t.steps_per_epoch(),
+            self.dir.display()
+        );
+        let mut log = MetricsLog::open(&self.dir, self.resume, t.epoch() + 1)?;
+        let mut steps = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("steps.jsonl"))
+            .map_err(|e| Error::io(self.dir.join("steps.jsonl"), e))?;
+        let plot = |log: &MetricsLog| {
+            let _ = moco::train::plot::plot_metrics(
+                log.records(),
+                &self.dir.join("metrics.png"),
+                &format!("moco {} {}", cfg.arch, cfg.dataset),
+            );
+        };
+        if t.epoch() == 0 && t.step_in_epoch() == 0 {
+            let t0 = Instant::now();
+            let knn = t.knn_top1()?;
+            let m = EpochMetrics {
+                epoch: 0,
+                loss: None,
+                contrast_acc: None,
+                knn_top1: Some(knn),
+                images_per_sec: None,
+                seconds: t0.elapsed().as_secs_f64(),
+                lr: None,
+            };
+            log.append(&m)?;
+            plot(&log);
+            eprintln!("epoch 0 (untrained): kNN top-1 {}", fmt_pct(Some(knn)));
+            t.save_checkpoint(&self.dir)?;
+        }
+        while t.epoch() < cfg.epochs {
+            let epoch = t.epoch() + 1;
+            let t0 = Instant::now();
+            let bar = if self.quiet {
+                ProgressBar::hidden()
+            } else {
+                let b = ProgressBar::new(t.steps_per_epoch() as u64);
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                b.set_prefix(format!("{epoch}/{}", cfg.epochs));
+                b.set_position(t.step_in_epoch() as u64);
+                b
+            };
+            let mut last = Instant::now();
+            let done = t.train_epoch(&self.stop, &mut |s| {
+                let dt = last.elapsed().as_secs_f64().max(1e-9);
+                last = Instant::now();
+                let ips = s.images as f64 / dt;
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.1}% lr {:.4} {:.0} img/s",
+                    s.loss,
+                    100.0 * s.accuracy,
+                    s.lr,
+                    ips
+                ));
+                bar.inc(1);
+                let _ = writeln!(
+                    steps,
+                    "{{\"epoch\":{epoch},\"loss\":{},\"acc\":{},\"lr\":{},\"images_per_sec\":{ips:.1}}}",
+                    s.loss, s.accuracy, s.lr
+                );
+            })?;
+            bar.finish_and_clear();
+            if !done {
+                let p = t.save_checkpoint(&self.dir)?;
+                eprintln!(
+                    "interrupted at epoch {epoch} step {}: checkpoint {}; continue with `moco train --resume {}`",
+                    t.step_in_epoch(),
+                    p.display(),
+                    self.dir.display()
+                );
+                return Ok(());
+            }
+            let sums = t.finish_epoch();
+            let lr = cfg
+                .lr_schedule(t.steps_per_epoch())
+                .lr_at((epoch - 1) * t.steps_per_epoch());
+            let knn_due = epoch == cfg.epochs || (cfg.knn_every > 0 && epoch % cfg.knn_every == 0);
+            let knn = if knn_due { Some(t.knn_top1()?) } else { None };
+            let m = EpochMetrics {
+                epoch,
+                loss: Some(sums.loss / sums.steps.max(1) as f64),
+                contrast_acc: Some(sums.accuracy / sums.steps.max(1) as f64),
+                knn_top1: knn,
+                images_per_sec: Some(sums.images as f64 / sums.seconds.max(1e-9)),
+                seconds: t0.elapsed().as_secs_f64(),
+                lr: Some(lr),
+            };
+            log.append(&m)?;
+            plot(&log);
+            t.save_checkpoint(&self.dir)?;
+            eprintln!(
+                "epoch {epoch}/{}: loss {:.4} contrast acc {} kNN top-1 {} | {:.0} img/s, {:.1} s",
+                cfg.epochs,
+                m.loss.unwrap_or(f64::NAN),
+                fmt_pct(m.contrast_acc),
+                fmt_pct(knn),
+                m.images_per_sec.unwrap_or(0.0),
+                m.seconds
+            );
+            if self.stop.load(Ordering::Relaxed) {
+                eprintln!(
+                    "stopped after epoch {epoch}; continue with `moco train --resume {}`",
+                    self.dir.display()
+                );
+                return Ok(());
+            }
+        }
+        let recs = log.records();
+        let first = recs
+            .iter()
+            .find(|r| r.knn_top1.is_some())
+            .and_then(|r| r.knn_top1);
+        let last = recs
+            .iter()
+            .rev()
+            .find(|r| r.knn_top1.is_some())
+            .and_then(|r| r.knn_top1);
+        eprintln!(
+            "done: kNN top-1 {} (untrained) -> {} after {} epochs; run directory {}",
+            fmt_pct(first),
+            fmt_pct(last),
+            cfg.epochs,
+            self.dir.display()
+        );
+        Ok(())
+    }
+}
+
+fn default_out() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Path::new("runs").join(format!("run-{secs}"))
+}
+
+/// Runs `moco train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::Relaxed) {
+                std::process::exit(130);
+            }
+            eprintln!("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        });
+    }
+    let (cfg, dir, resume) = if let Some(dir) = &args.resume {
+        let (meta, _) = Trainer::<moco::backend::Cpu>::read_checkpoint(dir)?;
+        let mut cfg = meta.config;
+        if let Some(e) = args.epochs {
+            cfg.epochs = e;
+        }
+        if let Some(d) = &args.device {
+            cfg.device = d.clone();
+        }
+        if let Some(t) = args.threads {
+            cfg.threads = t;
+        }
+        if let Some(w) = args.workers {
+            cfg.workers = w;
+        }
+        cfg.validate()?;
+        (cfg, dir.clone(), true)
+    } else {
+        let cfg = args.resolve()?;
+        let dir = args.out.clone().unwrap_or_else(default_out);
+        if dir.join(moco::train::CHECKPOINT_FILE).exists() {
+            return Err(Error::invalid(format!(
+                "{} already holds a run; use --resume {} to continue it or pick another --out",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        (cfg, dir, false)
+    };
+    super::set_threads(cfg.threads)?;
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    cfg.save(&dir)?;
+    let device = if cfg.device == "auto" {
+        moco::Device::auto().to_string()
+    } else {
+        cfg.device.clone()
+    };
+    super::dispatch(
+        &device,
+        TrainJob {
+            cfg,
+            dir,
+            resume,
+            quiet: args.quiet,
+            stop,
+        },
+    )
+}

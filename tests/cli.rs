@@ -1,0 +1,220 @@
+//! The `moco` binary: a tiny end-to-end run (train, resume, eval, export) and error paths.
+use std::path::Path;
+use std::process::Command;
+
+fn moco(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_moco"))
+        .args(args)
+        .output()
+        .expect("run moco");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("moco-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+const TINY: &[&str] = &[
+    "--device",
+    "cpu",
+    "--arch",
+    "resnet8",
+    "--image-size",
+    "16",
+    "--train-limit",
+    "64",
+    "--test-limit",
+    "32",
+    "--batch-size",
+    "16",
+    "--moco-k",
+    "40",
+    "--dim",
+    "8",
+    "--bn-splits",
+    "2",
+    "--quiet",
+];
+
+#[test]
+fn train_resume_eval_export() {
+    let dir = tmpdir("run");
+    let d = dir.to_str().unwrap();
+    let mut args = vec!["train", "--epochs", "1", "--out", d];
+    args.extend_from_slice(TINY);
+    let (ok, _, err) = moco(&args);
+    assert!(ok, "train failed: {err}");
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint.safetensors",
+        "metrics.png",
+        "steps.jsonl",
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing; stderr: {err}");
+    }
+    // A second train into the same directory refuses to overwrite it.
+    let (ok, _, err) = moco(&args);
+    assert!(!ok && err.contains("--resume"), "{err}");
+    // Resume to 2 epochs.
+    let (ok, _, err) = moco(&["train", "--resume", d, "--epochs", "2", "--quiet"]);
+    assert!(ok, "resume failed: {err}");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "epochs 0, 1, 2: {metrics}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["epoch"].as_u64().unwrap() as usize, i);
+        for key in ["loss", "knn_top1", "images_per_sec", "seconds"] {
+            assert!(l.get(key).is_some(), "line {i} lacks {key}");
+        }
+        let knn = l["knn_top1"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&knn));
+    }
+    assert!(lines[0]["loss"].is_null() && lines[2]["loss"].as_f64().unwrap() > 0.0);
+    let (ok, out, err) = moco(&["eval", "knn", "--checkpoint", d, "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        (v["knn_top1"].as_f64().unwrap() - lines[2]["knn_top1"].as_f64().unwrap()).abs() < 1e-6
+    );
+    let (ok, out, err) = moco(&[
+        "eval",
+        "linear",
+        "--checkpoint",
+        d,
+        "--device",
+        "cpu",
+        "--epochs",
+        "3",
+        "--lr",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["linear_top1"].as_f64().unwrap() <= v["linear_top5"].as_f64().unwrap());
+    let q = dir.join("queue.safetensors");
+    let (ok, _, err) = moco(&["export", "--checkpoint", d, "--queue", q.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (tensors, _) =
+        moco::train::checkpoint::read_tensors(&dir.join("encoder_q.safetensors")).unwrap();
+    assert!(tensors.iter().any(|t| t.name == "conv1.weight"));
+    assert!(tensors.iter().any(|t| t.name == "layer1.0.bn2.running_var"));
+    assert!(
+        !tensors.iter().any(|t| t.name.starts_with("fc.")),
+        "backbone only by default"
+    );
+    let (qt, _) = moco::train::checkpoint::read_tensors(&q).unwrap();
+    assert_eq!(
+        qt.iter().find(|t| t.name == "queue").unwrap().shape,
+        vec![8, 40]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn error_paths_are_messages_not_panics() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["train", "--moco-k", "4", "--device", "cpu"], "--moco-k"),
+        (&["train", "--moco-t", "0", "--device", "cpu"], "--moco-t"),
+        (
+            &["train", "--arch", "alexnet", "--device", "cpu"],
+            "alexnet",
+        ),
+        (
+            &[
+                "train",
+                "--dataset",
+                "idx",
+                "--device",
+                "cpu",
+                "--out",
+                "/tmp/moco-cli-never",
+            ],
+            "path",
+        ),
+        (
+            &[
+                "train",
+                "--dataset",
+                "cifar10",
+                "--data",
+                "/nonexistent/dir",
+                "--device",
+                "cpu",
+                "--out",
+                "/tmp/moco-cli-never2",
+            ],
+            "/nonexistent/dir",
+        ),
+        (&["train", "--preset", "v9"], "v9"),
+        (&["train", "--device", "tpu"], "tpu"),
+        (
+            &["eval", "knn", "--checkpoint", "/nonexistent/run"],
+            "/nonexistent/run",
+        ),
+        (
+            &["export", "--checkpoint", "/nonexistent/run"],
+            "/nonexistent/run",
+        ),
+        (
+            &["train", "--resume", "/nonexistent/run"],
+            "/nonexistent/run",
+        ),
+        (&["bench", "--steps", "0"], "--steps"),
+    ];
+    for (args, needle) in cases {
+        let (ok, _, err) = moco(args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(
+            err.contains(needle),
+            "{args:?}: stderr {err:?} should mention {needle:?}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+    assert!(!Path::new("/tmp/moco-cli-never/checkpoint.safetensors").exists());
+}
+
+#[test]
+fn help_lists_every_subcommand_and_flag() {
+    let (ok, out, _) = moco(&["--help"]);
+    assert!(ok);
+    for s in ["train", "eval", "export", "bench", "info"] {
+        assert!(out.contains(s), "--help lacks {s}");
+    }
+    let (ok, out, _) = moco(&["train", "--help"]);
+    assert!(ok);
+    for f in [
+        "--dataset",
+        "--data",
+        "--arch",
+        "--preset",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--moco-k",
+        "--moco-m",
+        "--moco-t",
+        "--mlp",
+        "--no-mlp",
+        "--symmetric",
+        "--bn-splits",
+        "--seed",
+        "--device",
+        "--threads",
+        "--out",
+        "--resume",
+        "--quiet",
+        "--config",
+    ] {
+        assert!(out.contains(f), "train --help lacks {f}");
+    }
+}
