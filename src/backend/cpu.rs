@@ -19,10 +19,10 @@ const ELEM_CHUNK: usize = 1 << 15;
 const LINEAR_ROWS: usize = 16;
 /// Output features per work item of the linear layer's weight gradient.
 const LINEAR_OUT_COLS: usize = 32;
-/// At most this many per-chunk weight-gradient partials per convolution.
-const CONV_MAX_PARTIALS: usize = 16;
-/// At least this many samples per weight-gradient partial.
-const CONV_MIN_CHUNK: usize = 4;
+/// Columns (samples x output pixels) one convolution GEMM aims for.
+const CONV_TARGET_COLS: usize = 1024;
+/// Work items a convolution is split into at least, when the batch allows.
+const CONV_MIN_ITEMS: usize = 8;
 
 /// A floating-point type the CPU backend computes in (f32 or f64).
 pub trait Scalar:
@@ -214,14 +214,15 @@ impl<T: Scalar> Cpu<T> {
     }
 }
 
-/// Unfolds one sample: `x` Cin x H x W -> `col` (Cin K K) x (Ho Wo).
-pub(crate) fn im2col<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T]) {
+/// Unfolds one sample: `x` Cin x H x W -> columns `c0..c0 + Ho Wo` of `col`, a
+/// (Cin K K) x `ld` matrix (several samples side by side share one GEMM).
+pub(crate) fn im2col<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T], ld: usize, c0: usize) {
     let (k, hwo) = (s.k, s.ho * s.wo);
     for ci in 0..s.cin {
         let xp = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
         for ky in 0..k {
             for kx in 0..k {
-                let row = &mut col[((ci * k + ky) * k + kx) * hwo..][..hwo];
+                let row = &mut col[((ci * k + ky) * k + kx) * ld + c0..][..hwo];
                 for oy in 0..s.ho {
                     let iy = (oy * s.stride + ky) as isize - s.pad as isize;
                     let out = &mut row[oy * s.wo..(oy + 1) * s.wo];
@@ -230,6 +231,11 @@ pub(crate) fn im2col<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T]) {
                         continue;
                     }
                     let xr = &xp[iy as usize * s.w..(iy as usize + 1) * s.w];
+                    if s.stride == 1 && kx >= s.pad && kx + s.wo <= s.w + s.pad {
+                        // Interior fast path: a contiguous copy.
+                        out.copy_from_slice(&xr[kx - s.pad..kx - s.pad + s.wo]);
+                        continue;
+                    }
                     for (ox, o) in out.iter_mut().enumerate() {
                         let ix = (ox * s.stride + kx) as isize - s.pad as isize;
                         *o = if ix < 0 || ix >= s.w as isize {
@@ -244,14 +250,14 @@ pub(crate) fn im2col<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T]) {
     }
 }
 
-/// Folds one sample back: `dx += col2im(dcol)`, the adjoint of [`im2col`].
-pub(crate) fn col2im<T: Scalar>(s: &ConvShape, dcol: &[T], dx: &mut [T]) {
+/// Folds one sample back: `dx += col2im(dcol)`, the adjoint of [`im2col`] (same `ld`, `c0`).
+pub(crate) fn col2im<T: Scalar>(s: &ConvShape, dcol: &[T], ld: usize, c0: usize, dx: &mut [T]) {
     let (k, hwo) = (s.k, s.ho * s.wo);
     for ci in 0..s.cin {
         let xp = &mut dx[ci * s.h * s.w..(ci + 1) * s.h * s.w];
         for ky in 0..k {
             for kx in 0..k {
-                let row = &dcol[((ci * k + ky) * k + kx) * hwo..][..hwo];
+                let row = &dcol[((ci * k + ky) * k + kx) * ld + c0..][..hwo];
                 for oy in 0..s.ho {
                     let iy = (oy * s.stride + ky) as isize - s.pad as isize;
                     if iy < 0 || iy >= s.h as isize {
@@ -270,14 +276,15 @@ pub(crate) fn col2im<T: Scalar>(s: &ConvShape, dcol: &[T], dx: &mut [T]) {
     }
 }
 
-/// True when the convolution is a plain matrix product (1x1, stride 1, no padding).
-fn is_pointwise(s: &ConvShape) -> bool {
-    s.k == 1 && s.stride == 1 && s.pad == 0
-}
-
-/// Samples per weight-gradient partial: depends on the batch size only.
-fn conv_chunk(n: usize) -> usize {
-    n.div_ceil(CONV_MAX_PARTIALS).max(CONV_MIN_CHUNK)
+/// Samples per convolution work item: enough that one GEMM has about
+/// [`CONV_TARGET_COLS`] columns (so the weight is packed once for several samples), but at
+/// least [`CONV_MIN_ITEMS`] items when the batch allows. Depends on the shape only.
+fn conv_group(s: &ConvShape) -> usize {
+    let hwo = (s.ho * s.wo).max(1);
+    CONV_TARGET_COLS
+        .div_ceil(hwo)
+        .min((s.n / CONV_MIN_ITEMS).max(1))
+        .max(1)
 }
 
 fn f64_sum<T: Scalar>(v: impl Iterator<Item = T>) -> f64 {
@@ -322,7 +329,8 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     // x: N x Cin x H x W, w: Cout x (Cin K K), y: N x Cout x (Ho Wo).
-    // Per sample: col = im2col(x_n) ((Cin K K) x (Ho Wo)), y_n = w col.
+    // Per group of m samples: col = im2col (CinKK x m HoWo), Yt = w col (Cout x m HoWo),
+    // then Yt is scattered to NCHW.
     fn conv2d_forward(
         &self,
         s: &ConvShape,
@@ -334,47 +342,74 @@ impl<T: Scalar> Backend for Cpu<T> {
         check_len("conv2d x", x.len(), 0, s.x_len())?;
         check_len("conv2d weight", w.len(), w_off, s.w_len())?;
         check_len("conv2d y", y.len(), 0, s.y_len())?;
-        let (xs, hwo, ckk) = (s.cin * s.h * s.w, s.ho * s.wo, s.cin * s.k * s.k);
+        let (xs, ys, hwo, ckk) = (
+            s.cin * s.h * s.w,
+            s.cout * s.ho * s.wo,
+            s.ho * s.wo,
+            s.cin * s.k * s.k,
+        );
         let wm = &w[w_off..w_off + s.w_len()];
-        let direct = is_pointwise(s);
+        let nb = conv_group(s);
+        let pointwise = s.k == 1 && s.stride == 1 && s.pad == 0;
         y[..s.y_len()]
-            .par_chunks_mut(s.cout * hwo)
-            .zip(x[..s.x_len()].par_chunks(xs))
-            .for_each_init(
-                || {
-                    if direct {
-                        Vec::new()
-                    } else {
-                        vec![T::ZERO; ckk * hwo]
+            .par_chunks_mut(nb * ys)
+            .zip(x[..s.x_len()].par_chunks(nb * xs))
+            .for_each(|(yc, xc)| {
+                let m = xc.len() / xs;
+                let cols = m * hwo;
+                let mut col = Vec::new();
+                let b: &[T] = if m == 1 && pointwise {
+                    xc
+                } else {
+                    col.resize(ckk * cols, T::ZERO);
+                    for i in 0..m {
+                        im2col(s, &xc[i * xs..(i + 1) * xs], &mut col, cols, i * hwo);
                     }
-                },
-                |col, (yn, xn)| {
-                    let b: &[T] = if direct {
-                        xn
-                    } else {
-                        im2col(s, xn, col);
-                        col
-                    };
+                    &col
+                };
+                if m == 1 {
                     gemm(
                         s.cout,
                         ckk,
-                        hwo,
+                        cols,
                         T::from_f64(1.0),
                         wm,
                         (ckk, 1),
                         b,
-                        (hwo, 1),
+                        (cols, 1),
                         T::ZERO,
-                        yn,
-                        (hwo, 1),
+                        yc,
+                        (cols, 1),
                     );
-                },
-            );
+                    return;
+                }
+                let mut yt = vec![T::ZERO; s.cout * cols];
+                gemm(
+                    s.cout,
+                    ckk,
+                    cols,
+                    T::from_f64(1.0),
+                    wm,
+                    (ckk, 1),
+                    b,
+                    (cols, 1),
+                    T::ZERO,
+                    &mut yt,
+                    (cols, 1),
+                );
+                for i in 0..m {
+                    for co in 0..s.cout {
+                        yc[(i * s.cout + co) * hwo..][..hwo]
+                            .copy_from_slice(&yt[co * cols + i * hwo..][..hwo]);
+                    }
+                }
+            });
         Ok(())
     }
 
-    // dw += sum_n dy_n col_n^T  (Cout x HoWo . HoWo x CinKK), over fixed sample chunks whose
-    // partials are summed in chunk order; dx_n = col2im(w^T dy_n).
+    // Per group of m samples (fixed by the shape): dYt = dy gathered to Cout x m HoWo,
+    // partial dW = dYt col^T (Cout x CinKK), dcol = w^T dYt, dx = col2im(dcol). The
+    // partials are summed in group order.
     fn conv2d_backward(
         &self,
         s: &ConvShape,
@@ -400,95 +435,80 @@ impl<T: Scalar> Backend for Cpu<T> {
             s.cin * s.k * s.k,
         );
         let wm = &w[w_off..w_off + s.w_len()];
-        let direct = is_pointwise(s);
-        let chunk = conv_chunk(s.n);
-        let nchunks = s.n.div_ceil(chunk);
+        let nb = conv_group(s);
+        let ngroups = s.n.div_ceil(nb);
         let one = T::from_f64(1.0);
-        let work = |ci: usize, part: &mut Vec<T>, mut dxc: Option<&mut [T]>| {
-            *part = vec![T::ZERO; s.w_len()];
-            let mut col = if direct {
-                Vec::new()
+        let work = |gi: usize, part: &mut Vec<T>, dxc: Option<&mut [T]>| {
+            let n0 = gi * nb;
+            let m = nb.min(s.n - n0);
+            let cols = m * hwo;
+            let mut col = vec![T::ZERO; ckk * cols];
+            for i in 0..m {
+                let xn = &x[(n0 + i) * xs..(n0 + i + 1) * xs];
+                im2col(s, xn, &mut col, cols, i * hwo);
+            }
+            let dyc = &dy[n0 * ys..(n0 + m) * ys];
+            let mut dyt_buf = Vec::new();
+            let dyt: &[T] = if m == 1 {
+                dyc
             } else {
-                vec![T::ZERO; ckk * hwo]
-            };
-            let mut dcol = if direct {
-                Vec::new()
-            } else {
-                vec![T::ZERO; ckk * hwo]
-            };
-            let n0 = ci * chunk;
-            let n1 = (n0 + chunk).min(s.n);
-            for n in n0..n1 {
-                let xn = &x[n * xs..(n + 1) * xs];
-                let dyn_ = &dy[n * ys..(n + 1) * ys];
-                let b: &[T] = if direct {
-                    xn
-                } else {
-                    im2col(s, xn, &mut col);
-                    &col
-                };
-                // part (Cout x CinKK) += dy_n (Cout x HoWo) . col^T (HoWo x CinKK)
-                gemm(
-                    s.cout,
-                    hwo,
-                    ckk,
-                    one,
-                    dyn_,
-                    (hwo, 1),
-                    b,
-                    (1, hwo),
-                    one,
-                    part,
-                    (ckk, 1),
-                );
-                if let Some(dxc) = dxc.as_deref_mut() {
-                    let dxn = &mut dxc[(n - n0) * xs..(n - n0 + 1) * xs];
-                    // dcol (CinKK x HoWo) = w^T (CinKK x Cout) . dy_n (Cout x HoWo)
-                    if direct {
-                        gemm(
-                            ckk,
-                            s.cout,
-                            hwo,
-                            one,
-                            wm,
-                            (1, ckk),
-                            dyn_,
-                            (hwo, 1),
-                            T::ZERO,
-                            dxn,
-                            (hwo, 1),
-                        );
-                    } else {
-                        gemm(
-                            ckk,
-                            s.cout,
-                            hwo,
-                            one,
-                            wm,
-                            (1, ckk),
-                            dyn_,
-                            (hwo, 1),
-                            T::ZERO,
-                            &mut dcol,
-                            (hwo, 1),
-                        );
-                        dxn.fill(T::ZERO);
-                        col2im(s, &dcol, dxn);
+                dyt_buf.resize(s.cout * cols, T::ZERO);
+                for i in 0..m {
+                    for co in 0..s.cout {
+                        dyt_buf[co * cols + i * hwo..][..hwo]
+                            .copy_from_slice(&dyc[(i * s.cout + co) * hwo..][..hwo]);
                     }
+                }
+                &dyt_buf
+            };
+            // part (Cout x CinKK) = dYt (Cout x cols) . col^T (cols x CinKK)
+            *part = vec![T::ZERO; s.w_len()];
+            gemm(
+                s.cout,
+                cols,
+                ckk,
+                one,
+                dyt,
+                (cols, 1),
+                &col,
+                (1, cols),
+                T::ZERO,
+                part,
+                (ckk, 1),
+            );
+            if let Some(dxc) = dxc {
+                // dcol (CinKK x cols) = w^T (CinKK x Cout) . dYt (Cout x cols), into col.
+                gemm(
+                    ckk,
+                    s.cout,
+                    cols,
+                    one,
+                    wm,
+                    (1, ckk),
+                    dyt,
+                    (cols, 1),
+                    T::ZERO,
+                    &mut col,
+                    (cols, 1),
+                );
+                for i in 0..m {
+                    let dxn = &mut dxc[i * xs..(i + 1) * xs];
+                    dxn.fill(T::ZERO);
+                    col2im(s, &col, cols, i * hwo, dxn);
                 }
             }
         };
-        let mut partials: Vec<Vec<T>> = vec![Vec::new(); nchunks];
+        let mut partials: Vec<Vec<T>> = vec![Vec::new(); ngroups];
         match dx {
             Some(dx) => partials
                 .par_iter_mut()
-                .zip(dx[..s.x_len()].par_chunks_mut(chunk * xs))
+                .zip(dx[..s.x_len()].par_chunks_mut(nb * xs))
                 .enumerate()
-                .for_each(|(ci, (p, dxc))| work(ci, p, Some(dxc))),
+                .for_each(|(gi, (p, dxc))| work(gi, p, Some(dxc))),
             None => partials
                 .par_iter_mut()
                 .enumerate()
-                .for_each(|(ci, p)| work(ci, p, None)),
+                .for_each(|(gi, p)| work(gi, p, None)),
         }
         dw[dw_off..dw_off + s.w_len()]
             .par_chunks_mut(ELEM_CHUNK)
