@@ -270,6 +270,15 @@ fn encoder_rejects_bad_input() {
     assert!(enc.backward(&vec![0.0; 31]).is_err(), "wrong gradient size");
     let e = enc.forward(&x, InputShape::new(4, 3, 1, 1), true, 1);
     assert!(e.is_err());
+    // Batch 2 in 4 splits... and a deep stage with one value per group: an error, and the
+    // running statistics are untouched.
+    let before = enc.running_stats().clone();
+    let small = InputShape::new(2, 3, 4, 4);
+    let e = enc
+        .forward(&normal(small.len(), 3), small, true, 2)
+        .unwrap_err();
+    assert!(e.to_string().contains("more than one value"), "{e}");
+    assert_eq!(*enc.running_stats(), before, "nothing changed on error");
     assert!("resnet7".parse::<Arch>().is_err());
     assert_eq!(
         "ResNet18_cifar".parse::<Arch>().unwrap(),

@@ -19,10 +19,15 @@ const ELEM_CHUNK: usize = 1 << 15;
 const LINEAR_ROWS: usize = 16;
 /// Output features per work item of the linear layer's weight gradient.
 const LINEAR_OUT_COLS: usize = 32;
-/// Columns (samples x output pixels) one convolution GEMM aims for.
-const CONV_TARGET_COLS: usize = 1024;
+/// Columns (samples x output pixels) one convolution GEMM aims for: small feature maps
+/// put several samples side by side so the weight is packed once for all of them.
+const CONV_TARGET_COLS: usize = 256;
 /// Work items a convolution is split into at least, when the batch allows.
 const CONV_MIN_ITEMS: usize = 8;
+/// At most this many weight-gradient partials per convolution (summed in order).
+const CONV_MAX_PARTIALS: usize = 16;
+/// At least this many samples per weight-gradient partial.
+const CONV_MIN_CHUNK: usize = 4;
 
 /// A floating-point type the CPU backend computes in (f32 or f64).
 pub trait Scalar:
@@ -287,6 +292,11 @@ fn conv_group(s: &ConvShape) -> usize {
         .max(1)
 }
 
+/// Samples per weight-gradient partial: depends on the batch size only.
+fn conv_chunk(n: usize) -> usize {
+    n.div_ceil(CONV_MAX_PARTIALS).max(CONV_MIN_CHUNK)
+}
+
 fn f64_sum<T: Scalar>(v: impl Iterator<Item = T>) -> f64 {
     v.fold(0.0f64, |a, b| a + b.to_f64())
 }
@@ -407,9 +417,9 @@ impl<T: Scalar> Backend for Cpu<T> {
         Ok(())
     }
 
-    // Per group of m samples (fixed by the shape): dYt = dy gathered to Cout x m HoWo,
-    // partial dW = dYt col^T (Cout x CinKK), dcol = w^T dYt, dx = col2im(dcol). The
-    // partials are summed in group order.
+    // Fixed chunks of samples (by batch size) each own a dW partial; inside a chunk, per
+    // group of m samples: dYt = dy gathered to Cout x m HoWo, partial += dYt col^T
+    // (Cout x CinKK), dcol = w^T dYt, dx = col2im(dcol). Partials are summed in order.
     fn conv2d_backward(
         &self,
         s: &ConvShape,
@@ -435,80 +445,88 @@ impl<T: Scalar> Backend for Cpu<T> {
             s.cin * s.k * s.k,
         );
         let wm = &w[w_off..w_off + s.w_len()];
-        let nb = conv_group(s);
-        let ngroups = s.n.div_ceil(nb);
+        let chunk = conv_chunk(s.n);
+        let nchunks = s.n.div_ceil(chunk);
+        let nb = conv_group(s).min(chunk);
         let one = T::from_f64(1.0);
-        let work = |gi: usize, part: &mut Vec<T>, dxc: Option<&mut [T]>| {
-            let n0 = gi * nb;
-            let m = nb.min(s.n - n0);
-            let cols = m * hwo;
-            let mut col = vec![T::ZERO; ckk * cols];
-            for i in 0..m {
-                let xn = &x[(n0 + i) * xs..(n0 + i + 1) * xs];
-                im2col(s, xn, &mut col, cols, i * hwo);
-            }
-            let dyc = &dy[n0 * ys..(n0 + m) * ys];
-            let mut dyt_buf = Vec::new();
-            let dyt: &[T] = if m == 1 {
-                dyc
-            } else {
-                dyt_buf.resize(s.cout * cols, T::ZERO);
-                for i in 0..m {
-                    for co in 0..s.cout {
-                        dyt_buf[co * cols + i * hwo..][..hwo]
-                            .copy_from_slice(&dyc[(i * s.cout + co) * hwo..][..hwo]);
-                    }
-                }
-                &dyt_buf
-            };
-            // part (Cout x CinKK) = dYt (Cout x cols) . col^T (cols x CinKK)
+        // One partial per chunk of samples; inside a chunk, GEMMs over groups of nb samples
+        // accumulate into it in order.
+        let work = |ci: usize, part: &mut Vec<T>, mut dxc: Option<&mut [T]>| {
             *part = vec![T::ZERO; s.w_len()];
-            gemm(
-                s.cout,
-                cols,
-                ckk,
-                one,
-                dyt,
-                (cols, 1),
-                &col,
-                (1, cols),
-                T::ZERO,
-                part,
-                (ckk, 1),
-            );
-            if let Some(dxc) = dxc {
-                // dcol (CinKK x cols) = w^T (CinKK x Cout) . dYt (Cout x cols), into col.
+            let c0 = ci * chunk;
+            let c1 = (c0 + chunk).min(s.n);
+            let mut col = Vec::new();
+            let mut dyt_buf = Vec::new();
+            for n0 in (c0..c1).step_by(nb) {
+                let m = nb.min(c1 - n0);
+                let cols = m * hwo;
+                col.resize(ckk * cols, T::ZERO);
+                for i in 0..m {
+                    let xn = &x[(n0 + i) * xs..(n0 + i + 1) * xs];
+                    im2col(s, xn, &mut col, cols, i * hwo);
+                }
+                let dyc = &dy[n0 * ys..(n0 + m) * ys];
+                let dyt: &[T] = if m == 1 {
+                    dyc
+                } else {
+                    dyt_buf.resize(s.cout * cols, T::ZERO);
+                    for i in 0..m {
+                        for co in 0..s.cout {
+                            dyt_buf[co * cols + i * hwo..][..hwo]
+                                .copy_from_slice(&dyc[(i * s.cout + co) * hwo..][..hwo]);
+                        }
+                    }
+                    &dyt_buf
+                };
+                // part (Cout x CinKK) += dYt (Cout x cols) . col^T (cols x CinKK)
                 gemm(
-                    ckk,
                     s.cout,
                     cols,
+                    ckk,
                     one,
-                    wm,
-                    (1, ckk),
                     dyt,
                     (cols, 1),
-                    T::ZERO,
-                    &mut col,
-                    (cols, 1),
+                    &col,
+                    (1, cols),
+                    one,
+                    part,
+                    (ckk, 1),
                 );
-                for i in 0..m {
-                    let dxn = &mut dxc[i * xs..(i + 1) * xs];
-                    dxn.fill(T::ZERO);
-                    col2im(s, &col, cols, i * hwo, dxn);
+                if let Some(dxc) = dxc.as_deref_mut() {
+                    // dcol (CinKK x cols) = w^T (CinKK x Cout) . dYt (Cout x cols), into col.
+                    gemm(
+                        ckk,
+                        s.cout,
+                        cols,
+                        one,
+                        wm,
+                        (1, ckk),
+                        dyt,
+                        (cols, 1),
+                        T::ZERO,
+                        &mut col,
+                        (cols, 1),
+                    );
+                    for i in 0..m {
+                        let off = (n0 - c0 + i) * xs;
+                        let dxn = &mut dxc[off..off + xs];
+                        dxn.fill(T::ZERO);
+                        col2im(s, &col, cols, i * hwo, dxn);
+                    }
                 }
             }
         };
-        let mut partials: Vec<Vec<T>> = vec![Vec::new(); ngroups];
+        let mut partials: Vec<Vec<T>> = vec![Vec::new(); nchunks];
         match dx {
             Some(dx) => partials
                 .par_iter_mut()
-                .zip(dx[..s.x_len()].par_chunks_mut(nb * xs))
+                .zip(dx[..s.x_len()].par_chunks_mut(chunk * xs))
                 .enumerate()
-                .for_each(|(gi, (p, dxc))| work(gi, p, Some(dxc))),
+                .for_each(|(ci, (p, dxc))| work(ci, p, Some(dxc))),
             None => partials
                 .par_iter_mut()
                 .enumerate()
-                .for_each(|(gi, p)| work(gi, p, None)),
+                .for_each(|(ci, p)| work(ci, p, None)),
         }
         dw[dw_off..dw_off + s.w_len()]
             .par_chunks_mut(ELEM_CHUNK)

@@ -648,9 +648,12 @@ impl<B: Backend> Encoder<B> {
                 shape.n
             )));
         }
+        let groups = if train { bn_splits } else { 1 };
+        // Validate every layer's shape first, so a bad input changes nothing (no running
+        // statistics updated by the layers before the one that fails).
+        self.check_shapes(shape, train, groups)?;
         let be = self.backend.clone();
         let n = shape.n;
-        let groups = if train { bn_splits } else { 1 };
         let input = Act::<B> {
             buf: Arc::new(be.copy(x)?),
             c: shape.c,
@@ -735,6 +738,35 @@ impl<B: Backend> Encoder<B> {
             hidden,
         });
         Ok((out, cache))
+    }
+
+    /// Walks the network's shapes without computing anything.
+    fn check_shapes(&self, shape: InputShape, train: bool, groups: usize) -> Result<()> {
+        let n = shape.n;
+        let conv = |c: &Conv, hw: (usize, usize)| -> Result<(usize, usize)> {
+            let s = ConvShape::new(n, c.cin, hw, c.cout, c.k, c.stride, c.pad)?;
+            Ok((s.ho, s.wo))
+        };
+        let bn = |b: &Bn, hw: (usize, usize)| BnShape::new(n, b.c, hw.0 * hw.1, groups, train);
+        let mut hw = conv(&self.net.conv1, (shape.h, shape.w))?;
+        bn(&self.net.bn1, hw)?;
+        if self.net.maxpool {
+            let p = PoolShape::new(n * self.net.conv1.cout, hw, 3, 2, 1)?;
+            hw = (p.ho, p.wo);
+        }
+        for b in &self.net.blocks {
+            let mut cur = hw;
+            for (c, nb) in &b.stages {
+                cur = conv(c, cur)?;
+                bn(nb, cur)?;
+            }
+            if let Some((c, nb)) = &b.down {
+                let d = conv(c, hw)?;
+                bn(nb, d)?;
+            }
+            hw = cur;
+        }
+        Ok(())
     }
 
     fn conv_forward(&self, n: usize, conv: &Conv, x: &Act<B>) -> Result<(Act<B>, ConvCache<B>)> {
