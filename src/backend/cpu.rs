@@ -219,6 +219,21 @@ impl<T: Scalar> Cpu<T> {
     }
 }
 
+/// Output columns `lo..hi` whose input column `ox * stride + kx - pad` is inside the image.
+fn valid_cols(s: &ConvShape, kx: usize) -> (usize, usize) {
+    let lo = if s.pad > kx {
+        (s.pad - kx).div_ceil(s.stride).min(s.wo)
+    } else {
+        0
+    };
+    let hi = if s.w + s.pad > kx {
+        (s.w + s.pad - kx).div_ceil(s.stride).min(s.wo)
+    } else {
+        0
+    };
+    (lo, hi.max(lo))
+}
+
 /// Unfolds one sample: `x` Cin x H x W -> columns `c0..c0 + Ho Wo` of `col`, a
 /// (Cin K K) x `ld` matrix (several samples side by side share one GEMM).
 pub(crate) fn im2col<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T], ld: usize, c0: usize) {
@@ -228,26 +243,24 @@ pub(crate) fn im2col<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T], ld: usize
         for ky in 0..k {
             for kx in 0..k {
                 let row = &mut col[((ci * k + ky) * k + kx) * ld + c0..][..hwo];
+                let (lo, hi) = valid_cols(s, kx);
                 for oy in 0..s.ho {
                     let iy = (oy * s.stride + ky) as isize - s.pad as isize;
                     let out = &mut row[oy * s.wo..(oy + 1) * s.wo];
-                    if iy < 0 || iy >= s.h as isize {
+                    if iy < 0 || iy >= s.h as isize || lo == hi {
                         out.fill(T::ZERO);
                         continue;
                     }
                     let xr = &xp[iy as usize * s.w..(iy as usize + 1) * s.w];
-                    if s.stride == 1 && kx >= s.pad && kx + s.wo <= s.w + s.pad {
-                        // Interior fast path: a contiguous copy.
-                        out.copy_from_slice(&xr[kx - s.pad..kx - s.pad + s.wo]);
-                        continue;
-                    }
-                    for (ox, o) in out.iter_mut().enumerate() {
-                        let ix = (ox * s.stride + kx) as isize - s.pad as isize;
-                        *o = if ix < 0 || ix >= s.w as isize {
-                            T::ZERO
-                        } else {
-                            xr[ix as usize]
-                        };
+                    out[..lo].fill(T::ZERO);
+                    out[hi..].fill(T::ZERO);
+                    let base = lo * s.stride + kx - s.pad;
+                    if s.stride == 1 {
+                        out[lo..hi].copy_from_slice(&xr[base..base + hi - lo]);
+                    } else {
+                        for (j, o) in out[lo..hi].iter_mut().enumerate() {
+                            *o = xr[base + j * s.stride];
+                        }
                     }
                 }
             }
@@ -263,16 +276,25 @@ pub(crate) fn col2im<T: Scalar>(s: &ConvShape, dcol: &[T], ld: usize, c0: usize,
         for ky in 0..k {
             for kx in 0..k {
                 let row = &dcol[((ci * k + ky) * k + kx) * ld + c0..][..hwo];
+                let (lo, hi) = valid_cols(s, kx);
+                if lo == hi {
+                    continue;
+                }
                 for oy in 0..s.ho {
                     let iy = (oy * s.stride + ky) as isize - s.pad as isize;
                     if iy < 0 || iy >= s.h as isize {
                         continue;
                     }
                     let xr = &mut xp[iy as usize * s.w..(iy as usize + 1) * s.w];
-                    for ox in 0..s.wo {
-                        let ix = (ox * s.stride + kx) as isize - s.pad as isize;
-                        if ix >= 0 && ix < s.w as isize {
-                            xr[ix as usize] += row[oy * s.wo + ox];
+                    let src = &row[oy * s.wo + lo..oy * s.wo + hi];
+                    let base = lo * s.stride + kx - s.pad;
+                    if s.stride == 1 {
+                        for (d, &v) in xr[base..base + hi - lo].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (j, &v) in src.iter().enumerate() {
+                            xr[base + j * s.stride] += v;
                         }
                     }
                 }
