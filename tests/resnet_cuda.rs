@@ -2,7 +2,8 @@
 //! gradients, running statistics), whole resnet8 and resnet18-cifar encoders, SGD.
 //!
 //! Tolerances: layers 1e-5 relative (fp32 with a different summation order: cuBLAS SGEMM
-//! without TF32, double-accumulated BatchNorm statistics); whole networks 1e-4 on outputs
+//! without TF32, double-accumulated BatchNorm statistics), convolution weight gradients
+//! `max(1e-5, 2e-7 sqrt(N Ho Wo))` (fp32 sums of that many terms); whole networks 1e-4 on outputs
 //! and running statistics and 5e-4 on gradients, since ~20 layers of fp32 reordering are
 //! amplified by each BatchNorm's 1/std. Outputs are poisoned (NaN) before each launch.
 use moco::backend::{
@@ -72,7 +73,17 @@ fn conv_matches_cpu() {
         g.conv2d_backward(&s, &xg, &wg, 5, &dyg, Some(&mut dxg), &mut dwg, 5)
             .unwrap();
         assert_close(&format!("conv dx {s:?}"), &down(&g, &dxg), &dx, 1e-5, 1e-3);
-        assert_close(&format!("conv dw {s:?}"), &down(&g, &dwg), &dw, 1e-5, 1e-2);
+        // dW sums K = N Ho Wo products in fp32 on both sides (different blockings): the
+        // relative error of such sums grows like eps sqrt(K).
+        let k_dw = (s.n * s.ho * s.wo) as f64;
+        let tol_dw = (1e-5f64).max(2e-7 * k_dw.sqrt());
+        assert_close(
+            &format!("conv dw {s:?}"),
+            &down(&g, &dwg),
+            &dw,
+            tol_dw,
+            1e-2,
+        );
     }
 }
 
