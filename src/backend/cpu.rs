@@ -593,19 +593,22 @@ impl<T: Scalar> Backend for Cpu<T> {
             .map(|ch| {
                 (0..g)
                     .map(|b| {
-                        let planes = || {
-                            (b..s.n).step_by(g).flat_map(move |n| {
-                                x[(n * c + ch) * hw..(n * c + ch + 1) * hw].iter()
-                            })
-                        };
-                        let mu = f64_sum(planes().copied()) / m;
-                        let var = planes()
-                            .map(|&v| {
+                        let planes = (b..s.n)
+                            .step_by(g)
+                            .map(|n| &x[(n * c + ch) * hw..(n * c + ch + 1) * hw]);
+                        let mut sum = 0.0f64;
+                        for p in planes.clone() {
+                            sum += f64_sum(p.iter().copied());
+                        }
+                        let mu = sum / m;
+                        let mut sq = 0.0f64;
+                        for p in planes {
+                            for &v in p {
                                 let d = v.to_f64() - mu;
-                                d * d
-                            })
-                            .sum::<f64>()
-                            / m;
+                                sq += d * d;
+                            }
+                        }
+                        let var = sq / m;
                         (mu, var)
                     })
                     .collect()
