@@ -636,11 +636,13 @@ impl<T: Scalar> Backend for Cpu<T> {
             .for_each(|(p, (yp, xp))| {
                 let (n, ch) = (p / c, p % c);
                 let b = n % g;
-                let scale = params[off.gamma + ch].to_f64() * invstd[b * c + ch].to_f64();
-                let shift = params[off.beta + ch].to_f64() - mean[b * c + ch].to_f64() * scale;
-                let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
+                // y = (x - mean) scale + beta: centering first keeps the precision of values
+                // near the mean (x scale + shift would cancel there).
+                let scale =
+                    T::from_f64(params[off.gamma + ch].to_f64() * invstd[b * c + ch].to_f64());
+                let (mu, beta) = (mean[b * c + ch], params[off.beta + ch]);
                 for (yv, &xv) in yp.iter_mut().zip(xp) {
-                    *yv = xv * scale + shift;
+                    *yv = (xv - mu) * scale + beta;
                 }
             });
         Ok(())
@@ -665,12 +667,10 @@ impl<T: Scalar> Backend for Cpu<T> {
             .for_each(|(p, (yp, xp))| {
                 let ch = p % c;
                 let inv = 1.0 / (running[off.var + ch].to_f64() + hp.eps).sqrt();
-                let scale = params[off.gamma + ch].to_f64() * inv;
-                let shift =
-                    params[off.beta + ch].to_f64() - running[off.mean + ch].to_f64() * scale;
-                let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
+                let scale = T::from_f64(params[off.gamma + ch].to_f64() * inv);
+                let (mu, beta) = (running[off.mean + ch], params[off.beta + ch]);
                 for (yv, &xv) in yp.iter_mut().zip(xp) {
-                    *yv = xv * scale + shift;
+                    *yv = (xv - mu) * scale + beta;
                 }
             });
         Ok(())
@@ -737,16 +737,15 @@ impl<T: Scalar> Backend for Cpu<T> {
                 let (n, ch) = (p / c, p % c);
                 let b = n % g;
                 let (sdy, sdx) = sums[ch][b];
-                let mu = mean[b * c + ch].to_f64();
                 let is = invstd[b * c + ch].to_f64();
                 let a = params[off.gamma + ch].to_f64() * is;
-                // dx = a dy + c1 x + c0
-                let c1 = -a * is * sdx / m;
-                let c0 = -a * sdy / m - c1 * mu;
-                let (a, c1, c0) = (T::from_f64(a), T::from_f64(c1), T::from_f64(c0));
+                // dx = a (dy - sdy / M) + k (x - mean), with x - mean formed first.
+                let k = T::from_f64(-a * is * sdx / m);
+                let c0 = T::from_f64(-a * sdy / m);
+                let (a, mu) = (T::from_f64(a), mean[b * c + ch]);
                 let r = p * hw..(p + 1) * hw;
                 for ((d, &xv), &dv) in dxp.iter_mut().zip(&x[r.clone()]).zip(&dy[r]) {
-                    *d = a * dv + c1 * xv + c0;
+                    *d = a * dv + c0 + k * (xv - mu);
                 }
             });
         Ok(())
