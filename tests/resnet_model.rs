@@ -317,6 +317,14 @@ fn state_dict_round_trip() {
         b.features(&x, shape).unwrap()
     );
     let _ = Cpu::<f32>::new().name();
+    // Key encoder initialization: parameters copied, running statistics kept.
+    let mut k = Encoder::new(Cpu::<f32>::new(), c, 7).unwrap();
+    let k_running = k.running_stats().clone();
+    k.copy_params_from(&a).unwrap();
+    assert_eq!(k.params(), a.params());
+    assert_eq!(*k.running_stats(), k_running);
+    let other = Encoder::new(Cpu::<f32>::new(), cfg(Arch::Resnet8, 1, 8, false), 1).unwrap();
+    assert!(k.copy_params_from(&other).is_err());
 }
 
 #[test]

@@ -86,6 +86,11 @@ impl Cuda {
         })
     }
 
+    /// Opens GPU `ordinal` (new stream) and creates the backend on it.
+    pub fn open(ordinal: usize) -> Result<Cuda> {
+        Cuda::new(Gpu::new(ordinal)?)
+    }
+
     /// The GPU this backend runs on.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu

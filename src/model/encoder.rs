@@ -438,6 +438,20 @@ impl<B: Backend> Encoder<B> {
     pub fn bn_params(&self) -> BnParams {
         self.bn
     }
+    /// Copies `other`'s parameters into this encoder (MoCo's `param_k.data.copy_(param_q)`
+    /// at start-up). BatchNorm running statistics are not copied: each encoder keeps its
+    /// own, as in the reference. Errors, changing nothing, when the configs differ.
+    pub fn copy_params_from(&mut self, other: &Encoder<B>) -> Result<()> {
+        if self.cfg != other.cfg {
+            return Err(Error::invalid(format!(
+                "copy_params_from: encoders differ ({:?} vs {:?})",
+                self.cfg, other.cfg
+            )));
+        }
+        self.params = self.backend.copy(&other.params)?;
+        Ok(())
+    }
+
     /// Zeroes the gradient buffer.
     pub fn zero_grad(&mut self) -> Result<()> {
         self.backend.fill_zero(&mut self.grads)
