@@ -187,8 +187,10 @@ def main():
         out.write(f"# made by make_resnet_goldens.py with torch {torch.__version__}, float64\n")
         case(out, "r8_linear", "resnet8", 1, 12, 8, 16, False, 1)
         case(out, "r8_mlp_split", "resnet8", 3, 16, 8, 16, True, 2)
-        case(out, "r18cifar_mlp_split", "resnet18-cifar", 3, 8, 4, 8, True, 2)
-        case(out, "r18_linear", "resnet18", 3, 32, 4, 8, False, 1)
+        # Sizes keep at least 8 values per BatchNorm group in the last stage: with two values
+        # per group, BatchNorm is too ill-conditioned for a 1e-9 comparison.
+        case(out, "r18cifar_mlp_split", "resnet18-cifar", 3, 16, 4, 8, True, 2)
+        case(out, "r18_linear", "resnet18", 3, 64, 4, 8, False, 1)
     print(f"wrote {path}", file=sys.stderr)
 
 
