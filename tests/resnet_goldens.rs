@@ -270,6 +270,10 @@ fn hash_matches_the_script() {
         h as f64 / 4_294_967_296.0 - 0.5
     };
     assert_eq!(hash_u(0, 0), h0);
+    // Printed by the script's formula in plain Python integers.
+    assert_eq!(hash_u(0, 0), -0.06187369185499847);
+    assert_eq!(hash_u(5, 123), -0.1289290718268603);
+    assert_eq!(hash_u(3001, 1_000_000), 0.47469366691075265);
     assert!((-0.5..0.5).contains(&hash_u(7, 123_456)));
     assert_ne!(hash_u(0, 1), hash_u(1, 0));
 }
