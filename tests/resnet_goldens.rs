@@ -34,7 +34,9 @@ fn u(t: u64, n: usize) -> Vec<f64> {
 fn init_values(k: usize, name: &str, shape: &[usize]) -> Vec<f64> {
     let n = shape.iter().product::<usize>().max(1);
     let v = u(k as u64, n);
-    if name.ends_with("running_mean") {
+    if name.ends_with("num_batches_tracked") {
+        vec![0.0]
+    } else if name.ends_with("running_mean") {
         v.iter().map(|x| 0.1 * x).collect()
     } else if name.ends_with("running_var") {
         v.iter().map(|x| 1.0 + 0.5 * (x + 0.5)).collect()
@@ -276,4 +278,84 @@ fn hash_matches_the_script() {
     assert_eq!(hash_u(3001, 1_000_000), 0.47469366691075265);
     assert!((-0.5..0.5).contains(&hash_u(7, 123_456)));
     assert_ne!(hash_u(0, 1), hash_u(1, 0));
+}
+
+/// Writes a goldens file in the script's format from this crate's own f64 encoder, then
+/// reads it back through the checker: proves the reader (parsing, keys, indices) against the
+/// format, independently of PyTorch.
+#[test]
+fn checker_reads_the_script_format() {
+    let cfg = EncoderConfig {
+        arch: moco::model::Arch::Resnet8,
+        in_channels: 1,
+        dim: 4,
+        mlp: true,
+    };
+    let (size, n, splits) = (8usize, 4usize, 2usize);
+    let mut enc = Encoder::new(Cpu::<f64>::new(), cfg, 0).unwrap();
+    let table = enc.table().clone();
+    let mut out = String::from("case self resnet8 1 8 4 4 1 2\n");
+    for (k, e) in table.entries().iter().enumerate() {
+        let shape = if e.shape.is_empty() {
+            "-".to_string()
+        } else {
+            e.shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("x")
+        };
+        out += &format!("entry {} {shape}\n", e.name);
+        let v = init_values(k, &e.name, &e.shape);
+        match e.storage {
+            Storage::Param => enc.params_mut()[e.offset..e.offset + e.len].copy_from_slice(&v),
+            Storage::RunningMean | Storage::RunningVar => {
+                enc.running_stats_mut()[e.offset..e.offset + e.len].copy_from_slice(&v)
+            }
+            Storage::NumBatchesTracked => {}
+        }
+    }
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:?}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let shape = InputShape::new(n, 1, size, size);
+    let x: Vec<f64> = u(1000, shape.len()).iter().map(|v| 2.0 * v).collect();
+    let r: Vec<f64> = u(1001, n * 4).iter().map(|v| 2.0 * v).collect();
+    let mut opt = Sgd::new(Cpu::<f64>::new(), table.num_params(), 0.9, 5e-4).unwrap();
+    for step in 0..2 {
+        enc.zero_grad().unwrap();
+        let y = enc.forward(&x, shape, true, splits).unwrap();
+        let loss: f64 = y.iter().zip(&r).map(|(a, b)| a * b).sum();
+        let dx = enc.backward(&r).unwrap();
+        out += &format!("output {step} {}\nloss {step} {loss:?}\n", fmt(&y));
+        out += &format!("input_grad {step} {}\n", fmt(&summary(&dx, 999)));
+        for (k, e) in table.params().enumerate() {
+            let g = summary(&enc.grads()[e.offset..e.offset + e.len], k as u64);
+            out += &format!("grad {step} {} {}\n", e.name, fmt(&g));
+        }
+        for (k, e) in table.entries().iter().enumerate() {
+            if matches!(e.storage, Storage::RunningMean | Storage::RunningVar) {
+                let b = summary(&enc.running_stats()[e.offset..e.offset + e.len], k as u64);
+                out += &format!("buffer {step} {} {}\n", e.name, fmt(&b));
+            }
+        }
+        let (p, g) = enc.params_and_grads();
+        opt.step(p, g, 0.1).unwrap();
+        for (k, e) in table.params().enumerate() {
+            let v = summary(&enc.params()[e.offset..e.offset + e.len], k as u64);
+            out += &format!("param {step} {} {}\n", e.name, fmt(&v));
+        }
+    }
+    let y = enc.forward(&x, shape, false, 1).unwrap();
+    out += &format!("eval_output {}\nend\n", fmt(&y));
+    let cases = parse(&out);
+    assert_eq!(cases.len(), 1);
+    run_case(&cases[0]);
+    // And a corrupted golden fails.
+    let bad = out.replacen("loss 1 ", "loss 1 1", 1);
+    let r = std::panic::catch_unwind(|| run_case(&parse(&bad)[0]));
+    assert!(r.is_err(), "a wrong golden must fail the check");
 }
