@@ -1308,4 +1308,52 @@ mod tests {
             }
         }
     }
+
+    /// kernels/layers.cu's max-pool backward window arithmetic (C integer division truncates
+    /// toward zero, as Rust's does) against the CPU backend's scatter.
+    #[test]
+    fn gpu_maxpool_backward_windows_match_cpu_on_the_host() {
+        use crate::backend::{Backend, Cpu, PoolShape};
+        for &(planes, h, w, k, st, pad) in &[
+            (2usize, 7usize, 6usize, 3usize, 2usize, 1usize),
+            (1, 8, 8, 3, 2, 1),
+            (2, 5, 5, 2, 2, 0),
+            (1, 9, 4, 3, 1, 1),
+            (1, 1, 1, 3, 2, 1),
+        ] {
+            let s = PoolShape::new(planes, (h, w), k, st, pad).unwrap();
+            let x: Vec<f64> = (0..planes * h * w)
+                .map(|i| (i as f64 * 1.37).sin())
+                .collect();
+            let no = planes * s.ho * s.wo;
+            let (mut y, mut idx) = (vec![0.0; no], vec![0u32; no]);
+            let cpu = Cpu::<f64>::new();
+            cpu.maxpool_forward(&s, &x, &mut y, &mut idx).unwrap();
+            let dy: Vec<f64> = (0..no).map(|i| 1.0 + i as f64).collect();
+            let mut want = vec![0.0; x.len()];
+            cpu.maxpool_backward(&s, &dy, &idx, &mut want).unwrap();
+            let (k, st, pad) = (k as i64, st as i64, pad as i64);
+            let (ho, wo) = (s.ho as i64, s.wo as i64);
+            for i in 0..planes * h * w {
+                let ix = (i % w) as i64;
+                let iy = ((i / w) % h) as i64;
+                let p = i / (h * w);
+                let j = (iy * w as i64 + ix) as u32;
+                let oy0 = 0.max((iy + pad - k + st) / st);
+                let oy1 = (ho - 1).min((iy + pad) / st);
+                let ox0 = 0.max((ix + pad - k + st) / st);
+                let ox1 = (wo - 1).min((ix + pad) / st);
+                let mut acc = 0.0;
+                for oy in oy0..=oy1 {
+                    for ox in ox0..=ox1 {
+                        let o = (p as i64 * ho + oy) * wo + ox;
+                        if idx[o as usize] == j {
+                            acc += dy[o as usize];
+                        }
+                    }
+                }
+                assert_eq!(acc, want[i], "{s:?} element {i}");
+            }
+        }
+    }
 }
