@@ -92,9 +92,9 @@ moco_bn_apply_f32(const float *__restrict__ x, float *__restrict__ y, const floa
         const uint64_t plane = i / hw;
         const uint32_t ch = (uint32_t)(plane % c);
         const uint32_t b = (uint32_t)((plane / c) % g);
+        // (x - mean) first: keeps the precision of values near the mean.
         const float scale = gamma[ch] * invstd[b * c + ch];
-        const float shift = beta[ch] - mean[b * c + ch] * scale;
-        y[i] = fmaf(x[i], scale, shift);
+        y[i] = fmaf(x[i] - mean[b * c + ch], scale, beta[ch]);
     }
 }
 

@@ -71,6 +71,12 @@ const CONV_CASES: &[ConvCase] = &[
     (2, 3, (13, 11), 4, 7, 2, 3),
     (5, 2, (4, 4), 3, 3, 2, 1),
     (9, 2, (3, 3), 2, 3, 1, 1),
+    // Batches large enough that several samples share one GEMM (and an uneven last group).
+    (20, 3, (4, 4), 5, 3, 1, 1),
+    (37, 2, (5, 6), 3, 3, 2, 1),
+    (24, 4, (3, 3), 6, 1, 1, 0),
+    (35, 3, (2, 2), 4, 1, 2, 0),
+    (100, 2, (8, 8), 3, 3, 1, 1),
 ];
 
 #[test]
@@ -115,7 +121,7 @@ fn conv_forward_backward_match_reference() {
 #[test]
 fn conv_gradients_finite_differences_f64() {
     let be = Cpu::<f64>::new();
-    for (ci, &(n, cin, hw, cout, k, st, p)) in CONV_CASES.iter().enumerate().take(6) {
+    for (ci, &(n, cin, hw, cout, k, st, p)) in CONV_CASES.iter().enumerate() {
         let s = ConvShape::new(n, cin, hw, cout, k, st, p).unwrap();
         let mut x = f64s(&normal(s.x_len(), 40 + ci as u64));
         let mut w = f64s(&normal(s.w_len(), 50 + ci as u64));

@@ -19,7 +19,12 @@ const ELEM_CHUNK: usize = 1 << 15;
 const LINEAR_ROWS: usize = 16;
 /// Output features per work item of the linear layer's weight gradient.
 const LINEAR_OUT_COLS: usize = 32;
-/// At most this many per-chunk weight-gradient partials per convolution.
+/// Columns (samples x output pixels) one convolution GEMM aims for: small feature maps
+/// put several samples side by side so the weight is packed once for all of them.
+const CONV_TARGET_COLS: usize = 256;
+/// Work items a convolution is split into at least, when the batch allows.
+const CONV_MIN_ITEMS: usize = 8;
+/// At most this many weight-gradient partials per convolution (summed in order).
 const CONV_MAX_PARTIALS: usize = 16;
 /// At least this many samples per weight-gradient partial.
 const CONV_MIN_CHUNK: usize = 4;
@@ -214,54 +219,47 @@ impl<T: Scalar> Cpu<T> {
     }
 }
 
-/// Unfolds one sample: `x` Cin x H x W -> `col` (Cin K K) x (Ho Wo).
-pub(crate) fn im2col<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T]) {
+/// Output columns `lo..hi` whose input column `ox * stride + kx - pad` is inside the image.
+fn valid_cols(s: &ConvShape, kx: usize) -> (usize, usize) {
+    let lo = if s.pad > kx {
+        (s.pad - kx).div_ceil(s.stride).min(s.wo)
+    } else {
+        0
+    };
+    let hi = if s.w + s.pad > kx {
+        (s.w + s.pad - kx).div_ceil(s.stride).min(s.wo)
+    } else {
+        0
+    };
+    (lo, hi.max(lo))
+}
+
+/// Unfolds one sample: `x` Cin x H x W -> columns `c0..c0 + Ho Wo` of `col`, a
+/// (Cin K K) x `ld` matrix (several samples side by side share one GEMM).
+pub(crate) fn im2col<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T], ld: usize, c0: usize) {
     let (k, hwo) = (s.k, s.ho * s.wo);
     for ci in 0..s.cin {
         let xp = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
         for ky in 0..k {
             for kx in 0..k {
-                let row = &mut col[((ci * k + ky) * k + kx) * hwo..][..hwo];
+                let row = &mut col[((ci * k + ky) * k + kx) * ld + c0..][..hwo];
+                let (lo, hi) = valid_cols(s, kx);
                 for oy in 0..s.ho {
                     let iy = (oy * s.stride + ky) as isize - s.pad as isize;
                     let out = &mut row[oy * s.wo..(oy + 1) * s.wo];
-                    if iy < 0 || iy >= s.h as isize {
+                    if iy < 0 || iy >= s.h as isize || lo == hi {
                         out.fill(T::ZERO);
                         continue;
                     }
                     let xr = &xp[iy as usize * s.w..(iy as usize + 1) * s.w];
-                    for (ox, o) in out.iter_mut().enumerate() {
-                        let ix = (ox * s.stride + kx) as isize - s.pad as isize;
-                        *o = if ix < 0 || ix >= s.w as isize {
-                            T::ZERO
-                        } else {
-                            xr[ix as usize]
-                        };
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Folds one sample back: `dx += col2im(dcol)`, the adjoint of [`im2col`].
-pub(crate) fn col2im<T: Scalar>(s: &ConvShape, dcol: &[T], dx: &mut [T]) {
-    let (k, hwo) = (s.k, s.ho * s.wo);
-    for ci in 0..s.cin {
-        let xp = &mut dx[ci * s.h * s.w..(ci + 1) * s.h * s.w];
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = &dcol[((ci * k + ky) * k + kx) * hwo..][..hwo];
-                for oy in 0..s.ho {
-                    let iy = (oy * s.stride + ky) as isize - s.pad as isize;
-                    if iy < 0 || iy >= s.h as isize {
-                        continue;
-                    }
-                    let xr = &mut xp[iy as usize * s.w..(iy as usize + 1) * s.w];
-                    for ox in 0..s.wo {
-                        let ix = (ox * s.stride + kx) as isize - s.pad as isize;
-                        if ix >= 0 && ix < s.w as isize {
-                            xr[ix as usize] += row[oy * s.wo + ox];
+                    out[..lo].fill(T::ZERO);
+                    out[hi..].fill(T::ZERO);
+                    let base = lo * s.stride + kx - s.pad;
+                    if s.stride == 1 {
+                        out[lo..hi].copy_from_slice(&xr[base..base + hi - lo]);
+                    } else {
+                        for (j, o) in out[lo..hi].iter_mut().enumerate() {
+                            *o = xr[base + j * s.stride];
                         }
                     }
                 }
@@ -270,9 +268,50 @@ pub(crate) fn col2im<T: Scalar>(s: &ConvShape, dcol: &[T], dx: &mut [T]) {
     }
 }
 
-/// True when the convolution is a plain matrix product (1x1, stride 1, no padding).
-fn is_pointwise(s: &ConvShape) -> bool {
-    s.k == 1 && s.stride == 1 && s.pad == 0
+/// Folds one sample back: `dx += col2im(dcol)`, the adjoint of [`im2col`] (same `ld`, `c0`).
+pub(crate) fn col2im<T: Scalar>(s: &ConvShape, dcol: &[T], ld: usize, c0: usize, dx: &mut [T]) {
+    let (k, hwo) = (s.k, s.ho * s.wo);
+    for ci in 0..s.cin {
+        let xp = &mut dx[ci * s.h * s.w..(ci + 1) * s.h * s.w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &dcol[((ci * k + ky) * k + kx) * ld + c0..][..hwo];
+                let (lo, hi) = valid_cols(s, kx);
+                if lo == hi {
+                    continue;
+                }
+                for oy in 0..s.ho {
+                    let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                    if iy < 0 || iy >= s.h as isize {
+                        continue;
+                    }
+                    let xr = &mut xp[iy as usize * s.w..(iy as usize + 1) * s.w];
+                    let src = &row[oy * s.wo + lo..oy * s.wo + hi];
+                    let base = lo * s.stride + kx - s.pad;
+                    if s.stride == 1 {
+                        for (d, &v) in xr[base..base + hi - lo].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (j, &v) in src.iter().enumerate() {
+                            xr[base + j * s.stride] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Samples per convolution work item: enough that one GEMM has about
+/// [`CONV_TARGET_COLS`] columns (so the weight is packed once for several samples), but at
+/// least [`CONV_MIN_ITEMS`] items when the batch allows. Depends on the shape only.
+fn conv_group(s: &ConvShape) -> usize {
+    let hwo = (s.ho * s.wo).max(1);
+    CONV_TARGET_COLS
+        .div_ceil(hwo)
+        .min((s.n / CONV_MIN_ITEMS).max(1))
+        .max(1)
 }
 
 /// Samples per weight-gradient partial: depends on the batch size only.
@@ -322,7 +361,8 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     // x: N x Cin x H x W, w: Cout x (Cin K K), y: N x Cout x (Ho Wo).
-    // Per sample: col = im2col(x_n) ((Cin K K) x (Ho Wo)), y_n = w col.
+    // Per group of m samples: col = im2col (CinKK x m HoWo), Yt = w col (Cout x m HoWo),
+    // then Yt is scattered to NCHW.
     fn conv2d_forward(
         &self,
         s: &ConvShape,
@@ -334,47 +374,74 @@ impl<T: Scalar> Backend for Cpu<T> {
         check_len("conv2d x", x.len(), 0, s.x_len())?;
         check_len("conv2d weight", w.len(), w_off, s.w_len())?;
         check_len("conv2d y", y.len(), 0, s.y_len())?;
-        let (xs, hwo, ckk) = (s.cin * s.h * s.w, s.ho * s.wo, s.cin * s.k * s.k);
+        let (xs, ys, hwo, ckk) = (
+            s.cin * s.h * s.w,
+            s.cout * s.ho * s.wo,
+            s.ho * s.wo,
+            s.cin * s.k * s.k,
+        );
         let wm = &w[w_off..w_off + s.w_len()];
-        let direct = is_pointwise(s);
+        let nb = conv_group(s);
+        let pointwise = s.k == 1 && s.stride == 1 && s.pad == 0;
         y[..s.y_len()]
-            .par_chunks_mut(s.cout * hwo)
-            .zip(x[..s.x_len()].par_chunks(xs))
-            .for_each_init(
-                || {
-                    if direct {
-                        Vec::new()
-                    } else {
-                        vec![T::ZERO; ckk * hwo]
+            .par_chunks_mut(nb * ys)
+            .zip(x[..s.x_len()].par_chunks(nb * xs))
+            .for_each(|(yc, xc)| {
+                let m = xc.len() / xs;
+                let cols = m * hwo;
+                let mut col = Vec::new();
+                let b: &[T] = if m == 1 && pointwise {
+                    xc
+                } else {
+                    col.resize(ckk * cols, T::ZERO);
+                    for i in 0..m {
+                        im2col(s, &xc[i * xs..(i + 1) * xs], &mut col, cols, i * hwo);
                     }
-                },
-                |col, (yn, xn)| {
-                    let b: &[T] = if direct {
-                        xn
-                    } else {
-                        im2col(s, xn, col);
-                        col
-                    };
+                    &col
+                };
+                if m == 1 {
                     gemm(
                         s.cout,
                         ckk,
-                        hwo,
+                        cols,
                         T::from_f64(1.0),
                         wm,
                         (ckk, 1),
                         b,
-                        (hwo, 1),
+                        (cols, 1),
                         T::ZERO,
-                        yn,
-                        (hwo, 1),
+                        yc,
+                        (cols, 1),
                     );
-                },
-            );
+                    return;
+                }
+                let mut yt = vec![T::ZERO; s.cout * cols];
+                gemm(
+                    s.cout,
+                    ckk,
+                    cols,
+                    T::from_f64(1.0),
+                    wm,
+                    (ckk, 1),
+                    b,
+                    (cols, 1),
+                    T::ZERO,
+                    &mut yt,
+                    (cols, 1),
+                );
+                for i in 0..m {
+                    for co in 0..s.cout {
+                        yc[(i * s.cout + co) * hwo..][..hwo]
+                            .copy_from_slice(&yt[co * cols + i * hwo..][..hwo]);
+                    }
+                }
+            });
         Ok(())
     }
 
-    // dw += sum_n dy_n col_n^T  (Cout x HoWo . HoWo x CinKK), over fixed sample chunks whose
-    // partials are summed in chunk order; dx_n = col2im(w^T dy_n).
+    // Fixed chunks of samples (by batch size) each own a dW partial; inside a chunk, per
+    // group of m samples: dYt = dy gathered to Cout x m HoWo, partial += dYt col^T
+    // (Cout x CinKK), dcol = w^T dYt, dx = col2im(dcol). Partials are summed in order.
     fn conv2d_backward(
         &self,
         s: &ConvShape,
@@ -400,80 +467,73 @@ impl<T: Scalar> Backend for Cpu<T> {
             s.cin * s.k * s.k,
         );
         let wm = &w[w_off..w_off + s.w_len()];
-        let direct = is_pointwise(s);
         let chunk = conv_chunk(s.n);
         let nchunks = s.n.div_ceil(chunk);
+        let nb = conv_group(s).min(chunk);
         let one = T::from_f64(1.0);
+        // One partial per chunk of samples; inside a chunk, GEMMs over groups of nb samples
+        // accumulate into it in order.
         let work = |ci: usize, part: &mut Vec<T>, mut dxc: Option<&mut [T]>| {
             *part = vec![T::ZERO; s.w_len()];
-            let mut col = if direct {
-                Vec::new()
-            } else {
-                vec![T::ZERO; ckk * hwo]
-            };
-            let mut dcol = if direct {
-                Vec::new()
-            } else {
-                vec![T::ZERO; ckk * hwo]
-            };
-            let n0 = ci * chunk;
-            let n1 = (n0 + chunk).min(s.n);
-            for n in n0..n1 {
-                let xn = &x[n * xs..(n + 1) * xs];
-                let dyn_ = &dy[n * ys..(n + 1) * ys];
-                let b: &[T] = if direct {
-                    xn
+            let c0 = ci * chunk;
+            let c1 = (c0 + chunk).min(s.n);
+            let mut col = Vec::new();
+            let mut dyt_buf = Vec::new();
+            for n0 in (c0..c1).step_by(nb) {
+                let m = nb.min(c1 - n0);
+                let cols = m * hwo;
+                col.resize(ckk * cols, T::ZERO);
+                for i in 0..m {
+                    let xn = &x[(n0 + i) * xs..(n0 + i + 1) * xs];
+                    im2col(s, xn, &mut col, cols, i * hwo);
+                }
+                let dyc = &dy[n0 * ys..(n0 + m) * ys];
+                let dyt: &[T] = if m == 1 {
+                    dyc
                 } else {
-                    im2col(s, xn, &mut col);
-                    &col
+                    dyt_buf.resize(s.cout * cols, T::ZERO);
+                    for i in 0..m {
+                        for co in 0..s.cout {
+                            dyt_buf[co * cols + i * hwo..][..hwo]
+                                .copy_from_slice(&dyc[(i * s.cout + co) * hwo..][..hwo]);
+                        }
+                    }
+                    &dyt_buf
                 };
-                // part (Cout x CinKK) += dy_n (Cout x HoWo) . col^T (HoWo x CinKK)
+                // part (Cout x CinKK) += dYt (Cout x cols) . col^T (cols x CinKK)
                 gemm(
                     s.cout,
-                    hwo,
+                    cols,
                     ckk,
                     one,
-                    dyn_,
-                    (hwo, 1),
-                    b,
-                    (1, hwo),
+                    dyt,
+                    (cols, 1),
+                    &col,
+                    (1, cols),
                     one,
                     part,
                     (ckk, 1),
                 );
                 if let Some(dxc) = dxc.as_deref_mut() {
-                    let dxn = &mut dxc[(n - n0) * xs..(n - n0 + 1) * xs];
-                    // dcol (CinKK x HoWo) = w^T (CinKK x Cout) . dy_n (Cout x HoWo)
-                    if direct {
-                        gemm(
-                            ckk,
-                            s.cout,
-                            hwo,
-                            one,
-                            wm,
-                            (1, ckk),
-                            dyn_,
-                            (hwo, 1),
-                            T::ZERO,
-                            dxn,
-                            (hwo, 1),
-                        );
-                    } else {
-                        gemm(
-                            ckk,
-                            s.cout,
-                            hwo,
-                            one,
-                            wm,
-                            (1, ckk),
-                            dyn_,
-                            (hwo, 1),
-                            T::ZERO,
-                            &mut dcol,
-                            (hwo, 1),
-                        );
+                    // dcol (CinKK x cols) = w^T (CinKK x Cout) . dYt (Cout x cols), into col.
+                    gemm(
+                        ckk,
+                        s.cout,
+                        cols,
+                        one,
+                        wm,
+                        (1, ckk),
+                        dyt,
+                        (cols, 1),
+                        T::ZERO,
+                        &mut col,
+                        (cols, 1),
+                    );
+                    for i in 0..m {
+                        let off = (n0 - c0 + i) * xs;
+                        let dxn = &mut dxc[off..off + xs];
                         dxn.fill(T::ZERO);
-                        col2im(s, &dcol, dxn);
+                        col2im(s, &col, cols, i * hwo, dxn);
                     }
                 }
             }
@@ -533,19 +593,22 @@ impl<T: Scalar> Backend for Cpu<T> {
             .map(|ch| {
                 (0..g)
                     .map(|b| {
-                        let planes = || {
-                            (b..s.n).step_by(g).flat_map(move |n| {
-                                x[(n * c + ch) * hw..(n * c + ch + 1) * hw].iter()
-                            })
-                        };
-                        let mu = f64_sum(planes().copied()) / m;
-                        let var = planes()
-                            .map(|&v| {
+                        let planes = (b..s.n)
+                            .step_by(g)
+                            .map(|n| &x[(n * c + ch) * hw..(n * c + ch + 1) * hw]);
+                        let mut sum = 0.0f64;
+                        for p in planes.clone() {
+                            sum += f64_sum(p.iter().copied());
+                        }
+                        let mu = sum / m;
+                        let mut sq = 0.0f64;
+                        for p in planes {
+                            for &v in p {
                                 let d = v.to_f64() - mu;
-                                d * d
-                            })
-                            .sum::<f64>()
-                            / m;
+                                sq += d * d;
+                            }
+                        }
+                        let var = sq / m;
                         (mu, var)
                     })
                     .collect()
@@ -573,11 +636,13 @@ impl<T: Scalar> Backend for Cpu<T> {
             .for_each(|(p, (yp, xp))| {
                 let (n, ch) = (p / c, p % c);
                 let b = n % g;
-                let scale = params[off.gamma + ch].to_f64() * invstd[b * c + ch].to_f64();
-                let shift = params[off.beta + ch].to_f64() - mean[b * c + ch].to_f64() * scale;
-                let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
+                // y = (x - mean) scale + beta: centering first keeps the precision of values
+                // near the mean (x scale + shift would cancel there).
+                let scale =
+                    T::from_f64(params[off.gamma + ch].to_f64() * invstd[b * c + ch].to_f64());
+                let (mu, beta) = (mean[b * c + ch], params[off.beta + ch]);
                 for (yv, &xv) in yp.iter_mut().zip(xp) {
-                    *yv = xv * scale + shift;
+                    *yv = (xv - mu) * scale + beta;
                 }
             });
         Ok(())
@@ -602,12 +667,10 @@ impl<T: Scalar> Backend for Cpu<T> {
             .for_each(|(p, (yp, xp))| {
                 let ch = p % c;
                 let inv = 1.0 / (running[off.var + ch].to_f64() + hp.eps).sqrt();
-                let scale = params[off.gamma + ch].to_f64() * inv;
-                let shift =
-                    params[off.beta + ch].to_f64() - running[off.mean + ch].to_f64() * scale;
-                let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
+                let scale = T::from_f64(params[off.gamma + ch].to_f64() * inv);
+                let (mu, beta) = (running[off.mean + ch], params[off.beta + ch]);
                 for (yv, &xv) in yp.iter_mut().zip(xp) {
-                    *yv = xv * scale + shift;
+                    *yv = (xv - mu) * scale + beta;
                 }
             });
         Ok(())
@@ -674,16 +737,15 @@ impl<T: Scalar> Backend for Cpu<T> {
                 let (n, ch) = (p / c, p % c);
                 let b = n % g;
                 let (sdy, sdx) = sums[ch][b];
-                let mu = mean[b * c + ch].to_f64();
                 let is = invstd[b * c + ch].to_f64();
                 let a = params[off.gamma + ch].to_f64() * is;
-                // dx = a dy + c1 x + c0
-                let c1 = -a * is * sdx / m;
-                let c0 = -a * sdy / m - c1 * mu;
-                let (a, c1, c0) = (T::from_f64(a), T::from_f64(c1), T::from_f64(c0));
+                // dx = a (dy - sdy / M) + k (x - mean), with x - mean formed first.
+                let k = T::from_f64(-a * is * sdx / m);
+                let c0 = T::from_f64(-a * sdy / m);
+                let (a, mu) = (T::from_f64(a), mean[b * c + ch]);
                 let r = p * hw..(p + 1) * hw;
                 for ((d, &xv), &dv) in dxp.iter_mut().zip(&x[r.clone()]).zip(&dy[r]) {
-                    *d = a * dv + c1 * xv + c0;
+                    *d = a * dv + c0 + k * (xv - mu);
                 }
             });
         Ok(())

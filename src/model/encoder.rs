@@ -438,6 +438,20 @@ impl<B: Backend> Encoder<B> {
     pub fn bn_params(&self) -> BnParams {
         self.bn
     }
+    /// Copies `other`'s parameters into this encoder (MoCo's `param_k.data.copy_(param_q)`
+    /// at start-up). BatchNorm running statistics are not copied: each encoder keeps its
+    /// own, as in the reference. Errors, changing nothing, when the configs differ.
+    pub fn copy_params_from(&mut self, other: &Encoder<B>) -> Result<()> {
+        if self.cfg != other.cfg {
+            return Err(Error::invalid(format!(
+                "copy_params_from: encoders differ ({:?} vs {:?})",
+                self.cfg, other.cfg
+            )));
+        }
+        self.params = self.backend.copy(&other.params)?;
+        Ok(())
+    }
+
     /// Zeroes the gradient buffer.
     pub fn zero_grad(&mut self) -> Result<()> {
         self.backend.fill_zero(&mut self.grads)
@@ -648,9 +662,12 @@ impl<B: Backend> Encoder<B> {
                 shape.n
             )));
         }
+        let groups = if train { bn_splits } else { 1 };
+        // Validate every layer's shape first, so a bad input changes nothing (no running
+        // statistics updated by the layers before the one that fails).
+        self.check_shapes(shape, train, groups)?;
         let be = self.backend.clone();
         let n = shape.n;
-        let groups = if train { bn_splits } else { 1 };
         let input = Act::<B> {
             buf: Arc::new(be.copy(x)?),
             c: shape.c,
@@ -735,6 +752,35 @@ impl<B: Backend> Encoder<B> {
             hidden,
         });
         Ok((out, cache))
+    }
+
+    /// Walks the network's shapes without computing anything.
+    fn check_shapes(&self, shape: InputShape, train: bool, groups: usize) -> Result<()> {
+        let n = shape.n;
+        let conv = |c: &Conv, hw: (usize, usize)| -> Result<(usize, usize)> {
+            let s = ConvShape::new(n, c.cin, hw, c.cout, c.k, c.stride, c.pad)?;
+            Ok((s.ho, s.wo))
+        };
+        let bn = |b: &Bn, hw: (usize, usize)| BnShape::new(n, b.c, hw.0 * hw.1, groups, train);
+        let mut hw = conv(&self.net.conv1, (shape.h, shape.w))?;
+        bn(&self.net.bn1, hw)?;
+        if self.net.maxpool {
+            let p = PoolShape::new(n * self.net.conv1.cout, hw, 3, 2, 1)?;
+            hw = (p.ho, p.wo);
+        }
+        for b in &self.net.blocks {
+            let mut cur = hw;
+            for (c, nb) in &b.stages {
+                cur = conv(c, cur)?;
+                bn(nb, cur)?;
+            }
+            if let Some((c, nb)) = &b.down {
+                let d = conv(c, hw)?;
+                bn(nb, d)?;
+            }
+            hw = cur;
+        }
+        Ok(())
     }
 
     fn conv_forward(&self, n: usize, conv: &Conv, x: &Act<B>) -> Result<(Act<B>, ConvCache<B>)> {

@@ -10,6 +10,32 @@
 //!   (accumulating into the gradient buffer), backbone features, state-dict export/import.
 //! * [`reference`]: plain-loop f64 reference of every layer, for tests.
 //!
+//! One training step of a MoCo query encoder on the CPU (the CUDA backend,
+//! [`Cuda`](crate::backend::Cuda), takes the same calls with `CudaSlice<f32>` buffers):
+//!
+//! ```
+//! use moco::backend::{Backend, Cpu};
+//! use moco::model::{Arch, Encoder, EncoderConfig, InputShape};
+//! use moco::optim::Sgd;
+//!
+//! let be = Cpu::<f32>::new();
+//! let cfg = EncoderConfig { arch: Arch::Resnet8, in_channels: 1, dim: 16, mlp: true };
+//! let mut enc = Encoder::new(be, cfg, 42)?;
+//! let mut opt = Sgd::new(be, enc.table().num_params(), 0.9, 5e-4)?;
+//! let shape = InputShape::new(8, 1, 12, 12);
+//! let x = moco::testing::normal(shape.len(), 1);
+//! enc.zero_grad()?;
+//! let q = enc.forward(&x, shape, true, 2)?; // 8 x 16 features, BatchNorm in 2 splits
+//! assert_eq!(q.len(), 8 * 16);
+//! let dq = vec![0.01f32; q.len()]; // from the loss
+//! enc.backward(&dq)?; // accumulates into enc.grads()
+//! let (params, grads) = enc.params_and_grads();
+//! opt.step(params, grads, 0.06)?;
+//! let feats = enc.features(&x, shape)?; // backbone features for kNN / linear eval
+//! assert_eq!(feats.len(), 8 * 64);
+//! # Ok::<(), moco::Error>(())
+//! ```
+//!
 //! CIFAR ResNets (`resnet8`, `resnet20`) follow He et al. 2016 (3 stages of n BasicBlocks,
 //! widths 16/32/64) with torchvision-style projection shortcuts (1x1 conv + BatchNorm, named
 //! `layerX.0.downsample.{0,1}`) where the shape changes, so all variants share one naming

@@ -134,12 +134,16 @@ impl LrSchedule {
         match &self.decay {
             Decay::Constant => self.base_lr,
             Decay::Cosine { per_step } => {
+                // Saturating: an unvalidated schedule (warmup >= epochs) never panics.
                 let (t, total) = if *per_step {
-                    ((step - warm) as f64, (self.epochs * spe - warm) as f64)
+                    (
+                        step.saturating_sub(warm) as f64,
+                        (self.epochs * spe).saturating_sub(warm) as f64,
+                    )
                 } else {
                     (
-                        (epoch - self.warmup_epochs) as f64,
-                        (self.epochs - self.warmup_epochs) as f64,
+                        epoch.saturating_sub(self.warmup_epochs) as f64,
+                        self.epochs.saturating_sub(self.warmup_epochs) as f64,
                     )
                 };
                 let t = (t / total.max(1.0)).min(1.0);
