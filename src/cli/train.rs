@@ -55,10 +55,10 @@ pub struct TrainArgs {
     /// Augmentation: v1, v2 (with blur), cifar (v2 without blur). [demo: cifar]
     #[arg(long)]
     pub augment: Option<String>,
-    /// Epochs. [demo: 8, others 200]
+    /// Epochs. [demo: 15, others 200]
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Images per step. [demo: 128, v1/v2 256, cifar 512]
+    /// Images per step. [demo: 64, v1/v2 256, cifar 512]
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Base learning rate. [demo/cifar: 0.06, v1/v2 0.03]

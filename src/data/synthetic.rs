@@ -12,8 +12,8 @@
 //!
 //! Nuisances, drawn per image: shape centre (0.3 - 0.7 of the side), half-extent
 //! (0.22 - 0.42 of the side), rotation (+-15 degrees, so orientation classes stay apart),
-//! stripe frequency and phase, foreground and background colours (uniform RGB, redrawn until
-//! their luma differs by at least 0.3 so the shape also shows after grayscale), a linear
+//! stripe frequency and phase, foreground and background colours (one of four palette pairs,
+//! slightly perturbed, with a luma gap so the shape also shows after grayscale), a linear
 //! background gradient (random direction, amplitude up to 0.15) and Gaussian pixel noise
 //! (sigma 0.01 - 0.06). Edges are anti-aliased by 2x2 supersampling.
 //!
@@ -118,21 +118,26 @@ fn luma(c: [f32; 3]) -> f32 {
     0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
 }
 
+/// (background, foreground) colour pairs of the synthetic images.
+const PALETTE: [([f32; 3], [f32; 3]); 4] = [
+    ([0.1, 0.1, 0.1], [0.9, 0.9, 0.9]),
+    ([0.9, 0.9, 0.85], [0.15, 0.15, 0.2]),
+    ([0.1, 0.15, 0.45], [0.95, 0.85, 0.3]),
+    ([0.45, 0.1, 0.1], [0.5, 0.95, 0.9]),
+];
+
 /// Draws one image of class `class` into `out` (CHW, 3 x s x s).
 fn draw(out: &mut [u8], s: usize, class: usize, rng: &mut ChaCha8Rng) {
     let sf = s as f32;
-    // Colours with a luma gap of at least 0.3.
-    let mut bg = [0.0f32; 3];
-    let mut fg = [0.0f32; 3];
-    for _ in 0..64 {
-        bg = [rng.random(), rng.random(), rng.random()];
-        fg = [rng.random(), rng.random(), rng.random()];
-        if (luma(fg) - luma(bg)).abs() >= 0.3 {
-            break;
-        }
-    }
-    if (luma(fg) - luma(bg)).abs() < 0.3 {
-        fg = if luma(bg) < 0.5 { [1.0; 3] } else { [0.0; 3] };
+    // Colours from a small palette of (background, foreground) pairs, slightly perturbed.
+    // Few palettes on purpose: if every image had its own colours, two views of an image
+    // could be matched by colour alone and a contrastive encoder would learn colour (which
+    // says nothing about the class) instead of shape. Every pair keeps a luma gap >= 0.3
+    // so the shape survives grayscale.
+    let (mut bg, mut fg) = PALETTE[rng.random_range(0..PALETTE.len())];
+    for c in 0..3 {
+        bg[c] = (bg[c] + rng.random_range(-0.05f32..0.05)).clamp(0.0, 1.0);
+        fg[c] = (fg[c] + rng.random_range(-0.05f32..0.05)).clamp(0.0, 1.0);
     }
     let grad_angle: f32 = rng.random_range(0.0..std::f32::consts::TAU);
     let grad_amp: f32 = rng.random_range(0.0..0.15);

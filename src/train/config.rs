@@ -96,8 +96,8 @@ impl Default for TrainConfig {
             mlp: true,
             dim: 64,
             augment: "cifar".into(),
-            epochs: 8,
-            batch_size: 128,
+            epochs: 15,
+            batch_size: 64,
             lr: 0.06,
             schedule: "cosine".into(),
             milestones: vec![],
@@ -124,7 +124,8 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// The named preset:
     ///
-    /// * `demo` (the default): resnet8 on the synthetic set, MLP head, K = 2048, 8 epochs.
+    /// * `demo` (the default): resnet8 on the synthetic set, MLP head, K = 2048, batch 64,
+    ///   15 epochs: a few minutes on two CPU cores.
     /// * `v1`: MoCo v1 (He et al.): ResNet-50, linear head, K = 65536, m = 0.999,
     ///   T = 0.07, lr 0.03, wd 1e-4, 200 epochs, lr x0.1 at 120 and 160, batch 256.
     /// * `v2`: MoCo v2: as v1 with an MLP head, T = 0.2, blur augmentation, cosine schedule.
