@@ -69,3 +69,29 @@ pub fn test_gpu() -> crate::cuda::Gpu {
         Err(e) => panic!("this test needs a CUDA GPU: {e}"),
     }
 }
+
+/// Like [`assert_close`], for references that may be zero up to rounding: the max-abs bound
+/// always applies, the relative bound only when the reference's 2-norm exceeds
+/// `abs_tol * sqrt(n)` (the relative error of a vector that is analytically zero, such as
+/// the input gradient of a BatchNorm group of two samples, measures nothing but rounding).
+#[track_caller]
+pub fn assert_close_or_zero(
+    what: &str,
+    out: &[f32],
+    reference: &[f32],
+    rel_tol: f64,
+    abs_tol: f64,
+) {
+    let (rel, max_abs) = rel_err(out, reference);
+    let norm = reference
+        .iter()
+        .map(|&v| (v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let tiny = norm <= abs_tol * (reference.len().max(1) as f64).sqrt();
+    assert!(
+        max_abs <= abs_tol && (tiny || rel <= rel_tol),
+        "{what}: rel err {rel:.3e} (tol {rel_tol:.1e}), max abs {max_abs:.3e} (tol {abs_tol:.1e}), ref norm {norm:.3e}, n = {}",
+        out.len()
+    );
+}

@@ -148,7 +148,16 @@ fn batchnorm_matches_cpu() {
         let mut grg = up(&g, &vec![0.25; params.len()]);
         g.bn_backward_train(&s, &xg, &pg, off, &mg, &ig, &dyg, &mut dxg, &mut grg)
             .unwrap();
-        assert_close(&format!("{what} dx"), &down(&g, &dxg), &dx, 1e-5, 1e-4);
+        // With two samples per group the BatchNorm output is +-gamma + beta whatever x is,
+        // so dx is zero up to rounding: compare by max-abs there (first H200 run: rel 5.7e-3,
+        // max abs 1.3e-7 for n = 8, groups = 4).
+        moco::testing::assert_close_or_zero(
+            &format!("{what} dx"),
+            &down(&g, &dxg),
+            &dx,
+            1e-5,
+            1e-4,
+        );
         assert_close(
             &format!("{what} dgamma dbeta"),
             &down(&g, &grg),
@@ -329,12 +338,16 @@ fn whole(arch: Arch, mlp: bool, n: usize, cin: usize, size: usize, splits: usize
         let (gg, gc) = (down(&g, eg.grads()), ec.grads().clone());
         for e in ec.table().params() {
             let r = e.offset..e.offset + e.len;
+            // 1e-2 relative (ReLU flips, see the module docs) and, per element, 5% of the
+            // tensor's largest gradient: a fixed 1.0 failed on resnet50's conv1.weight on
+            // the H200 (rel 6.9e-3, max abs 4.8) where gradients are in the hundreds.
+            let scale = gc[r.clone()].iter().fold(0.0f32, |a, &b| a.max(b.abs())) as f64;
             assert_close(
                 &format!("{what} grad {}", e.name),
                 &gg[r.clone()],
                 &gc[r],
                 1e-2,
-                1.0,
+                (5e-2 * scale).max(1e-4),
             );
         }
         // Inference mode and backbone features.

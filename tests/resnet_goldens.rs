@@ -166,15 +166,26 @@ fn run_case(c: &Case) {
             .unwrap_or_else(|| panic!("{name}: golden {kind} {step} {key:?} missing"));
         nums(&l[if key.is_some() { 3 } else { 2 }..])
     };
-    let tol = 1e-9;
+    // f64 on both sides.
+    let tol0 = 1e-9;
+    // The optimizer takes lr, momentum and weight decay as f32 whatever the backend's
+    // scalar: 0.1f32 = 0.10000000149, a relative change of 1.5e-8 in the update, which the
+    // first comparison with the goldens showed (1.2e-8 on bn1.bias after the step).
+    // Two steps with momentum compound it through the network (1.1e-7 measured on the
+    // inference-mode output after step 2), hence 1e-6 after the first step.
+    let tol_after_sgd = 1e-6;
     let index: HashMap<&str, usize> = table
         .entries()
         .iter()
         .enumerate()
         .map(|(k, e)| (e.name.as_str(), k))
         .collect();
+    let mut tol = tol0;
     for step in 0..2 {
         let s = step.to_string();
+        if step > 0 {
+            tol = tol_after_sgd; // the parameters now carry the f32 learning-rate rounding
+        }
         enc.zero_grad().unwrap();
         let y = enc.forward(&x, shape, true, splits).unwrap();
         close(
@@ -230,7 +241,7 @@ fn run_case(c: &Case) {
                 &format!("{name} {} after SGD step {step}", e.name),
                 &summary(v, k as u64),
                 &want,
-                tol,
+                tol_after_sgd,
             );
         }
     }

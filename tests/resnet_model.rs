@@ -329,19 +329,23 @@ fn state_dict_round_trip() {
 
 #[test]
 fn cli_info_prints_parameter_counts() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moco"))
-        .args(["info", "--arch", "resnet18", "--dim", "1000", "--verbose"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(
+        std::env::var("MOCO_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_moco").to_string()),
+    )
+    .args(["info", "--arch", "resnet18", "--dim", "1000", "--verbose"])
+    .output()
+    .unwrap();
     assert!(out.status.success());
     let s = String::from_utf8(out.stdout).unwrap();
     assert!(s.contains("backbone_params: 11176512\n"), "{s}");
     assert!(s.contains("head_params: 513000\n"), "{s}");
     assert!(s.contains("layer1.0.bn2.running_var [64] buffer\n"), "{s}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moco"))
-        .args(["info", "--arch", "resnet9"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(
+        std::env::var("MOCO_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_moco").to_string()),
+    )
+    .args(["info", "--arch", "resnet9"])
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown architecture"));
 }

@@ -139,6 +139,7 @@ fn draw(out: &mut [u8], s: usize, class: usize, rng: &mut ChaCha8Rng) {
         bg[c] = (bg[c] + rng.random_range(-0.05f32..0.05)).clamp(0.0, 1.0);
         fg[c] = (fg[c] + rng.random_range(-0.05f32..0.05)).clamp(0.0, 1.0);
     }
+    debug_assert!((luma(fg) - luma(bg)).abs() >= 0.3);
     let grad_angle: f32 = rng.random_range(0.0..std::f32::consts::TAU);
     let grad_amp: f32 = rng.random_range(0.0..0.15);
     let (gx, gy) = (grad_angle.cos() * grad_amp, grad_angle.sin() * grad_amp);
