@@ -208,3 +208,30 @@ fn config_files_round_trip_and_reject_unknown_keys() {
         .contains("epochz"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn nan_loss_stops_with_an_error_and_keeps_the_checkpoint() {
+    let dir = tmpdir("nan");
+    let mut t = Trainer::new(TrainConfig { lr: 1e30, ..tiny() }, Cpu::new()).unwrap();
+    t.save_checkpoint(&dir).unwrap();
+    let before = std::fs::read(dir.join(moco::train::CHECKPOINT_FILE)).unwrap();
+    let stop = AtomicBool::new(false);
+    let mut err = None;
+    for _ in 0..3 {
+        match t.train_epoch(&stop, &mut |_| {}) {
+            Ok(_) => {
+                t.finish_epoch();
+            }
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let e = err.expect("a learning rate of 1e30 must diverge");
+    assert!(matches!(e, moco::Error::Diverged(_)), "{e}");
+    assert!(e.to_string().contains("--lr"), "{e}");
+    let after = std::fs::read(dir.join(moco::train::CHECKPOINT_FILE)).unwrap();
+    assert_eq!(before, after, "the last good checkpoint is untouched");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
