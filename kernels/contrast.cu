@@ -14,6 +14,13 @@
 // shared memory, keeps an online (max, sum) per row and the running sum_j p_j queue_j, and
 // writes one partial per (split, row); `moco_infonce_combine` merges the partials with the
 // positive and back-propagates through the normalization. FLOPs: 4 N K C (two GEMMs).
+//
+// Performance (H200, N=256 C=128 K=65536): 281 us = 30.6 TFLOP/s, 46% of fp32 FMA peak, 2.16x
+// the FLOP floor. Likely limiter: shared-memory bandwidth. Each thread's 4x4 register tile
+// issues 8 LDS.128 per 64 FFMA in the logits loop and 12 per 128 in the P.V loop, and an SM
+// serves one 128-byte wavefront per clock against four warp-FFMAs. Next steps: larger
+// register tiles (8x4 / 8x8 per thread), cp.async double buffering of the queue tiles, and
+// (as an option, not the fp32 default) TF32/bf16 mma for both products.
 #include "common.cuh"
 
 #define MOCO_NEG_INF (-__int_as_float(0x7f800000))
