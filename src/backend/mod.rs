@@ -10,7 +10,7 @@
 //!   **accumulated** (`+=`), so several backward passes can add into one gradient buffer;
 //! * shapes are validated by the caller-facing shape constructors ([`ConvShape::new`], ...)
 //!   and every backend checks buffer lengths before touching memory, returning
-//!   [`Error::InvalidArgument`](crate::Error::InvalidArgument) instead of panicking.
+//!   [`Error::InvalidArgument`] instead of panicking.
 use crate::error::{Error, Result};
 
 pub mod cpu;

@@ -8,7 +8,7 @@
 //!   gradients in another of the same layout, BatchNorm running statistics in a third.
 //! * [`Encoder`]: forward (training or inference mode, split BatchNorm), backward
 //!   (accumulating into the gradient buffer), backbone features, state-dict export/import.
-//! * [`reference`]: plain-loop f64 reference of every layer, for tests.
+//! * [`reference`](mod@reference): plain-loop f64 reference of every layer, for tests.
 //!
 //! One training step of a MoCo query encoder on the CPU (the CUDA backend,
 //! [`Cuda`](crate::backend::Cuda), takes the same calls with `CudaSlice<f32>` buffers):
