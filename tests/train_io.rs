@@ -254,7 +254,7 @@ fn checkpoint_garbage_and_missing_files_are_errors() {
 /// Writes a safetensors file by hand from a JSON header and data bytes.
 fn write_raw(path: &Path, header: serde_json::Value, data: &[u8]) {
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();

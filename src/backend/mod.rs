@@ -120,7 +120,7 @@ impl BnShape {
                 "batchnorm: empty input (n={n}, c={c}, hw={hw})"
             )));
         }
-        if groups == 0 || n % groups != 0 {
+        if groups == 0 || !n.is_multiple_of(groups) {
             return Err(Error::invalid(format!(
                 "batchnorm: bn_splits = {groups} must divide the batch size {n}"
             )));

@@ -114,7 +114,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     cfg.mlp = a.mlp;
     cfg.workers = a.workers;
     cfg.infonce = a.infonce.clone();
-    cfg.bn_splits = if a.batch_size % 8 == 0 { 8 } else { 1 };
+    cfg.bn_splits = if a.batch_size.is_multiple_of(8) { 8 } else { 1 };
     cfg.epochs = 1;
     cfg.device = a.device.clone();
     cfg.validate()?;

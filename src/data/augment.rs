@@ -593,7 +593,7 @@ pub fn color_jitter<R: Rng + ?Sized>(
 /// Odd blur kernel size of about 10% of the image side (23 at 224, 3 at 32), at least 3.
 pub fn blur_kernel_size(side: usize) -> usize {
     let k = ((side as f64) * 0.1).round() as usize;
-    (if k % 2 == 0 { k + 1 } else { k }).max(3)
+    (if k.is_multiple_of(2) { k + 1 } else { k }).max(3)
 }
 
 /// Index into `0..n` with reflect padding (`-1 -> 1`, `n -> n - 2`), for any overshoot.

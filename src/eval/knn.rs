@@ -106,7 +106,7 @@ fn check(
             m * dim
         )));
     }
-    if queries.len() % dim != 0 {
+    if !queries.len().is_multiple_of(dim) {
         return Err(Error::invalid(format!(
             "kNN: {} query floats is not a multiple of the dimension {dim}",
             queries.len()

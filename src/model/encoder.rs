@@ -656,7 +656,7 @@ impl<B: Backend> Encoder<B> {
                 shape
             )));
         }
-        if train && (bn_splits == 0 || shape.n % bn_splits != 0) {
+        if train && (bn_splits == 0 || !shape.n.is_multiple_of(bn_splits)) {
             return Err(Error::invalid(format!(
                 "bn_splits = {bn_splits} must divide the batch size {}",
                 shape.n

@@ -24,7 +24,7 @@ fn check_enqueue(
             "queue has {queue_len} elements, expected K x C = {k} x {c}"
         )));
     }
-    if keys_len % c != 0 {
+    if !keys_len.is_multiple_of(c) {
         return Err(Error::invalid(format!(
             "keys have {keys_len} elements, not a multiple of C = {c}"
         )));

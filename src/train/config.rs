@@ -271,7 +271,7 @@ impl TrainConfig {
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return err(format!("--lr must be >= 0, got {}", self.lr));
         }
-        if self.bn_splits == 0 || self.batch_size % self.bn_splits != 0 {
+        if self.bn_splits == 0 || !self.batch_size.is_multiple_of(self.bn_splits) {
             return err(format!(
                 "--bn-splits ({}) must divide --batch-size ({})",
                 self.bn_splits, self.batch_size
