@@ -17,12 +17,6 @@ fn moco(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-fn tmpdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("moco-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
 const TINY: &[&str] = &[
     "--device",
     "cpu",
@@ -47,7 +41,8 @@ const TINY: &[&str] = &[
 
 #[test]
 fn train_resume_eval_export() {
-    let dir = tmpdir("run");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
     let d = dir.to_str().unwrap();
     let mut args = vec!["train", "--epochs", "1", "--out", d];
     args.extend_from_slice(TINY);
@@ -120,7 +115,6 @@ fn train_resume_eval_export() {
         qt.iter().find(|t| t.name == "queue").unwrap().shape,
         vec![8, 40]
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -21,13 +21,6 @@ fn tiny() -> TrainConfig {
     }
 }
 
-fn tmpdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("moco-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn snapshot(t: &Trainer<Cpu>) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, usize) {
     (
         t.encoder_q().params().clone(),
@@ -82,7 +75,9 @@ fn resume_is_bit_identical() {
         a.finish_epoch();
     }
     // Interrupted mid-epoch 1 (after 2 steps), checkpointed, resumed in a new trainer.
-    let dir = tmpdir("resume");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("resume");
+    std::fs::create_dir_all(&dir).unwrap();
     let mut b = Trainer::new(tiny(), Cpu::new()).unwrap();
     assert!(b.train_epoch(&stop, &mut |_| {}).unwrap());
     b.finish_epoch();
@@ -106,7 +101,6 @@ fn resume_is_bit_identical() {
         snapshot(&c),
         "resumed run diverged from the uninterrupted one"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -193,7 +187,9 @@ fn bad_configs_are_errors() {
 
 #[test]
 fn config_files_round_trip_and_reject_unknown_keys() {
-    let dir = tmpdir("config");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("config");
+    std::fs::create_dir_all(&dir).unwrap();
     let c = TrainConfig::preset("cifar").unwrap();
     let p = c.save(&dir).unwrap();
     assert_eq!(TrainConfig::load(&p).unwrap(), c);
@@ -206,12 +202,13 @@ fn config_files_round_trip_and_reject_unknown_keys() {
         .unwrap_err()
         .to_string()
         .contains("epochz"));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn nan_loss_stops_with_an_error_and_keeps_the_checkpoint() {
-    let dir = tmpdir("nan");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nan");
+    std::fs::create_dir_all(&dir).unwrap();
     let mut t = Trainer::new(TrainConfig { lr: 1e30, ..tiny() }, Cpu::new()).unwrap();
     t.save_checkpoint(&dir).unwrap();
     let before = std::fs::read(dir.join(moco::train::CHECKPOINT_FILE)).unwrap();
@@ -233,5 +230,4 @@ fn nan_loss_stops_with_an_error_and_keeps_the_checkpoint() {
     assert!(e.to_string().contains("--lr"), "{e}");
     let after = std::fs::read(dir.join(moco::train::CHECKPOINT_FILE)).unwrap();
     assert_eq!(before, after, "the last good checkpoint is untouched");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

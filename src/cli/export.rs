@@ -77,12 +77,8 @@ pub fn run(a: ExportArgs) -> Result<()> {
     if let Some(qpath) = &a.queue {
         let q = get("queue")?;
         let (k, c) = (cfg.moco_k, cfg.dim);
-        let mut ck = vec![0.0f32; k * c];
-        for i in 0..k {
-            for j in 0..c {
-                ck[j * k + i] = q.data[i * c + j];
-            }
-        }
+        let ck = moco::ops::Queue::from_parts(q.data.clone(), k, c, meta.queue_ptr, None)?
+            .to_pytorch_layout()?;
         let qt = vec![
             Tensor {
                 name: "queue".into(),

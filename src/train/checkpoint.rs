@@ -245,7 +245,7 @@ fn tmp_path(path: &Path) -> PathBuf {
 /// Writes `bytes` to `path` atomically: `<path>.tmp` is written and fsynced, renamed over
 /// `path`, and the directory is fsynced. On failure the temporary file is removed and an
 /// existing `path` is left as it was.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if path.file_name().is_none() {
         return Err(Error::invalid(format!(
             "{}: not a file path",

@@ -225,15 +225,6 @@ pub struct Trainer<B: MocoBackend> {
     sums: EpochSums,
 }
 
-fn mean_std(ds: &Dataset, dataset: &str) -> (Vec<f32>, Vec<f32>) {
-    // CIFAR: the usual constants (as the MoCo CIFAR demo); otherwise the data set's own.
-    if dataset.starts_with("cifar") && ds.channels == 3 {
-        (vec![0.4914, 0.4822, 0.4465], vec![0.2470, 0.2435, 0.2616])
-    } else {
-        ds.channel_stats()
-    }
-}
-
 impl<B: MocoBackend> Trainer<B> {
     /// A fresh run: opens the data, builds both encoders (the key encoder starts as a copy of
     /// the query encoder), the optimizer and the queue.
@@ -260,7 +251,10 @@ impl<B: MocoBackend> Trainer<B> {
                 cfg.batch_size
             )));
         }
-        let (mean, std) = mean_std(&train, &cfg.dataset);
+        // Every split is normalized with the training split's statistics, which the reader
+        // set (published constants for CIFAR and ImageNet-style folders, the data's own
+        // otherwise).
+        let (mean, std) = (train.mean.clone(), train.std.clone());
         let preset: Preset = cfg.augment.parse()?;
         let aug = Augment::preset(preset, cfg.image_size, &mean, &std)?;
         let eval_aug = Augment::eval(cfg.image_size, &mean, &std)?;
