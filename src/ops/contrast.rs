@@ -402,9 +402,6 @@ pub struct Contrast {
     gpu: Gpu,
     ws: Workspace,
     blas: Option<Arc<CudaBlas>>,
-    /// Padded widths (64, 128, 256) whose fused kernel already has its shared-memory limit
-    /// raised: a once-per-function driver call, kept off the per-step path.
-    smem_raised: Vec<usize>,
 }
 
 impl std::fmt::Debug for Contrast {
@@ -426,7 +423,6 @@ impl Contrast {
             gpu: gpu.clone(),
             ws: Workspace::default(),
             blas: None,
-            smem_raised: Vec::new(),
         }
     }
 
@@ -791,14 +787,11 @@ impl Contrast {
         let f = self.gpu.function("contrast", name)?;
         let smem =
             4 * (FUSED_ROWS * (cp + 4) + FUSED_KEYS * (cp + 4) + FUSED_ROWS * (FUSED_KEYS + 4));
-        if !self.smem_raised.contains(&cp) {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .call("cuFuncSetAttribute")?;
-            self.smem_raised.push(cp);
-        }
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .call("cuFuncSetAttribute")?;
         let cfg = LaunchConfig {
             grid_dim: (row_blocks as u32, splits as u32, 1),
             block_dim: (256, 1, 1),
