@@ -111,3 +111,14 @@ moco_col_sum_acc_f32(const float *__restrict__ dy, float *__restrict__ db, uint6
     for (uint64_t r = 0; r < rows; ++r) s += dy[r * cols + o];
     db[o] = (float)((double)db[o] + s);
 }
+
+// count[0] += the number of elements of x that are NaN or infinite (the trainer's per-step
+// state check). Each thread counts its share; only a thread that found one touches the
+// counter, so a healthy buffer costs one read pass and no atomics.
+extern "C" __global__ void __launch_bounds__(256)
+moco_count_nonfinite_f32(const float *__restrict__ x, uint64_t n, unsigned long long *__restrict__ count) {
+    unsigned long long bad = 0;
+    for (uint64_t i = moco_global_tid(); i < n; i += moco_grid_threads())
+        if (!isfinite(x[i])) ++bad;
+    if (bad) atomicAdd(count, bad);
+}

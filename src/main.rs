@@ -31,7 +31,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Train(a) => cli::train::run(*a),
+        Command::Train(a) => match cli::train::run(*a) {
+            Ok(cli::train::Outcome::Interrupted) => return ExitCode::from(130),
+            Ok(cli::train::Outcome::Done) => Ok(()),
+            Err(e) => Err(e),
+        },
         Command::Eval(c) => cli::eval::run(c),
         Command::Export(a) => cli::export::run(a),
         Command::Bench(a) => cli::bench::run(a),

@@ -132,6 +132,35 @@ impl Cuda {
         &self.gpu
     }
 
+    /// For each buffer, how many of its elements are NaN or infinite. One pass over each
+    /// buffer on the device and one small download (which waits for the stream).
+    pub fn count_non_finite(&self, bufs: &[&CudaSlice<f32>]) -> Result<Vec<u64>> {
+        if bufs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut counts = self.gpu.zeros::<u64>(bufs.len())?;
+        for (i, buf) in bufs.iter().enumerate() {
+            let n = buf.len() as u64;
+            if n == 0 {
+                continue;
+            }
+            let stream = self.gpu.stream();
+            let (xp, _gx) = buf.device_ptr(stream);
+            let mut slot = counts.slice_mut(i..i + 1);
+            let (cp, _gc) = slot.device_ptr_mut(stream);
+            launch!(
+                self.gpu,
+                "layers",
+                "moco_count_nonfinite_f32",
+                self.elementwise(n),
+                xp,
+                n,
+                cp
+            );
+        }
+        self.gpu.download(&counts)
+    }
+
     fn elementwise(&self, n: u64) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (self.gpu.grid_for(n, 1), 1, 1),

@@ -128,7 +128,18 @@ impl Job for EvalJob {
 /// Runs `moco eval ...`.
 pub fn run(cmd: EvalCommand) -> Result<()> {
     let (common, what) = match cmd {
-        EvalCommand::Knn(a) => (a.common, What::Knn { k: a.k, t: a.t }),
+        EvalCommand::Knn(a) => {
+            if a.k == 0 {
+                return Err(moco::Error::invalid("--k must be >= 1"));
+            }
+            if !(a.t.is_finite() && a.t > 0.0) {
+                return Err(moco::Error::invalid(format!(
+                    "--t must be a finite number > 0, got {}",
+                    a.t
+                )));
+            }
+            (a.common, What::Knn { k: a.k, t: a.t })
+        }
         EvalCommand::Linear(a) => (
             a.common,
             What::Linear(LinearConfig {

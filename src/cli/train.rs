@@ -110,7 +110,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue the run in RUN_DIR from its checkpoint (only --epochs, --device, --threads,
-    /// --workers and --quiet may change).
+    /// --workers and --quiet may be given with it; other flags are refused).
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
     /// No progress bars: one log line per epoch.
@@ -119,6 +119,32 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The flags given that `--resume` cannot honour (the run's config is fixed).
+    pub fn fixed_on_resume(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        macro_rules! given {
+            ($($f:ident => $flag:literal),*) => {$( if self.$f.is_some() { v.push($flag); } )*};
+        }
+        given!(preset => "--preset", config => "--config", dataset => "--dataset",
+               data => "--data", image_size => "--image-size", train_limit => "--train-limit",
+               test_limit => "--test-limit", arch => "--arch", dim => "--dim",
+               augment => "--augment", batch_size => "--batch-size", lr => "--lr",
+               schedule => "--schedule", warmup_epochs => "--warmup-epochs", wd => "--wd",
+               moco_k => "--moco-k", moco_m => "--moco-m", moco_t => "--moco-t",
+               bn_splits => "--bn-splits", seed => "--seed", knn_every => "--knn-every",
+               infonce => "--infonce", out => "--out");
+        for (on, flag) in [
+            (self.mlp, "--mlp"),
+            (self.no_mlp, "--no-mlp"),
+            (self.symmetric, "--symmetric"),
+        ] {
+            if on {
+                v.push(flag);
+            }
+        }
+        v
+    }
+
     /// The config: preset or file, then the flags.
     pub fn resolve(&self) -> Result<TrainConfig> {
         let mut c = match (&self.config, &self.preset) {
@@ -165,6 +191,15 @@ impl TrainArgs {
     }
 }
 
+/// How `moco train` ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every epoch ran.
+    Done,
+    /// Stopped by Ctrl-C or SIGTERM after saving a checkpoint (exit status 130).
+    Interrupted,
+}
+
 struct TrainJob {
     cfg: TrainConfig,
     dir: PathBuf,
@@ -179,8 +214,8 @@ fn fmt_pct(x: Option<f64>) -> String {
 }
 
 impl Job for TrainJob {
-    type Out = ();
-    fn run<B: MocoBackend>(self, be: B) -> Result<()> {
+    type Out = Outcome;
+    fn run<B: MocoBackend>(self, be: B) -> Result<Outcome> {
         let name = be.name();
         let mut t = if self.resume {
             Trainer::resume(&self.dir, Some(self.cfg.clone()), be)?
@@ -188,6 +223,9 @@ impl Job for TrainJob {
             Trainer::new(self.cfg.clone(), be)?
         };
         let cfg = t.config().clone();
+        // Only a run that could start gets a directory.
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        cfg.save(&self.dir)?;
         eprintln!(
             "moco: {} on {} | {} {} dim {} mlp {} | K {} m {} T {} | batch {} lr {} | {} epochs x {} steps -> {}",
             cfg.dataset,
@@ -206,11 +244,17 @@ impl Job for TrainJob {
             self.dir.display()
         );
         let mut log = MetricsLog::open(&self.dir, self.resume, t.epoch() + 1)?;
+        let steps_path = self.dir.join(STEPS_FILE);
+        if self.resume {
+            // Steps after the checkpoint will run again: drop their lines.
+            trim_steps_log(&steps_path, t.global_step())?;
+        }
         let mut steps = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("steps.jsonl"))
-            .map_err(|e| Error::io(self.dir.join("steps.jsonl"), e))?;
+            .truncate(false)
+            .open(&steps_path)
+            .map_err(|e| Error::io(&steps_path, e))?;
         let plot = |log: &MetricsLog| {
             let _ = moco::train::plot::plot_metrics(
                 log.records(),
@@ -218,7 +262,8 @@ impl Job for TrainJob {
                 &format!("moco {} {}", cfg.arch, cfg.dataset),
             );
         };
-        if t.epoch() == 0 && t.step_in_epoch() == 0 {
+        let logged_epoch0 = log.records().iter().any(|r| r.epoch == 0);
+        if t.epoch() == 0 && t.step_in_epoch() == 0 && !logged_epoch0 {
             let t0 = Instant::now();
             let knn = t.knn_top1()?;
             let m = EpochMetrics {
@@ -254,7 +299,9 @@ impl Job for TrainJob {
                 b
             };
             let mut last = Instant::now();
+            let mut step = t.global_step();
             let done = t.train_epoch(&self.stop, &mut |s| {
+                step += 1;
                 let dt = last.elapsed().as_secs_f64().max(1e-9);
                 last = Instant::now();
                 let ips = s.images as f64 / dt;
@@ -268,7 +315,7 @@ impl Job for TrainJob {
                 bar.inc(1);
                 let _ = writeln!(
                     steps,
-                    "{{\"epoch\":{epoch},\"loss\":{},\"acc\":{},\"lr\":{},\"images_per_sec\":{ips:.1}}}",
+                    "{{\"step\":{step},\"epoch\":{epoch},\"loss\":{},\"acc\":{},\"lr\":{},\"images_per_sec\":{ips:.1}}}",
                     s.loss, s.accuracy, s.lr
                 );
             })?;
@@ -281,7 +328,7 @@ impl Job for TrainJob {
                     p.display(),
                     self.dir.display()
                 );
-                return Ok(());
+                return Ok(Outcome::Interrupted);
             }
             let sums = t.finish_epoch();
             let lr = cfg
@@ -315,7 +362,7 @@ impl Job for TrainJob {
                     "stopped after epoch {epoch}; continue with `moco train --resume {}`",
                     self.dir.display()
                 );
-                return Ok(());
+                return Ok(Outcome::Interrupted);
             }
         }
         let recs = log.records();
@@ -335,8 +382,39 @@ impl Job for TrainJob {
             cfg.epochs,
             self.dir.display()
         );
-        Ok(())
+        Ok(Outcome::Done)
     }
+}
+
+/// The per-step log in a run directory.
+pub const STEPS_FILE: &str = "steps.jsonl";
+
+/// Keeps the lines of `steps.jsonl` for steps `<= last_step` (a resumed run logs the later
+/// ones again), dropping a last line cut short by a crash. Lines without a step number
+/// (older runs) are kept. Rewritten atomically; a missing file is fine.
+pub fn trim_steps_log(path: &Path, last_step: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        if !line.ends_with('\n') {
+            break; // torn by a crash
+        }
+        let step = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+        match step {
+            Some(s) if s as usize > last_step => {}
+            _ => kept.push_str(line),
+        }
+    }
+    if kept.len() != text.len() {
+        moco::train::write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
 }
 
 fn default_out() -> PathBuf {
@@ -347,8 +425,9 @@ fn default_out() -> PathBuf {
     Path::new("runs").join(format!("run-{secs}"))
 }
 
-/// Runs `moco train`.
-pub fn run(args: TrainArgs) -> Result<()> {
+/// Runs `moco train`. Ctrl-C, SIGTERM or SIGHUP save a checkpoint after the current step
+/// and end with [`Outcome::Interrupted`] (exit status 130); a second one quits at once.
+pub fn run(args: TrainArgs) -> Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -356,10 +435,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
             if stop.swap(true, Ordering::Relaxed) {
                 std::process::exit(130);
             }
-            eprintln!("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit now)");
+            eprintln!(
+                "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)"
+            );
         });
     }
     let (cfg, dir, resume) = if let Some(dir) = &args.resume {
+        let fixed = args.fixed_on_resume();
+        if !fixed.is_empty() {
+            return Err(Error::invalid(format!(
+                "--resume continues the run with its saved config; {} cannot change (only --epochs, --device, --threads, --workers and --quiet may be given with --resume)",
+                fixed.join(", ")
+            )));
+        }
         let (meta, _) = Trainer::<moco::backend::Cpu>::read_checkpoint(dir)?;
         let mut cfg = meta.config;
         if let Some(e) = args.epochs {
@@ -389,8 +477,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (cfg, dir, false)
     };
     super::set_threads(cfg.threads)?;
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    cfg.save(&dir)?;
     let device = if cfg.device == "auto" {
         moco::Device::auto().to_string()
     } else {

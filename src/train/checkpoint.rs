@@ -22,6 +22,24 @@ use crate::error::{Error, Result};
 /// The key of the safetensors `__metadata__` map under which the JSON metadata is stored.
 pub const METADATA_KEY: &str = "moco";
 
+/// The key of the safetensors `__metadata__` map that holds the checksums: a JSON object
+/// `{"tensors": {name: crc32}, "metadata": crc32}` with each CRC-32 (IEEE) as 8 lowercase
+/// hex digits, over a tensor's little-endian bytes and over the metadata's JSON string.
+pub const CHECKSUM_KEY: &str = "moco.crc32";
+
+/// CRC-32 of `bytes` as 8 lowercase hex digits.
+fn crc_hex(bytes: &[u8]) -> String {
+    format!("{:08x}", crc32fast::hash(bytes))
+}
+
+fn tensor_bytes(data: &[f32]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(data.len() * 4);
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    bytes
+}
+
 /// A named, dense, row-major `f32` tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
@@ -59,6 +77,20 @@ impl Tensor {
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
     }
 
+    /// The index and value of the first element that is NaN or infinite, if any.
+    ///
+    /// ```
+    /// use moco::train::checkpoint::Tensor;
+    /// let t = Tensor::new("w", vec![3], vec![1.0, f32::NAN, 2.0]).unwrap();
+    /// assert_eq!(t.first_non_finite().map(|(i, _)| i), Some(1));
+    /// ```
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        self.data
+            .iter()
+            .position(|v| !v.is_finite())
+            .map(|i| (i, self.data[i]))
+    }
+
     fn check(&self) -> Result<()> {
         if self.name.is_empty() {
             return Err(Error::invalid("tensor name is empty"));
@@ -90,11 +122,7 @@ impl View for F32View<'_> {
         &self.0.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        let mut bytes = Vec::with_capacity(self.0.data.len() * 4);
-        for v in &self.0.data {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        Cow::Owned(bytes)
+        Cow::Owned(tensor_bytes(&self.0.data))
     }
     fn data_len(&self) -> usize {
         self.0.data.len() * 4
@@ -110,7 +138,9 @@ impl View for F32View<'_> {
 /// and a failed write removes the temporary file.
 ///
 /// In the file the tensors are ordered by name (safetensors' own rule); the metadata is
-/// stored as a JSON string under the key [`METADATA_KEY`] of `__metadata__`.
+/// stored as a JSON string under the key [`METADATA_KEY`] of `__metadata__`, and a CRC-32
+/// of every tensor and of the metadata under [`CHECKSUM_KEY`], which [`read_tensors`]
+/// verifies.
 ///
 /// ```
 /// use moco::train::checkpoint::{read_tensors, write_tensors, Tensor};
@@ -144,14 +174,20 @@ pub fn write_tensors(
             )));
         }
     }
-    let info = match meta {
-        Some(m) => {
-            let s = serde_json::to_string(m)
-                .map_err(|e| Error::invalid(format!("{}: metadata: {e}", path.display())))?;
-            Some(HashMap::from([(METADATA_KEY.to_string(), s)]))
-        }
-        None => None,
-    };
+    let mut info = HashMap::new();
+    let mut sums = serde_json::Map::new();
+    for t in tensors {
+        sums.insert(t.name.clone(), crc_hex(&tensor_bytes(&t.data)).into());
+    }
+    let mut checksums = serde_json::json!({ "tensors": sums });
+    if let Some(m) = meta {
+        let s = serde_json::to_string(m)
+            .map_err(|e| Error::invalid(format!("{}: metadata: {e}", path.display())))?;
+        checksums["metadata"] = crc_hex(s.as_bytes()).into();
+        info.insert(METADATA_KEY.to_string(), s);
+    }
+    info.insert(CHECKSUM_KEY.to_string(), checksums.to_string());
+    let info = Some(info);
     let bytes = safetensors::serialize(tensors.iter().map(|t| (t.name.as_str(), F32View(t))), info)
         .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
     write_atomic(path, &bytes)
@@ -172,9 +208,15 @@ fn strip_invalid(e: Error) -> String {
 /// [`METADATA_KEY`] in `__metadata__`, or `None` if there is none; other metadata keys are
 /// ignored.
 ///
+/// Integrity: when the file carries checksums ([`CHECKSUM_KEY`], as every file written by
+/// [`write_tensors`] does), every tensor and the metadata are verified against them; a
+/// file with moco metadata but no checksums is refused (moco always writes them). Files
+/// from elsewhere (no moco metadata, no checksums) are read as they are.
+///
 /// Errors (never panics), naming the file, when it is missing or unreadable
 /// ([`Error::Io`]), or truncated, corrupt, holds a non-`F32` tensor, a tensor whose byte
-/// length does not match its shape, or metadata that is not valid JSON ([`Error::Data`]).
+/// length does not match its shape, metadata that is not valid JSON, or a tensor or
+/// metadata that fails its checksum (naming the tensor) ([`Error::Data`]).
 ///
 /// ```
 /// use moco::train::checkpoint::read_tensors;
@@ -192,6 +234,56 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<Tensor>, Option<serde_json::Valu
         .map_err(|e| data_err(format!("not a valid safetensors file: {e}")))?;
     let (_, header) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| data_err(format!("not a valid safetensors file: {e}")))?;
+
+    let stored = header.metadata().as_ref();
+    let sums: Option<serde_json::Value> = match stored.and_then(|m| m.get(CHECKSUM_KEY)) {
+        Some(s) => Some(serde_json::from_str(s).map_err(|e| {
+            data_err(format!(
+                "checksums {CHECKSUM_KEY:?} are not valid JSON: {e}"
+            ))
+        })?),
+        None => None,
+    };
+    let meta_text = stored.and_then(|m| m.get(METADATA_KEY));
+    if sums.is_none() && meta_text.is_some() {
+        return Err(data_err(format!(
+            "the file has moco metadata but no checksums ({CHECKSUM_KEY:?}): it was not written whole by moco, or by an older moco that did not write checksums; it cannot be verified"
+        )));
+    }
+    let tensor_sum = |name: &str| -> Result<Option<&str>> {
+        match &sums {
+            None => Ok(None),
+            Some(s) => s
+                .get("tensors")
+                .and_then(|t| t.get(name))
+                .and_then(|v| v.as_str())
+                .map(Some)
+                .ok_or_else(|| data_err(format!("tensor {name:?} has no checksum"))),
+        }
+    };
+    if let (Some(s), Some(text)) = (&sums, meta_text) {
+        let want = s.get("metadata").and_then(|v| v.as_str());
+        let got = crc_hex(text.as_bytes());
+        if want != Some(got.as_str()) {
+            return Err(data_err(format!(
+                "the metadata fails its checksum (stored {}, computed {got}): the file is corrupt",
+                want.unwrap_or("none")
+            )));
+        }
+    }
+    if let Some(n) = sums
+        .as_ref()
+        .and_then(|s| s.get("tensors"))
+        .and_then(|t| t.as_object())
+        .map(|t| t.len())
+    {
+        if n != st.len() {
+            return Err(data_err(format!(
+                "the checksums list {n} tensors but the file holds {}: the file is corrupt",
+                st.len()
+            )));
+        }
+    }
 
     let mut tensors = Vec::with_capacity(st.len());
     for (name, view) in st.iter() {
@@ -213,6 +305,14 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<Tensor>, Option<serde_json::Valu
                 raw.len()
             )));
         }
+        if let Some(want) = tensor_sum(name)? {
+            let got = crc_hex(raw);
+            if want != got {
+                return Err(data_err(format!(
+                    "tensor {name:?} fails its checksum (stored {want}, computed {got}): the file is corrupt; use an intact copy"
+                )));
+            }
+        }
         let data = raw
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -226,7 +326,7 @@ pub fn read_tensors(path: &Path) -> Result<(Vec<Tensor>, Option<serde_json::Valu
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
 
     let meta =
-        match header.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)) {
+        match meta_text {
             Some(s) => Some(serde_json::from_str(s).map_err(|e| {
                 data_err(format!("metadata {METADATA_KEY:?} is not valid JSON: {e}"))
             })?),
@@ -267,6 +367,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(Error::io(path, e));
     }
     sync_dir(path)
+}
+
+/// Makes `dst` the same file as `src`, atomically: a hard link (or, where the file system
+/// has none, a copy) to `<dst>.tmp` is renamed over `dst`, and the directory is fsynced.
+/// `src` is not changed; an existing `dst` stays intact if anything fails.
+pub fn link_atomic(src: &Path, dst: &Path) -> Result<()> {
+    if dst.file_name().is_none() {
+        return Err(Error::invalid(format!(
+            "{}: not a file path",
+            dst.display()
+        )));
+    }
+    let tmp = tmp_path(dst);
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(src, &tmp).is_err() {
+        let copy = || -> std::io::Result<()> {
+            std::fs::copy(src, &tmp)?;
+            File::open(&tmp)?.sync_all()
+        };
+        if let Err(e) = copy() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(&tmp, e));
+        }
+    }
+    if let Err(e) = std::fs::rename(&tmp, dst) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(dst, e));
+    }
+    sync_dir(dst)
 }
 
 /// Fsyncs the directory holding `path` so that a rename into it is durable.

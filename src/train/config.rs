@@ -121,6 +121,26 @@ impl Default for TrainConfig {
     }
 }
 
+/// The first float in `v` that is nan or infinite, with its dotted key.
+fn non_finite_float(v: &toml::Value, key: &str) -> Option<(String, f64)> {
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => Some((key.to_string(), *f)),
+        toml::Value::Table(t) => t.iter().find_map(|(k, v)| {
+            let full = if key.is_empty() {
+                k.clone()
+            } else {
+                format!("{key}.{k}")
+            };
+            non_finite_float(v, &full)
+        }),
+        toml::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| non_finite_float(v, &format!("{key}[{i}]"))),
+        _ => None,
+    }
+}
+
 impl TrainConfig {
     /// The named preset:
     ///
@@ -202,6 +222,11 @@ impl TrainConfig {
         let value: serde_json::Value = match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => {
                 let t: toml::Value = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+                // JSON (and so the config) cannot hold nan or inf: name the key instead of
+                // failing later with "invalid type: null".
+                if let Some((key, v)) = non_finite_float(&t, "") {
+                    return Err(bad(format!("{key} = {v}: values must be finite numbers")));
+                }
                 serde_json::to_value(t).map_err(|e| bad(e.to_string()))?
             }
             Some("json") => serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?,

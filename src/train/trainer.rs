@@ -16,13 +16,14 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Cpu, Cuda};
-use crate::data::{augment::Preset, Augment, Batch, DataSpec, Dataset, Loader};
+use crate::data::synthetic::SyntheticConfig;
+use crate::data::{augment::Preset, Augment, Batch, DataSpec, Dataset, DatasetKind, Loader};
 use crate::error::{Error, Result};
 use crate::model::{Encoder, EncoderConfig, InputShape};
 use crate::ops::{self, ContrastShape, InfoNceImpl, InfoNceStats, Queue};
 use crate::optim::{LrSchedule, Sgd};
 use crate::train::checkpoint::{read_tensors, write_tensors, Tensor};
-use crate::train::TrainConfig;
+use crate::train::{memory, TrainConfig};
 
 /// The contrastive operations on a backend's buffers.
 pub trait MocoBackend: Backend {
@@ -56,6 +57,11 @@ pub trait MocoBackend: Backend {
     ) -> Result<(InfoNceStats, Self::Buf)>;
     /// Writes N normalized keys at the queue pointer.
     fn enqueue(&self, queue: &mut Queue, keys: &Self::Buf) -> Result<()>;
+    /// For each buffer, how many of its elements are NaN or infinite (the per-step state
+    /// check; waits for the device).
+    fn count_non_finite(&self, bufs: &[&Self::Buf]) -> Result<Vec<u64>>;
+    /// Free memory of the device in bytes, or `None` when the buffers live in host memory.
+    fn free_device_memory(&self) -> Result<Option<u64>>;
 }
 
 impl MocoBackend for Cpu<f32> {
@@ -98,6 +104,15 @@ impl MocoBackend for Cpu<f32> {
     }
     fn enqueue(&self, queue: &mut Queue, keys: &Vec<f32>) -> Result<()> {
         queue.enqueue_cpu(keys)
+    }
+    fn count_non_finite(&self, bufs: &[&Vec<f32>]) -> Result<Vec<u64>> {
+        Ok(bufs
+            .iter()
+            .map(|b| b.iter().filter(|v| !v.is_finite()).count() as u64)
+            .collect())
+    }
+    fn free_device_memory(&self) -> Result<Option<u64>> {
+        Ok(None)
     }
 }
 
@@ -144,6 +159,17 @@ impl MocoBackend for Cuda {
     }
     fn enqueue(&self, queue: &mut Queue, keys: &Self::Buf) -> Result<()> {
         queue.enqueue_cuda(keys)
+    }
+    fn count_non_finite(&self, bufs: &[&Self::Buf]) -> Result<Vec<u64>> {
+        Cuda::count_non_finite(self, bufs)
+    }
+    fn free_device_memory(&self) -> Result<Option<u64>> {
+        let (free, _total) = self
+            .gpu()
+            .context()
+            .mem_get_info()
+            .map_err(|e| Error::cuda("cuMemGetInfo", e))?;
+        Ok(Some(free as u64))
     }
 }
 
@@ -204,6 +230,11 @@ pub struct CheckpointMeta {
 /// Name of the checkpoint file in a run directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
+/// Name of the previous checkpoint in a run directory: the newest checkpoint that was
+/// followed by a step whose whole state was finite. [`CHECKPOINT_FILE`] is newer or the
+/// same file (a hard link); a divergence right after a checkpoint restores this one.
+pub const PREV_CHECKPOINT_FILE: &str = "checkpoint.prev.safetensors";
+
 /// A MoCo training run on backend `B`.
 pub struct Trainer<B: MocoBackend> {
     cfg: TrainConfig,
@@ -223,6 +254,10 @@ pub struct Trainer<B: MocoBackend> {
     step_in_epoch: usize,
     global_step: usize,
     sums: EpochSums,
+    /// Run directory of the newest checkpoint written or loaded.
+    ckpt_dir: Option<PathBuf>,
+    /// True while that checkpoint has not yet been followed by a finite step.
+    ckpt_unconfirmed: bool,
 }
 
 impl<B: MocoBackend> Trainer<B> {
@@ -236,14 +271,50 @@ impl<B: MocoBackend> Trainer<B> {
             image_size: cfg.image_size,
             seed: cfg.seed,
         };
-        let mut train = spec.open(true)?;
-        let mut test = spec.open(false)?;
-        if cfg.train_limit > 0 {
-            train = train.truncate(cfg.train_limit);
-        }
-        if cfg.test_limit > 0 {
-            test = test.truncate(cfg.test_limit);
-        }
+        // Refuse a config that cannot fit before anything large is allocated: first with
+        // what is known before reading the data (the synthetic set's size is), then again
+        // with the data set's real size.
+        let device_free = be.free_device_memory()?;
+        let synth = SyntheticConfig {
+            size: cfg.image_size,
+            seed: cfg.seed,
+            ..SyntheticConfig::default()
+        };
+        let limited = |len: usize, limit: usize| if limit > 0 { len.min(limit) } else { len };
+        let pre = if spec.kind == DatasetKind::Synthetic {
+            let img = 3 * (cfg.image_size as u64).pow(2);
+            let (tr, te) = (
+                limited(synth.train_len, cfg.train_limit),
+                limited(synth.test_len, cfg.test_limit),
+            );
+            memory::estimate(&cfg, 3, tr as u64, te as u64, img)?
+        } else {
+            memory::estimate(&cfg, 1, 0, 0, 0)?
+        };
+        memory::check_fits(&pre, memory::host_available_bytes(), device_free)?;
+        let open = |train: bool, limit: usize| -> Result<Dataset> {
+            if spec.kind == DatasetKind::Synthetic {
+                // Only the images that will be used are drawn (image i is the same either way).
+                let s = SyntheticConfig {
+                    train_len: limited(synth.train_len, limit),
+                    test_len: limited(synth.test_len, limit),
+                    ..synth.clone()
+                };
+                return s.generate(train);
+            }
+            let ds = spec.open(train)?;
+            Ok(if limit > 0 { ds.truncate(limit) } else { ds })
+        };
+        let train = open(true, cfg.train_limit)?;
+        let test = open(false, cfg.test_limit)?;
+        let post = memory::estimate(
+            &cfg,
+            train.channels,
+            train.len() as u64,
+            test.len() as u64,
+            0, // already in memory
+        )?;
+        memory::check_fits(&post, memory::host_available_bytes(), device_free)?;
         if train.len() < cfg.batch_size {
             return Err(Error::invalid(format!(
                 "the training set has {} images, fewer than one batch of {}",
@@ -297,6 +368,8 @@ impl<B: MocoBackend> Trainer<B> {
             step_in_epoch: 0,
             global_step: 0,
             sums: EpochSums::default(),
+            ckpt_dir: None,
+            ckpt_unconfirmed: false,
         })
     }
 
@@ -311,6 +384,10 @@ impl<B: MocoBackend> Trainer<B> {
     /// Steps done in the current epoch.
     pub fn step_in_epoch(&self) -> usize {
         self.step_in_epoch
+    }
+    /// Steps done in the whole run.
+    pub fn global_step(&self) -> usize {
+        self.global_step
     }
     /// Steps per epoch (drop_last, as the reference).
     pub fn steps_per_epoch(&self) -> usize {
@@ -382,10 +459,10 @@ impl<B: MocoBackend> Trainer<B> {
             .infonce(&mut self.ctx, &q, k, &self.queue, s, self.imp)?;
         if !stats.loss.is_finite() {
             return Err(Error::Diverged(format!(
-                "loss is {} at epoch {} step {}; the last checkpoint is left as it was. Lower --lr or raise --moco-t",
+                "loss is {} at epoch {} step {}",
                 stats.loss,
                 self.epoch + 1,
-                self.step_in_epoch
+                self.step_in_epoch + 1
             )));
         }
         self.enc_q.backward(&grad)?;
@@ -393,7 +470,108 @@ impl<B: MocoBackend> Trainer<B> {
     }
 
     /// One training step on a two-view batch.
+    ///
+    /// After the optimizer step the whole state is checked (both encoders' parameters and
+    /// BatchNorm statistics, the SGD momentum, and the keys about to enter the queue, which
+    /// is all that changes in it): the first step that makes any of it NaN or infinite, or
+    /// whose loss is, returns [`Error::Diverged`] without touching the queue. If a
+    /// checkpoint was written since the last finite step, it is replaced by the one before
+    /// it ([`PREV_CHECKPOINT_FILE`]), so a divergence always leaves a usable checkpoint from
+    /// before it. The in-memory state after such an error is not usable.
     pub fn step(&mut self, batch: &Batch) -> Result<StepStats> {
+        match self.step_inner(batch) {
+            Ok(st) => {
+                self.confirm_checkpoint()?;
+                Ok(st)
+            }
+            Err(Error::Diverged(m)) => Err(Error::Diverged(self.after_divergence(m))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The previous checkpoint becomes the newest one (hard link, or copy).
+    fn confirm_checkpoint(&mut self) -> Result<()> {
+        if let (true, Some(dir)) = (self.ckpt_unconfirmed, &self.ckpt_dir) {
+            let cur = dir.join(CHECKPOINT_FILE);
+            if cur.exists() {
+                crate::train::checkpoint::link_atomic(&cur, &dir.join(PREV_CHECKPOINT_FILE))?;
+            }
+            self.ckpt_unconfirmed = false;
+        }
+        Ok(())
+    }
+
+    /// The message of a divergence, after restoring the checkpoint from before it.
+    fn after_divergence(&mut self, what: String) -> String {
+        let advice = "Lower --lr or raise --moco-t";
+        let Some(dir) = self.ckpt_dir.clone() else {
+            return format!("{what}. {advice}");
+        };
+        let cur = dir.join(CHECKPOINT_FILE);
+        let prev = dir.join(PREV_CHECKPOINT_FILE);
+        if !self.ckpt_unconfirmed || !prev.exists() {
+            return format!("{what}; {} is the state before it. {advice}", cur.display());
+        }
+        self.ckpt_unconfirmed = false;
+        let at = Self::read_checkpoint(&dir)
+            .map(|(m, _)| format!(" (epoch {} step {})", m.epoch, m.step_in_epoch))
+            .unwrap_or_default();
+        match crate::train::checkpoint::link_atomic(&prev, &cur) {
+            Ok(()) => {
+                let back = Self::read_checkpoint(&dir)
+                    .map(|(m, _)| format!("epoch {} step {}", m.epoch, m.step_in_epoch))
+                    .unwrap_or_else(|e| format!("unreadable: {e}"));
+                format!(
+                    "{what}; the checkpoint written since the last finite step{at} may already hold exploded weights, so {} is restored to the one before it ({back}). {advice}",
+                    cur.display()
+                )
+            }
+            Err(e) => format!(
+                "{what}; the checkpoint{at} may hold exploded weights and restoring {} failed: {e}. {advice}",
+                prev.display()
+            ),
+        }
+    }
+
+    /// The whole state is finite (see [`Trainer::step`]).
+    fn check_state(&self, keys: &[&B::Buf]) -> Result<()> {
+        let mut names = vec![
+            "encoder_q.params",
+            "encoder_k.params",
+            "encoder_q.running",
+            "encoder_k.running",
+            "optimizer.momentum",
+        ];
+        let mut bufs = vec![
+            self.enc_q.params(),
+            self.enc_k.params(),
+            self.enc_q.running_stats(),
+            self.enc_k.running_stats(),
+            self.opt.momentum_buffer(),
+        ];
+        for k in keys {
+            names.push("keys");
+            bufs.push(k);
+        }
+        let counts = self.be.count_non_finite(&bufs)?;
+        let bad: Vec<String> = names
+            .iter()
+            .zip(&counts)
+            .filter(|(_, &c)| c > 0)
+            .map(|(n, c)| format!("{n} ({c} values)"))
+            .collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Diverged(format!(
+            "epoch {} step {} made the state non-finite: {}",
+            self.epoch + 1,
+            self.step_in_epoch + 1,
+            bad.join(", ")
+        )))
+    }
+
+    fn step_inner(&mut self, batch: &Batch) -> Result<StepStats> {
         if batch.x_k.len() != batch.x_q.len() || batch.n == 0 {
             return Err(Error::invalid(
                 "a training batch needs two views of N >= 1 images",
@@ -414,6 +592,7 @@ impl<B: MocoBackend> Trainer<B> {
             let a = self.query_pass(&batch.x_q, shape, &k2)?;
             let b = self.query_pass(&batch.x_k, shape, &k1)?;
             self.apply_sgd(lr)?;
+            self.check_state(&[&k1, &k2])?;
             // seam: gather keys from every rank before the enqueue.
             self.be.enqueue(&mut self.queue, &k1)?;
             self.be.enqueue(&mut self.queue, &k2)?;
@@ -425,6 +604,7 @@ impl<B: MocoBackend> Trainer<B> {
             let k = self.keys(&batch.x_k, shape, 0)?;
             let st = self.query_pass(&batch.x_q, shape, &k)?;
             self.apply_sgd(lr)?;
+            self.check_state(&[&k])?;
             // seam: gather keys from every rank before the enqueue.
             self.be.enqueue(&mut self.queue, &k)?;
             st
@@ -531,7 +711,10 @@ impl<B: MocoBackend> Trainer<B> {
     }
 
     /// Saves everything needed to continue the same trajectory into `dir` (atomically).
-    pub fn save_checkpoint(&self, dir: &Path) -> Result<PathBuf> {
+    ///
+    /// The checkpoint it replaces is kept as [`PREV_CHECKPOINT_FILE`] until the next step
+    /// proves the new one finite (see [`Trainer::step`]).
+    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<PathBuf> {
         let be = &self.be;
         let flat = |name: &str, buf: &B::Buf| -> Result<Tensor> {
             let data = be.download_f32(buf)?;
@@ -571,6 +754,8 @@ impl<B: MocoBackend> Trainer<B> {
         let meta = serde_json::to_value(&meta).map_err(|e| Error::Other(e.to_string()))?;
         let path = dir.join(CHECKPOINT_FILE);
         write_tensors(&path, &tensors, Some(&meta))?;
+        self.ckpt_dir = Some(dir.to_path_buf());
+        self.ckpt_unconfirmed = true;
         Ok(path)
     }
 
@@ -586,6 +771,14 @@ impl<B: MocoBackend> Trainer<B> {
         let meta: CheckpointMeta =
             serde_json::from_value(meta.ok_or_else(|| bad("no moco metadata".into()))?)
                 .map_err(|e| bad(format!("bad metadata: {e}")))?;
+        for t in &tensors {
+            if let Some((i, v)) = t.first_non_finite() {
+                return Err(bad(format!(
+                    "tensor {} holds a non-finite value ({v} at index {i}): the run diverged before this checkpoint was written; use {PREV_CHECKPOINT_FILE} if the run directory has one",
+                    t.name
+                )));
+            }
+        }
         Ok((meta, tensors))
     }
 
@@ -642,6 +835,8 @@ impl<B: MocoBackend> Trainer<B> {
         t.step_in_epoch = meta.step_in_epoch;
         t.global_step = meta.global_step;
         t.sums = meta.epoch_sums;
+        t.ckpt_dir = Some(dir.to_path_buf());
+        t.ckpt_unconfirmed = true;
         Ok(t)
     }
 }
