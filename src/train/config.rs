@@ -79,6 +79,9 @@ pub struct TrainConfig {
     pub knn_every: usize,
     /// InfoNCE on the GPU: `fused` or `unfused`.
     pub infonce: String,
+    /// Image folders: what to do with an image that cannot be decoded: `error` (stop,
+    /// naming it) or `skip` (leave it out, report each and the count).
+    pub bad_images: String,
 }
 
 impl Default for TrainConfig {
@@ -117,6 +120,7 @@ impl Default for TrainConfig {
             knn_t: 0.1,
             knn_every: 1,
             infonce: "fused".into(),
+            bad_images: "error".into(),
         }
     }
 }
@@ -239,6 +243,7 @@ impl TrainConfig {
         self.arch.parse::<crate::model::Arch>()?;
         self.augment.parse::<crate::data::augment::Preset>()?;
         self.infonce.parse::<crate::ops::InfoNceImpl>()?;
+        self.bad_images.parse::<crate::data::folder::BadImages>()?;
         self.device_spec()?;
         if self.epochs == 0 {
             return err("--epochs must be >= 1".into());

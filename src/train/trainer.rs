@@ -235,9 +235,9 @@ impl<B: MocoBackend> Trainer<B> {
             path: cfg.data.clone(),
             image_size: cfg.image_size,
             seed: cfg.seed,
+            bad_images: cfg.bad_images.parse()?,
         };
-        let mut train = spec.open(true)?;
-        let mut test = spec.open(false)?;
+        let (mut train, mut test) = spec.open_splits()?;
         if cfg.train_limit > 0 {
             train = train.truncate(cfg.train_limit);
         }
