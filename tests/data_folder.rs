@@ -250,3 +250,81 @@ fn bad_images_config_field() {
         "error"
     );
 }
+
+/// `moco train --bad-images`: refused values, and `skip` end to end (each skipped file
+/// and the count on stderr, training goes on with the rest; `error` stops naming it).
+#[test]
+fn bad_images_flag_end_to_end() {
+    let bin = std::env::var("MOCO_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_moco").into());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for c in ["a", "b"] {
+        std::fs::create_dir_all(d.join(c)).unwrap();
+        for i in 0..4 {
+            png(&d.join(format!("{c}/{i}.png")), 12, 10, |x, y| {
+                [
+                    x as u8 * 20,
+                    y as u8 * (i + 1),
+                    if c == "a" { 0 } else { 255 },
+                ]
+            });
+        }
+    }
+    let good = detailed_jpeg();
+    let cut = d.join("b/cut.jpg");
+    std::fs::write(&cut, &good[..good.len() / 3]).unwrap();
+    let data = d.to_str().unwrap();
+    let out = d.join("run");
+    let mut args = vec![
+        "train",
+        "--dataset",
+        "folder",
+        "--data",
+        data,
+        "--image-size",
+        "8",
+        "--device",
+        "cpu",
+        "--arch",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--moco-k",
+        "8",
+        "--dim",
+        "4",
+        "--bn-splits",
+        "1",
+        "--quiet",
+        "--out",
+    ];
+    args.push(out.to_str().unwrap());
+    let (ok, err) = run(&args);
+    assert!(
+        !ok && err.contains("cut.jpg") && err.contains("truncated"),
+        "{err}"
+    );
+    args.extend(["--bad-images", "skip"]);
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("cut.jpg"), "{err}");
+    assert!(err.contains("skipped 1 of 9 images"), "{err}");
+    let saved = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(saved.contains("\"bad_images\": \"skip\""), "{saved}");
+    args.pop();
+    args.push("sometimes");
+    let (ok, err) = run(&args);
+    assert!(!ok && err.contains("--bad-images"), "{err}");
+}

@@ -11,7 +11,7 @@
 //! let train = moco::data::idx::load_dir("/usr/share/datasets/fashion-mnist", true).unwrap();
 //! assert_eq!((train.len(), train.height, train.width), (60_000, 28, 28));
 //! ```
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
 use super::{data_err, Dataset};
@@ -27,12 +27,21 @@ pub const MAX_IDX_BYTES: usize = 1 << 34;
 /// it promises are read (so a gzip bomb is never inflated beyond them), then one more
 /// byte is asked for, to reject trailing data.
 pub fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    read_idx_stream(path, std::io::BufReader::new(file), len)
+}
+
+/// [`read_idx`] on an open stream of `len` bytes (a file's, or a slice's), gzipped or not
+/// (found by the gzip magic bytes). `path` is only used in the error messages.
+pub fn read_idx_stream(
+    path: &Path,
+    mut input: impl BufRead,
+    len: u64,
+) -> Result<(Vec<usize>, Vec<u8>)> {
     let mut magic = [0u8; 2];
-    let n = read_full(&mut file, &mut magic).map_err(|e| Error::io(path, e))?;
-    let head = std::io::Cursor::new(magic[..n].to_vec());
-    let input = std::io::BufReader::new(head.chain(file));
+    let n = read_full(&mut input, &mut magic).map_err(|e| Error::io(path, e))?;
+    let input = std::io::Cursor::new(magic).take(n as u64).chain(input);
     if magic[..n] == [0x1f, 0x8b] {
         read_idx_from(path, flate2::bufread::GzDecoder::new(input), None)
     } else {
