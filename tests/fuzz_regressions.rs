@@ -132,3 +132,16 @@ fn checkpoint() {
         "the seed checkpoint with metadata should load; if the checkpoint format changed, rewrite the seeds (fuzz/README.md)"
     );
 }
+
+/// Found by the `config` target: `{"weight_decay": 1e39}` loaded (an infinite f32), and
+/// config.json then held `null`, so the run could not be resumed ("invalid type: null").
+#[test]
+fn config_with_an_infinite_float_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, v) in [("weight_decay", "1e39"), ("sgd_momentum", "-1e40")] {
+        let p = dir.path().join("c.json");
+        std::fs::write(&p, format!("{{\"{key}\": {v}}}")).unwrap();
+        let e = moco::train::TrainConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("finite"), "{key}: {e}");
+    }
+}

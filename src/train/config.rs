@@ -273,6 +273,14 @@ impl TrainConfig {
         if !(self.moco_t.is_finite() && self.moco_t > 0.0) {
             return err(format!("--moco-t must be > 0, got {}", self.moco_t));
         }
+        // Every float must be finite: config.json cannot hold inf or NaN (JSON writes
+        // null), so such a run could never be resumed. A JSON 1e39 is an infinite f32.
+        if !self.weight_decay.is_finite() || !self.sgd_momentum.is_finite() {
+            return err(format!(
+                "--wd and sgd_momentum must be finite numbers, got {} and {}",
+                self.weight_decay, self.sgd_momentum
+            ));
+        }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return err(format!("--lr must be >= 0, got {}", self.lr));
         }
