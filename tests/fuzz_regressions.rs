@@ -145,3 +145,24 @@ fn config_with_an_infinite_float_is_refused() {
         assert!(e.contains("finite"), "{key}: {e}");
     }
 }
+
+/// Found by the `image` target: a progressive JPEG whose chroma sampling factors (4x1)
+/// exceed the luma's (2x2) makes zune-jpeg 0.5.15 panic in its upsampler ("assertion
+/// failed: input.len() * 2 <= scratch_space.len()"), which aborted the folder loader.
+/// It is an error naming the file now.
+#[test]
+fn jpeg_that_panics_the_decoder_is_an_error() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/image");
+    let data = std::fs::read(root.join("zune-upsampler-panic.jpg")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    let f = dir.path().join("a/x.jpg");
+    std::fs::write(&f, &data[1..]).unwrap(); // without the fuzz target's size byte
+    match moco::data::folder::load(dir.path(), true, 17) {
+        Err(moco::Error::Data { path, message }) => {
+            assert_eq!(path, f);
+            assert!(message.contains("decoder failed"), "{message}");
+        }
+        other => panic!("expected a Data error, got {other:?}"),
+    }
+}

@@ -101,6 +101,24 @@ impl std::fmt::Display for BadImages {
     }
 }
 
+/// Runs a third-party decoder and turns a panic in it into an error naming the file: a
+/// crafted JPEG makes zune-jpeg 0.5.15 fail an assertion in its upsampler (found by the
+/// `image` fuzz target; `fuzz/regressions/image/`). The panic message is still printed
+/// by the default hook. Needs `panic = "unwind"`, the default.
+fn guard<T>(path: &Path, format: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        data_err(
+            path,
+            format!("cannot decode {format}: the decoder failed on this file ({why})"),
+        )
+    })
+}
+
 /// Decodes an image file's bytes (JPEG or PNG, found by their signature) to RGB, with
 /// the bounds of this module: at most [`MAX_SIDE`] per side and [`MAX_DECODED_PIXELS`].
 /// JPEGs are checked by [`jpeg::check`](super::jpeg::check) (truncation, corrupt image
@@ -136,8 +154,7 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<image::RgbImage> {
             .dimensions()
             .ok_or_else(|| bad("cannot decode JPEG: no frame header".into()))?;
         check_dims(w as u64, h as u64)?;
-        let pixels = dec
-            .decode()
+        let pixels = guard(path, "JPEG", || dec.decode())?
             .map_err(|e| bad(format!("cannot decode JPEG: {e:?}")))?;
         let got = dec.output_colorspace();
         if got != Some(ColorSpace::RGB) || pixels.len() != w * h * 3 {
@@ -165,8 +182,7 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<image::RgbImage> {
         let mut reader =
             image::ImageReader::with_format(std::io::Cursor::new(bytes), image::ImageFormat::Png);
         reader.limits(limits);
-        let img = reader
-            .decode()
+        let img = guard(path, "PNG", || reader.decode())?
             .map_err(|e| bad(format!("cannot decode PNG: {e}")))?;
         Ok(img.to_rgb8())
     } else {
