@@ -166,3 +166,35 @@ fn jpeg_that_panics_the_decoder_is_an_error() {
         other => panic!("expected a Data error, got {other:?}"),
     }
 }
+
+/// Found by the `image` target: 373-byte progressive JPEGs declaring up to 5391 x 12801
+/// pixels, which zune-jpeg pads into a full image: 2-5 s and 160-340 MB each. A file too
+/// short for one bit per 8x8 block is an error now, found in microseconds.
+#[test]
+fn tiny_jpeg_declaring_a_huge_image_is_refused_fast() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/image");
+    let mut n = 0;
+    for e in std::fs::read_dir(&root).unwrap() {
+        let p = e.unwrap().path();
+        if !p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("slow-")
+        {
+            continue;
+        }
+        n += 1;
+        let data = std::fs::read(&p).unwrap();
+        let t0 = std::time::Instant::now();
+        let e = moco::data::folder::decode_image(&data[1..], &p, 16).unwrap_err();
+        assert!(
+            t0.elapsed().as_millis() < 200,
+            "{}: {:?}",
+            p.display(),
+            t0.elapsed()
+        );
+        assert!(e.to_string().contains("needs at least"), "{e}");
+    }
+    assert_eq!(n, 4);
+}

@@ -15,7 +15,10 @@
 //!   desynchronized by a flipped bit essentially never does.
 //!
 //! Progressive scans get the marker walk only (their data is not decoded here), as do
-//! frame types the decoder does not support (it rejects them itself).
+//! frame types the decoder does not support (it rejects them itself). For every
+//! Huffman-coded frame the file must be long enough for one bit per 8x8 block (the
+//! shortest DC code): a 373-byte progressive file declaring 5391 x 7681 pixels, which
+//! the decoder pads into a 41-megapixel image in seconds, is an error.
 
 /// One Huffman table: canonical codes by length, as in the JPEG standard (annex C).
 #[derive(Clone, Default)]
@@ -246,6 +249,30 @@ pub fn check(bytes: &[u8]) -> Result<(), String> {
                     return Err(format!(
                         "corrupt: frame of {width}x{height} with {n} components"
                     ));
+                }
+                let huffman = matches!(code, 0xC0..=0xC2);
+                if huffman && height > 0 {
+                    // Every 8x8 block of every component starts with a DC Huffman code of
+                    // at least one bit, so a file of N bytes holds at most 8N blocks: a
+                    // small file declaring a large image (decoded by padding, seconds of
+                    // work for nothing) is cut or corrupt.
+                    let hmax = components.iter().map(|c| c.h).max().unwrap_or(1);
+                    let vmax = components.iter().map(|c| c.v).max().unwrap_or(1);
+                    let blocks: u64 = components
+                        .iter()
+                        .map(|c| {
+                            ((width * c.h).div_ceil(hmax).div_ceil(8)
+                                * (height * c.v).div_ceil(vmax).div_ceil(8))
+                                as u64
+                        })
+                        .sum();
+                    if (bytes.len() as u64) * 8 < blocks {
+                        return Err(format!(
+                            "truncated or corrupt: a {width}x{height} image of {blocks} blocks needs at least {} bytes, the file has {}",
+                            blocks.div_ceil(8),
+                            bytes.len()
+                        ));
+                    }
                 }
                 frame = Some(Frame {
                     width,
