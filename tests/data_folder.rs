@@ -119,3 +119,212 @@ fn bad_folders_are_errors_naming_the_path() {
         Err(Error::Io { .. })
     ));
 }
+
+/// A 96x96 JPEG with detail everywhere (so its scan data is long), quality 90.
+fn detailed_jpeg() -> Vec<u8> {
+    let img = image::RgbImage::from_fn(96, 96, |x, y| {
+        let v = (x * 7 + y * 13) ^ (x * y);
+        image::Rgb([v as u8, (v >> 3) as u8 ^ (x as u8), (y * 5) as u8])
+    });
+    let mut out = Vec::new();
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90);
+    img.write_with_encoder(enc).unwrap();
+    out
+}
+
+/// Flips `n` bytes (XOR with a nonzero value) at pseudo-random positions after `from`.
+fn flip_bytes(bytes: &mut [u8], from: usize, n: usize, mut seed: u64) {
+    for _ in 0..n {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let at = from + (seed >> 33) as usize % (bytes.len() - from);
+        bytes[at] ^= ((seed >> 20) as u8) | 1;
+    }
+}
+
+/// Start of the entropy-coded data: just past the start-of-scan header.
+fn scan_start(jpeg: &[u8]) -> usize {
+    let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    sos + 2 + u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]) as usize
+}
+
+/// Issue 13 item 5: JPEGs cut to a third, or with 400 flipped bytes, were decoded without
+/// an error (the decoder pads and conceals). They are errors naming the file.
+#[test]
+fn corrupt_jpegs_are_errors_naming_the_file() {
+    let good = detailed_jpeg();
+    assert!(good.len() > 3000, "{}", good.len());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("a")).unwrap();
+    let f = d.join("a/x.jpg");
+    std::fs::write(&f, &good).unwrap();
+    let ok = folder::load(d, true, 32).unwrap();
+    assert_eq!(ok.len(), 1);
+    // Cut to a third.
+    std::fs::write(&f, &good[..good.len() / 3]).unwrap();
+    assert_data_err(folder::load(d, true, 32), &f, "truncated");
+    // Cut just before the end-of-image marker, and with a byte of it missing.
+    std::fs::write(&f, &good[..good.len() - 2]).unwrap();
+    assert_data_err(folder::load(d, true, 32), &f, "truncated");
+    std::fs::write(&f, &good[..good.len() - 1]).unwrap();
+    assert_data_err(folder::load(d, true, 32), &f, "truncated");
+    // 400 flipped bytes anywhere in the scan, for several placements.
+    for seed in 0..20 {
+        let mut bad = good.clone();
+        flip_bytes(&mut bad, scan_start(&good), 400, seed);
+        std::fs::write(&f, &bad).unwrap();
+        assert_data_err(folder::load(d, true, 32), &f, "JPEG");
+    }
+    // Bytes after the end-of-image marker are allowed (cameras append data there).
+    let mut tail = good.clone();
+    tail.extend_from_slice(b"trailing camera data");
+    std::fs::write(&f, &tail).unwrap();
+    assert_eq!(folder::load(d, true, 32).unwrap().images, ok.images);
+}
+
+/// `BadImages::Skip` leaves undecodable images out and reports each; the default stops.
+#[test]
+fn bad_images_skip_reports_each_and_loads_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_tree(d);
+    let good = detailed_jpeg();
+    let cut = d.join("train/cat/cut.jpg");
+    std::fs::write(&cut, &good[..good.len() / 3]).unwrap();
+    let junk = d.join("train/dog/junk.png");
+    std::fs::write(&junk, b"\x89PNG\r\n\x1a\nnot a png").unwrap();
+    assert_data_err(folder::load(d, true, 8), &cut, "truncated");
+    let (ds, skipped) = folder::load_report(d, true, 8, folder::BadImages::Skip).unwrap();
+    assert_eq!(ds.len(), 3);
+    assert_eq!(ds.labels, vec![0, 0, 1]);
+    let paths: Vec<_> = skipped.iter().map(|s| s.path.clone()).collect();
+    assert_eq!(paths, vec![cut.clone(), junk.clone()]);
+    assert!(skipped[0].error.to_string().contains("cut.jpg"));
+    // Nothing left: an error even when skipping.
+    let only = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(only.path().join("a")).unwrap();
+    std::fs::write(only.path().join("a/cut.jpg"), &good[..100]).unwrap();
+    let r = folder::load_report(only.path(), true, 8, folder::BadImages::Skip);
+    assert_data_err(r.map(|x| x.0), only.path(), "none of the 1 images");
+    // The names.
+    assert_eq!(
+        "skip".parse::<folder::BadImages>().unwrap(),
+        folder::BadImages::Skip
+    );
+    assert_eq!(
+        "ERROR".parse::<folder::BadImages>().unwrap(),
+        folder::BadImages::Error
+    );
+    assert!("ignore".parse::<folder::BadImages>().is_err());
+}
+
+/// The config field and its check: `error` by default, `skip` accepted, others refused,
+/// and a config.json without the field (written before it existed) still loads.
+#[test]
+fn bad_images_config_field() {
+    let c = moco::train::TrainConfig::default();
+    assert_eq!(c.bad_images, "error");
+    let skip = moco::train::TrainConfig {
+        bad_images: "skip".into(),
+        ..c.clone()
+    };
+    skip.validate().unwrap();
+    let bad = moco::train::TrainConfig {
+        bad_images: "sometimes".into(),
+        ..c
+    };
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("--bad-images"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(&p, "bad_images = \"skip\"\nepochs = 2\n").unwrap();
+    assert_eq!(
+        moco::train::TrainConfig::load(&p).unwrap().bad_images,
+        "skip"
+    );
+    std::fs::write(&p, "epochs = 2\n").unwrap();
+    assert_eq!(
+        moco::train::TrainConfig::load(&p).unwrap().bad_images,
+        "error"
+    );
+}
+
+/// `moco train --bad-images`: refused values, and `skip` end to end (each skipped file
+/// and the count on stderr, training goes on with the rest; `error` stops naming it).
+#[test]
+fn bad_images_flag_end_to_end() {
+    let bin = std::env::var("MOCO_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_moco").into());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for c in ["a", "b"] {
+        std::fs::create_dir_all(d.join(c)).unwrap();
+        for i in 0..4 {
+            png(&d.join(format!("{c}/{i}.png")), 12, 10, |x, y| {
+                [
+                    x as u8 * 20,
+                    y as u8 * (i + 1),
+                    if c == "a" { 0 } else { 255 },
+                ]
+            });
+        }
+    }
+    let good = detailed_jpeg();
+    let cut = d.join("b/cut.jpg");
+    std::fs::write(&cut, &good[..good.len() / 3]).unwrap();
+    let data = d.to_str().unwrap();
+    let out = d.join("run");
+    let mut args = vec![
+        "train",
+        "--dataset",
+        "folder",
+        "--data",
+        data,
+        "--image-size",
+        "8",
+        "--device",
+        "cpu",
+        "--arch",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--moco-k",
+        "8",
+        "--dim",
+        "4",
+        "--bn-splits",
+        "1",
+        "--quiet",
+        "--out",
+    ];
+    args.push(out.to_str().unwrap());
+    let (ok, err) = run(&args);
+    assert!(
+        !ok && err.contains("cut.jpg") && err.contains("truncated"),
+        "{err}"
+    );
+    args.extend(["--bad-images", "skip"]);
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("cut.jpg"), "{err}");
+    assert!(err.contains("skipped 1 of 9 images"), "{err}");
+    let saved = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(saved.contains("\"bad_images\": \"skip\""), "{saved}");
+    args.pop();
+    args.push("sometimes");
+    let (ok, err) = run(&args);
+    assert!(!ok && err.contains("--bad-images"), "{err}");
+}

@@ -195,3 +195,69 @@ fn real_fashion_mnist_when_installed() {
     assert_eq!(train.labels[0], 9);
     assert_eq!(test.labels[0], 9);
 }
+
+fn write_idx(dir: &Path, prefix: &str, dims: &[u32], labels: &[u8]) {
+    let n: usize = dims.iter().map(|&d| d as usize).product();
+    let pixels: Vec<u8> = (0..n).map(|p| (p % 253) as u8).collect();
+    std::fs::write(
+        dir.join(format!("{prefix}-images-idx3-ubyte")),
+        idx_bytes(8, dims, &pixels),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join(format!("{prefix}-labels-idx1-ubyte")),
+        idx_bytes(8, &[labels.len() as u32], labels),
+    )
+    .unwrap();
+}
+
+/// A small CPU run on the IDX files of `dir`.
+fn idx_run(dir: &Path) -> moco::Result<moco::train::Trainer<moco::backend::Cpu>> {
+    let cfg = moco::train::TrainConfig {
+        dataset: "idx".into(),
+        data: Some(dir.to_path_buf()),
+        arch: "resnet8".into(),
+        dim: 8,
+        batch_size: 4,
+        bn_splits: 1,
+        moco_k: 8,
+        knn_k: 2,
+        device: "cpu".into(),
+        epochs: 1,
+        ..Default::default()
+    };
+    moco::train::Trainer::new(cfg, moco::backend::Cpu::new())
+}
+
+/// Issue 13 item 10: test labels outside the training classes, and test images of another
+/// size than the training images, were accepted. Both are errors naming the test split.
+#[test]
+fn test_split_must_match_the_training_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let train_labels: Vec<u8> = (0..8).map(|i| i % 10).collect();
+    write_idx(d, "train", &[8, 8, 8], &train_labels);
+    write_idx(d, "t10k", &[4, 8, 8], &[0, 1, 2, 3]);
+    idx_run(d).unwrap();
+    // Label 12: not one of the training split's 10 classes.
+    write_idx(d, "t10k", &[4, 8, 8], &[0, 1, 12, 3]);
+    let e = idx_run(d).err().expect("label 12 refused").to_string();
+    assert!(e.contains("label 12") && e.contains("10 classes"), "{e}");
+    assert!(e.contains("test"), "{e}");
+    // Test images of 9x8.
+    write_idx(d, "t10k", &[4, 9, 8], &[0, 1, 2, 3]);
+    let e = idx_run(d).err().expect("9x8 refused").to_string();
+    assert!(e.contains("1x9x8") && e.contains("1x8x8"), "{e}");
+    // The check on its own.
+    let spec = moco::data::DataSpec {
+        kind: moco::data::DatasetKind::Idx,
+        path: Some(d.to_path_buf()),
+        image_size: 32,
+        seed: 0,
+        bad_images: Default::default(),
+    };
+    assert!(spec.open_splits().is_err());
+    write_idx(d, "t10k", &[4, 8, 8], &[0, 1, 2, 9]);
+    let (tr, te) = spec.open_splits().unwrap();
+    moco::data::check_splits(&tr, &te).unwrap();
+}

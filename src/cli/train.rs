@@ -106,6 +106,10 @@ pub struct TrainArgs {
     /// InfoNCE on the GPU: fused (default) or unfused (cuBLAS).
     #[arg(long)]
     pub infonce: Option<String>,
+    /// Image folders: what to do with an image that cannot be decoded: error (stop, naming
+    /// it) or skip (leave it out, report each and the count). [error]
+    #[arg(long, value_name = "error|skip")]
+    pub bad_images: Option<String>,
     /// Run directory (config, metrics.jsonl, plot, checkpoint). [runs/run-<unix time>]
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -173,7 +177,7 @@ impl TrainArgs {
              warmup_epochs => warmup_epochs, wd => weight_decay, moco_k => moco_k,
              moco_m => moco_m, moco_t => moco_t, bn_splits => bn_splits, seed => seed,
              device => device, threads => threads, workers => workers,
-             knn_every => knn_every, infonce => infonce);
+             knn_every => knn_every, infonce => infonce, bad_images => bad_images);
         if self.data.is_some() {
             c.data = self.data.clone();
         }

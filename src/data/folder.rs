@@ -48,48 +48,210 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Decodes one image file and returns it as `size x size` RGB, CHW.
-pub fn load_image(path: &Path, size: usize) -> Result<Vec<u8>> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
-    let img = reader
-        .decode()
-        .map_err(|e| data_err(path, format!("cannot decode image: {e}")))?
-        .to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    if w == 0 || h == 0 {
-        return Err(data_err(path, "image has no pixels"));
+/// Largest image file read, in bytes (256 MiB): a bigger file is an error, not read.
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+/// Largest width or height of a decoded image (32768 pixels).
+pub const MAX_SIDE: u32 = 1 << 15;
+/// Most pixels of a decoded image (2^27 = 134 million, 384 MiB as RGB); the decoder's
+/// own allocation limit is set from it.
+pub const MAX_DECODED_PIXELS: u64 = 1 << 27;
+/// Largest ratio of the longer to the shorter side (64).
+pub const MAX_ASPECT: u64 = 64;
+/// Most pixels of an image after the resize of its shorter side to the stored size
+/// (2^26 = 67 million, 192 MiB as RGB), before the center crop.
+pub const MAX_RESIZED_PIXELS: u64 = 1 << 26;
+
+/// What the folder reader does with an image it cannot decode (corrupt, truncated,
+/// unsupported, too large).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BadImages {
+    /// Stop with an error naming the file (the default).
+    #[default]
+    Error,
+    /// Leave the image out, and report each one and their count (see [`load_report`]).
+    Skip,
+}
+
+impl BadImages {
+    /// The name [`FromStr`](std::str::FromStr) accepts: `error` or `skip`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BadImages::Error => "error",
+            BadImages::Skip => "skip",
+        }
     }
-    // Shorter side to `size`, then center crop.
-    let (nw, nh) = if w <= h {
-        (
-            size,
-            ((h * size) as f64 / w as f64).round().max(size as f64) as usize,
+}
+
+impl std::str::FromStr for BadImages {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "error" => Ok(BadImages::Error),
+            "skip" => Ok(BadImages::Skip),
+            _ => Err(Error::invalid(format!(
+                "--bad-images must be error or skip, not {s:?}"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for BadImages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Runs a third-party decoder and turns a panic in it into an error naming the file: a
+/// crafted JPEG makes zune-jpeg 0.5.15 fail an assertion in its upsampler (found by the
+/// `image` fuzz target; `fuzz/regressions/image/`). The panic message is still printed
+/// by the default hook. Needs `panic = "unwind"`, the default.
+fn guard<T>(path: &Path, format: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        data_err(
+            path,
+            format!("cannot decode {format}: the decoder failed on this file ({why})"),
         )
-    } else {
-        (
-            ((w * size) as f64 / h as f64).round().max(size as f64) as usize,
-            size,
-        )
+    })
+}
+
+/// Decodes an image file's bytes (JPEG or PNG, found by their signature) to RGB, with
+/// the bounds of this module: at most [`MAX_SIDE`] per side and [`MAX_DECODED_PIXELS`].
+/// JPEGs are checked by [`jpeg::check`](super::jpeg::check) (truncation, corrupt image
+/// data), then decoded strictly (a decoder warning is an error). `path` is only used in
+/// the error messages.
+pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<image::RgbImage> {
+    let bad = |m: String| data_err(path, m);
+    let check_dims = |w: u64, h: u64| -> Result<()> {
+        if w == 0 || h == 0 {
+            return Err(bad(format!("image has no pixels ({w}x{h})")));
+        }
+        if w > MAX_SIDE as u64 || h > MAX_SIDE as u64 || w * h > MAX_DECODED_PIXELS {
+            return Err(bad(format!(
+                "image is {w}x{h} pixels, larger than the reader's limit ({MAX_SIDE} per side, {MAX_DECODED_PIXELS} pixels); downscale it or leave it out"
+            )));
+        }
+        Ok(())
     };
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        use zune_jpeg::zune_core::bytestream::ZCursor;
+        use zune_jpeg::zune_core::colorspace::ColorSpace;
+        use zune_jpeg::zune_core::options::DecoderOptions;
+        super::jpeg::check(bytes).map_err(|m| bad(format!("cannot decode JPEG: {m}")))?;
+        let options = DecoderOptions::default()
+            .set_strict_mode(true)
+            .set_max_width(MAX_SIDE as usize)
+            .set_max_height(MAX_SIDE as usize)
+            .jpeg_set_out_colorspace(ColorSpace::RGB);
+        let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+        dec.decode_headers()
+            .map_err(|e| bad(format!("cannot decode JPEG: {e:?}")))?;
+        let (w, h) = dec
+            .dimensions()
+            .ok_or_else(|| bad("cannot decode JPEG: no frame header".into()))?;
+        check_dims(w as u64, h as u64)?;
+        let pixels = guard(path, "JPEG", || dec.decode())?
+            .map_err(|e| bad(format!("cannot decode JPEG: {e:?}")))?;
+        let got = dec.output_colorspace();
+        if got != Some(ColorSpace::RGB) || pixels.len() != w * h * 3 {
+            return Err(bad(format!(
+                "cannot decode JPEG: decoder gave {} bytes of {got:?} for {w}x{h} RGB",
+                pixels.len()
+            )));
+        }
+        image::RgbImage::from_raw(w as u32, h as u32, pixels)
+            .ok_or_else(|| bad("cannot decode JPEG: wrong buffer size".into()))
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        // The header alone (a few bytes), to report the size in our own words ...
+        let reader =
+            image::ImageReader::with_format(std::io::Cursor::new(bytes), image::ImageFormat::Png);
+        let (w, h) = reader
+            .into_dimensions()
+            .map_err(|e| bad(format!("cannot decode PNG: {e}")))?;
+        check_dims(w as u64, h as u64)?;
+        // ... then the image, with the decoder's limits set as well.
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_SIDE);
+        limits.max_image_height = Some(MAX_SIDE);
+        // 16-bit RGBA is the widest a PNG decodes to: 8 bytes a pixel.
+        limits.max_alloc = Some(MAX_DECODED_PIXELS * 8);
+        let mut reader =
+            image::ImageReader::with_format(std::io::Cursor::new(bytes), image::ImageFormat::Png);
+        reader.limits(limits);
+        let img = guard(path, "PNG", || reader.decode())?
+            .map_err(|e| bad(format!("cannot decode PNG: {e}")))?;
+        Ok(img.to_rgb8())
+    } else {
+        Err(bad(
+            "not a JPEG or PNG file (its first bytes are neither signature)".into(),
+        ))
+    }
+}
+
+/// The size an image of `w x h` pixels is resized to so that its shorter side is `size`
+/// (the longer side rounded, never below `size`), or an error naming `path` when the
+/// aspect ratio exceeds [`MAX_ASPECT`] or the result would exceed [`MAX_RESIZED_PIXELS`].
+pub fn resize_target(path: &Path, w: u32, h: u32, size: usize) -> Result<(u32, u32)> {
+    let (w, h, s) = (w as u64, h as u64, size as u64);
+    if w == 0 || h == 0 || s == 0 {
+        return Err(data_err(path, format!("image has no pixels ({w}x{h})")));
+    }
+    let (short, long) = (w.min(h), w.max(h));
+    if long > short * MAX_ASPECT {
+        return Err(data_err(
+            path,
+            format!(
+                "image is {w}x{h} pixels: its aspect ratio exceeds {MAX_ASPECT}:1, the reader's limit; crop it or leave it out"
+            ),
+        ));
+    }
+    // round(long * s / short), in integers (no overflow: long, s < 2^32).
+    let scaled = ((2 * long * s + short) / (2 * short)).max(s);
+    if scaled.saturating_mul(s) > MAX_RESIZED_PIXELS {
+        let (nw, nh) = if w <= h { (s, scaled) } else { (scaled, s) };
+        return Err(data_err(
+            path,
+            format!(
+                "image is {w}x{h} pixels: resized to a shorter side of {s} it would be {nw}x{nh}, more than the reader's limit of {MAX_RESIZED_PIXELS} pixels; use a smaller --image-size or crop it"
+            ),
+        ));
+    }
+    let scaled = scaled as u32; // <= MAX_RESIZED_PIXELS
+    Ok(if w <= h {
+        (s as u32, scaled)
+    } else {
+        (scaled, s as u32)
+    })
+}
+
+/// Decodes an image file's bytes and returns it as `size x size` RGB, CHW: shorter side
+/// resized to `size`, then center-cropped. `path` is only used in the error messages.
+pub fn decode_image(bytes: &[u8], path: &Path, size: usize) -> Result<Vec<u8>> {
+    if !(1..=4096).contains(&size) {
+        return Err(Error::invalid(format!(
+            "image size must be in 1..=4096, not {size}"
+        )));
+    }
+    let img = decode_rgb(bytes, path)?;
+    let (w, h) = (img.width(), img.height());
+    let (nw, nh) = resize_target(path, w, h, size)?;
     let resized = if (nw, nh) == (w, h) {
         img
     } else {
-        image::imageops::resize(
-            &img,
-            nw as u32,
-            nh as u32,
-            image::imageops::FilterType::Triangle,
-        )
+        image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle)
     };
+    let (nw, nh) = (nw as usize, nh as usize);
     let (x0, y0) = ((nw - size) / 2, (nh - size) / 2);
     let plane = size * size;
     let mut out = vec![0u8; 3 * plane];
+    let raw = resized.as_raw();
     for y in 0..size {
-        for x in 0..size {
-            let p = resized.get_pixel((x0 + x) as u32, (y0 + y) as u32);
+        let row = &raw[((y0 + y) * nw + x0) * 3..((y0 + y) * nw + x0 + size) * 3];
+        for (x, p) in row.chunks_exact(3).enumerate() {
             for c in 0..3 {
                 out[c * plane + y * size + x] = p[c];
             }
@@ -98,8 +260,45 @@ pub fn load_image(path: &Path, size: usize) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Decodes one image file and returns it as `size x size` RGB, CHW (see [`decode_image`]).
+pub fn load_image(path: &Path, size: usize) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if len > MAX_FILE_BYTES {
+        return Err(data_err(
+            path,
+            format!("{len} bytes is larger than the reader's limit for one image ({MAX_FILE_BYTES} bytes)"),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes, path, size)
+}
+
 /// Loads the training or test split of an image folder at `image_size` x `image_size`.
+/// Any image that cannot be decoded is an error naming it ([`BadImages::Error`]).
 pub fn load(root: impl AsRef<Path>, train: bool, image_size: usize) -> Result<Dataset> {
+    Ok(load_report(root, train, image_size, BadImages::Error)?.0)
+}
+
+/// An image [`load_report`] left out, and why.
+#[derive(Debug)]
+pub struct Skipped {
+    /// The file.
+    pub path: PathBuf,
+    /// The error that reading it gave.
+    pub error: Error,
+}
+
+/// As [`load`], with a choice of what to do with images that cannot be decoded: with
+/// [`BadImages::Skip`] they are left out and returned, with their errors, next to the
+/// data set (an error still if no image is left).
+pub fn load_report(
+    root: impl AsRef<Path>,
+    train: bool,
+    image_size: usize,
+    bad_images: BadImages,
+) -> Result<(Dataset, Vec<Skipped>)> {
     let root = root.as_ref();
     if !(1..=4096).contains(&image_size) {
         return Err(Error::invalid(format!(
@@ -161,12 +360,40 @@ pub fn load(root: impl AsRef<Path>, train: bool, image_size: usize) -> Result<Da
             "no .jpg, .jpeg or .png images in the class subfolders",
         ));
     }
-    let decoded: Vec<Vec<u8>> = files
+    let decoded: Vec<Result<Vec<u8>>> = files
         .par_iter()
         .map(|(p, _)| load_image(p, image_size))
-        .collect::<Result<_>>()?;
-    let labels: Vec<u32> = files.iter().map(|(_, l)| *l).collect();
-    let images = decoded.concat();
+        .collect();
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    let mut skipped = Vec::new();
+    for ((p, l), r) in files.iter().zip(decoded) {
+        match r {
+            Ok(img) => {
+                images.extend_from_slice(&img);
+                labels.push(*l);
+            }
+            // Unreadable files (permissions, I/O) are errors in either mode.
+            Err(e @ Error::Data { .. }) if bad_images == BadImages::Skip => skipped.push(Skipped {
+                path: p.clone(),
+                error: e,
+            }),
+            Err(e) => return Err(e),
+        }
+    }
+    if labels.is_empty() {
+        return Err(data_err(
+            &split_root,
+            format!(
+                "none of the {} images could be decoded (first: {})",
+                files.len(),
+                skipped
+                    .first()
+                    .map(|s| s.error.to_string())
+                    .unwrap_or_default()
+            ),
+        ));
+    }
     let base = root
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -184,5 +411,5 @@ pub fn load(root: impl AsRef<Path>, train: bool, image_size: usize) -> Result<Da
     ds.mean = IMAGENET_MEAN.to_vec();
     ds.std = IMAGENET_STD.to_vec();
     ds.class_names = classes;
-    Ok(ds)
+    Ok((ds, skipped))
 }

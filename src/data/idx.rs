@@ -11,95 +11,175 @@
 //! let train = moco::data::idx::load_dir("/usr/share/datasets/fashion-mnist", true).unwrap();
 //! assert_eq!((train.len(), train.height, train.width), (60_000, 28, 28));
 //! ```
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
 use super::{data_err, Dataset};
 use crate::{Error, Result};
 
+/// Most data bytes an IDX file may promise (16 GiB): a header asking for more is an error.
+pub const MAX_IDX_BYTES: usize = 1 << 34;
+
 /// Reads one IDX file of unsigned bytes (gzipped or not): its dimensions and its data.
 /// Errors name the file: missing, truncated, wrong magic, sizes that do not match.
+///
+/// The file is streamed: the header is read and checked first, then exactly the bytes
+/// it promises are read (so a gzip bomb is never inflated beyond them), then one more
+/// byte is asked for, to reject trailing data.
 pub fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| data_err(path, format!("gzip stream is truncated or corrupt: {e}")))?;
-        out
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    read_idx_stream(path, std::io::BufReader::new(file), len)
+}
+
+/// [`read_idx`] on an open stream of `len` bytes (a file's, or a slice's), gzipped or not
+/// (found by the gzip magic bytes). `path` is only used in the error messages.
+pub fn read_idx_stream(
+    path: &Path,
+    mut input: impl BufRead,
+    len: u64,
+) -> Result<(Vec<usize>, Vec<u8>)> {
+    let mut magic = [0u8; 2];
+    let n = read_full(&mut input, &mut magic).map_err(|e| Error::io(path, e))?;
+    let input = std::io::Cursor::new(magic).take(n as u64).chain(input);
+    if magic[..n] == [0x1f, 0x8b] {
+        read_idx_from(path, flate2::bufread::GzDecoder::new(input), None)
     } else {
-        raw
+        read_idx_from(path, input, Some(len))
+    }
+}
+
+/// Reads into `buf` until it is full or the input ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Parses an IDX file of unsigned bytes from a stream that is already uncompressed (see
+/// [`read_idx`], which handles gzip): its dimensions and its data. `path` is only used in
+/// the error messages; `total_len`, when known, is the stream's length, checked against
+/// the header before any data is read.
+pub fn read_idx_from(
+    path: &Path,
+    mut input: impl Read,
+    total_len: Option<u64>,
+) -> Result<(Vec<usize>, Vec<u8>)> {
+    let gz = total_len.is_none();
+    let io_err = |e: std::io::Error| {
+        if gz {
+            data_err(path, format!("gzip stream is truncated or corrupt: {e}"))
+        } else {
+            Error::io(path, e)
+        }
     };
-    if bytes.len() < 4 {
+    let mut magic = [0u8; 4];
+    let got = read_full(&mut input, &mut magic).map_err(io_err)?;
+    if got < 4 {
         return Err(data_err(
             path,
-            format!(
-                "truncated: {} bytes, too short for an IDX header",
-                bytes.len()
-            ),
+            format!("truncated: {got} bytes, too short for an IDX header"),
         ));
     }
-    if bytes[0] != 0 || bytes[1] != 0 {
+    if magic[0] != 0 || magic[1] != 0 {
         return Err(data_err(
             path,
             format!(
                 "wrong magic {:02x}{:02x}{:02x}{:02x}: not an IDX file (expected 0000 08 nn)",
-                bytes[0], bytes[1], bytes[2], bytes[3]
+                magic[0], magic[1], magic[2], magic[3]
             ),
         ));
     }
-    if bytes[2] != 0x08 {
+    if magic[2] != 0x08 {
         return Err(data_err(
             path,
             format!(
                 "IDX element type 0x{:02x} is not supported (only unsigned bytes, 0x08)",
-                bytes[2]
+                magic[2]
             ),
         ));
     }
-    let ndim = bytes[3] as usize;
+    let ndim = magic[3] as usize;
     if ndim == 0 {
         return Err(data_err(path, "IDX file with zero dimensions"));
     }
     let header = 4 + 4 * ndim;
-    if bytes.len() < header {
+    let mut raw_dims = vec![0u8; 4 * ndim];
+    let got = read_full(&mut input, &mut raw_dims).map_err(io_err)?;
+    if got < raw_dims.len() {
         return Err(data_err(
             path,
             format!(
                 "truncated: header needs {header} bytes, file has {}",
-                bytes.len()
+                4 + got
             ),
         ));
     }
-    let dims: Vec<usize> = (0..ndim)
-        .map(|d| {
-            let o = 4 + 4 * d;
-            u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
-        })
+    let dims: Vec<usize> = raw_dims
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
         .collect();
     let count = dims
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| data_err(path, format!("dimensions {dims:?} overflow")))?;
-    let have = bytes.len() - header;
-    if have < count {
-        return Err(data_err(
-            path,
-            format!("truncated: dimensions {dims:?} need {count} bytes of data, file has {have}"),
-        ));
+        .filter(|&c| c <= MAX_IDX_BYTES)
+        .ok_or_else(|| {
+            data_err(
+                path,
+                format!("dimensions {dims:?} ask for more than {MAX_IDX_BYTES} bytes of data"),
+            )
+        })?;
+    if let Some(len) = total_len {
+        let have = len.saturating_sub(header as u64);
+        if have < count as u64 {
+            return Err(data_err(
+                path,
+                format!(
+                    "truncated: dimensions {dims:?} need {count} bytes of data, file has {have}"
+                ),
+            ));
+        }
+        if have > count as u64 {
+            return Err(data_err(
+                path,
+                format!(
+                    "{} bytes of trailing data after dimensions {dims:?}",
+                    have - count as u64
+                ),
+            ));
+        }
     }
-    if have > count {
+    // Reads grow the buffer as data arrives: a header that promises more than the file
+    // holds costs no more memory than the file.
+    let mut data = Vec::with_capacity(count.min(1 << 24));
+    (&mut input)
+        .take(count as u64)
+        .read_to_end(&mut data)
+        .map_err(io_err)?;
+    if data.len() < count {
         return Err(data_err(
             path,
             format!(
-                "{} bytes of trailing data after dimensions {dims:?}",
-                have - count
+                "truncated: dimensions {dims:?} need {count} bytes of data, file has {}",
+                data.len()
             ),
         ));
     }
-    let mut bytes = bytes;
-    bytes.drain(..header);
-    Ok((dims, bytes))
+    let mut extra = [0u8; 1];
+    if read_full(&mut input, &mut extra).map_err(io_err)? > 0 {
+        return Err(data_err(
+            path,
+            format!("trailing data after the {count} bytes that dimensions {dims:?} call for"),
+        ));
+    }
+    Ok((dims, data))
 }
 
 /// Loads an image file (N x H x W) and a label file (N) into a one-channel [`Dataset`].

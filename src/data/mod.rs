@@ -27,6 +27,7 @@ pub mod augment;
 pub mod cifar;
 pub mod folder;
 pub mod idx;
+pub mod jpeg;
 pub mod loader;
 pub mod synthetic;
 
@@ -302,6 +303,8 @@ pub struct DataSpec {
     pub image_size: usize,
     /// Seed of the synthetic set (other readers ignore it).
     pub seed: u64,
+    /// What the image-folder reader does with files it cannot decode (others ignore it).
+    pub bad_images: folder::BadImages,
 }
 
 impl DataSpec {
@@ -327,9 +330,66 @@ impl DataSpec {
             DatasetKind::Idx => idx::load_dir(path()?, train),
             DatasetKind::Cifar10 => cifar::load_cifar10(path()?, train),
             DatasetKind::Cifar100 => cifar::load_cifar100(path()?, train),
-            DatasetKind::Folder => folder::load(path()?, train, self.image_size),
+            DatasetKind::Folder => {
+                let (ds, skipped) =
+                    folder::load_report(path()?, train, self.image_size, self.bad_images)?;
+                if !skipped.is_empty() {
+                    for s in skipped.iter().take(20) {
+                        eprintln!("moco: skipped {}", s.error);
+                    }
+                    if skipped.len() > 20 {
+                        eprintln!("moco: ... and {} more", skipped.len() - 20);
+                    }
+                    eprintln!(
+                        "moco: skipped {} of {} images of {} that could not be decoded (--bad-images skip)",
+                        skipped.len(),
+                        skipped.len() + ds.len(),
+                        ds.name
+                    );
+                }
+                Ok(ds)
+            }
         }
     }
+
+    /// Loads the training and the test split and checks that they agree
+    /// ([`check_splits`]).
+    pub fn open_splits(&self) -> Result<(Dataset, Dataset)> {
+        let train = self.open(true)?;
+        let test = self.open(false)?;
+        check_splits(&train, &test).map_err(|e| match (&self.path, e) {
+            (Some(p), Error::InvalidArgument(m)) => data_err(p, m),
+            (_, e) => e,
+        })?;
+        Ok((train, test))
+    }
+}
+
+/// Checks that a test split can be evaluated against a training split: the same image
+/// shape, and labels within the training split's classes.
+pub fn check_splits(train: &Dataset, test: &Dataset) -> Result<()> {
+    let (a, b) = (
+        (train.channels, train.height, train.width),
+        (test.channels, test.height, test.width),
+    );
+    if a != b {
+        return Err(Error::invalid(format!(
+            "{}: test images are {}x{}x{} (channels x height x width) but the training images ({}) are {}x{}x{}; both splits must have one shape",
+            test.name, b.0, b.1, b.2, train.name, a.0, a.1, a.2
+        )));
+    }
+    if let Some((i, &l)) = test
+        .labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= train.num_classes)
+    {
+        return Err(Error::invalid(format!(
+            "{}: label {l} of test image {i} is not one of the {} classes of the training split ({}); the splits must share their classes",
+            test.name, train.num_classes, train.name
+        )));
+    }
+    Ok(())
 }
 
 /// Opens a data set by name: `"synthetic"`, `"idx"`, `"cifar10"`, `"cifar100"` or `"folder"`.
@@ -355,6 +415,7 @@ pub fn open_dataset(
         path: path.map(Path::to_path_buf),
         image_size,
         seed,
+        bad_images: folder::BadImages::Error,
     }
     .open(train)
 }

@@ -79,6 +79,9 @@ pub struct TrainConfig {
     pub knn_every: usize,
     /// InfoNCE on the GPU: `fused` or `unfused`.
     pub infonce: String,
+    /// Image folders: what to do with an image that cannot be decoded: `error` (stop,
+    /// naming it) or `skip` (leave it out, report each and the count).
+    pub bad_images: String,
 }
 
 impl Default for TrainConfig {
@@ -117,6 +120,7 @@ impl Default for TrainConfig {
             knn_t: 0.1,
             knn_every: 1,
             infonce: "fused".into(),
+            bad_images: "error".into(),
         }
     }
 }
@@ -264,6 +268,7 @@ impl TrainConfig {
         self.arch.parse::<crate::model::Arch>()?;
         self.augment.parse::<crate::data::augment::Preset>()?;
         self.infonce.parse::<crate::ops::InfoNceImpl>()?;
+        self.bad_images.parse::<crate::data::folder::BadImages>()?;
         self.device_spec()?;
         if self.epochs == 0 {
             return err("--epochs must be >= 1".into());
@@ -292,6 +297,14 @@ impl TrainConfig {
         }
         if !(self.moco_t.is_finite() && self.moco_t > 0.0) {
             return err(format!("--moco-t must be > 0, got {}", self.moco_t));
+        }
+        // Every float must be finite: config.json cannot hold inf or NaN (JSON writes
+        // null), so such a run could never be resumed. A JSON 1e39 is an infinite f32.
+        if !self.weight_decay.is_finite() || !self.sgd_momentum.is_finite() {
+            return err(format!(
+                "--wd and sgd_momentum must be finite numbers, got {} and {}",
+                self.weight_decay, self.sgd_momentum
+            ));
         }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return err(format!("--lr must be >= 0, got {}", self.lr));

@@ -270,6 +270,7 @@ impl<B: MocoBackend> Trainer<B> {
             path: cfg.data.clone(),
             image_size: cfg.image_size,
             seed: cfg.seed,
+            bad_images: cfg.bad_images.parse()?,
         };
         // Refuse a config that cannot fit before anything large is allocated: first with
         // what is known before reading the data (the synthetic set's size is), then again
@@ -292,21 +293,19 @@ impl<B: MocoBackend> Trainer<B> {
             memory::estimate(&cfg, 1, 0, 0, 0)?
         };
         memory::check_fits(&pre, memory::host_available_bytes(), device_free)?;
-        let open = |train: bool, limit: usize| -> Result<Dataset> {
-            if spec.kind == DatasetKind::Synthetic {
-                // Only the images that will be used are drawn (image i is the same either way).
-                let s = SyntheticConfig {
-                    train_len: limited(synth.train_len, limit),
-                    test_len: limited(synth.test_len, limit),
-                    ..synth.clone()
-                };
-                return s.generate(train);
-            }
-            let ds = spec.open(train)?;
-            Ok(if limit > 0 { ds.truncate(limit) } else { ds })
+        let cut = |ds: Dataset, limit: usize| if limit > 0 { ds.truncate(limit) } else { ds };
+        let (train, test) = if spec.kind == DatasetKind::Synthetic {
+            // Only the images that will be used are drawn (image i is the same either way).
+            let s = SyntheticConfig {
+                train_len: limited(synth.train_len, cfg.train_limit),
+                test_len: limited(synth.test_len, cfg.test_limit),
+                ..synth.clone()
+            };
+            (s.generate(true)?, s.generate(false)?)
+        } else {
+            let (train, test) = spec.open_splits()?;
+            (cut(train, cfg.train_limit), cut(test, cfg.test_limit))
         };
-        let train = open(true, cfg.train_limit)?;
-        let test = open(false, cfg.test_limit)?;
         let post = memory::estimate(
             &cfg,
             train.channels,
