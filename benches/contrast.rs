@@ -22,7 +22,7 @@ fn bench(c: &mut Criterion) {
     // CPU reference (f64 accumulation) at the small shape only: the big one takes seconds.
     {
         let (n, ch, k, t) = SHAPES[1];
-        let s = ContrastShape::new(n, ch, k, t).unwrap();
+        let s = ContrastShape::new(n, ch, k, t as f64).unwrap();
         let q = moco::testing::normal(n * ch, 1);
         let kk = unit_rows(n, ch, 2);
         let queue = unit_rows(k, ch, 3);
@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
     };
     let mut contrast = Contrast::new(&gpu);
     for &(n, ch, k, t) in SHAPES {
-        let s = ContrastShape::new(n, ch, k, t).unwrap();
+        let s = ContrastShape::new(n, ch, k, t as f64).unwrap();
         let q = gpu.upload(&moco::testing::normal(n * ch, 1)).unwrap();
         let kk = gpu.upload(&unit_rows(n, ch, 2)).unwrap();
         let queue = gpu.upload(&unit_rows(k, ch, 3)).unwrap();
@@ -76,11 +76,10 @@ fn bench(c: &mut Criterion) {
     for &(n, ch, k) in &[(256usize, 128usize, 65536usize), (512, 128, 4096)] {
         g.throughput(Throughput::Bytes((8 * n * ch) as u64));
         let keys = gpu.upload(&unit_rows(n, ch, 5)).unwrap();
-        let mut queue = moco::ops::Queue::new_cuda(&gpu, k, ch, 0).unwrap();
+        let be = moco::backend::Cuda::new(gpu.clone()).unwrap();
+        let mut queue = moco::ops::Queue::new(&be, k, ch, 0).unwrap();
         g.bench_function(BenchmarkId::new("cuda", format!("{n}x{ch}->{k}")), |b| {
-            b.iter_custom(|iters| {
-                common::time_gpu(&gpu, iters, || queue.enqueue_cuda(&keys).unwrap())
-            })
+            b.iter_custom(|iters| common::time_gpu(&gpu, iters, || queue.enqueue(&keys).unwrap()))
         });
     }
     g.finish();
@@ -91,9 +90,9 @@ fn bench_cpu_enqueue(c: &mut Criterion) {
     let (n, ch, k) = (256usize, 128usize, 65536usize);
     g.throughput(Throughput::Bytes((8 * n * ch) as u64));
     let keys = unit_rows(n, ch, 5);
-    let mut queue = moco::ops::Queue::new_cpu(k, ch, 0).unwrap();
+    let mut queue = moco::ops::Queue::new(&moco::backend::Cpu::<f32>::new(), k, ch, 0).unwrap();
     g.bench_function(BenchmarkId::new("cpu", format!("{n}x{ch}->{k}")), |b| {
-        b.iter(|| queue.enqueue_cpu(&keys).unwrap())
+        b.iter(|| queue.enqueue(&keys).unwrap())
     });
     g.finish();
 }

@@ -34,20 +34,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     moco::ops::momentum_update(&gpu, &mut view, &query_params.slice(10..1000), 0.5)?;
 
     let shape = ContrastShape::new(n, c, k, 0.2)?;
-    let mut queue = Queue::new_cuda(&gpu, k, c, 0)?;
+    let mut queue = Queue::new(&moco::backend::Cuda::new(gpu.clone())?, k, c, 0)?;
     let mut grad_q = stream.alloc_zeros::<f32>(n * c)?;
     let mut contrast = Contrast::new(&gpu);
     let stats = contrast.infonce(
         &q_feat,
         &k_feat,
-        queue.device().expect("device queue"),
+        queue.keys(),
         shape,
         &mut grad_q,
         InfoNceImpl::Fused,
     )?;
     let mut k_norm = stream.alloc_zeros::<f32>(n * c)?;
     contrast.normalize(&k_feat, &mut k_norm, n, c)?;
-    queue.enqueue_cuda(&k_norm)?;
+    queue.enqueue(&k_norm)?;
 
     let kp = stream.clone_dtoh(&key_params.slice(0..2))?;
     println!(

@@ -27,6 +27,7 @@ pub mod eval;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod rng;
 pub mod testing;
 pub mod train;
 

@@ -1,24 +1,6 @@
 //! Helpers shared by tests and benches: seeded data, poisoning, error norms.
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
-/// Seeded RNG for tests (ChaCha8: same numbers on every platform).
-pub fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-/// `n` uniform values in [-1, 1) from `seed`.
-pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = rng(seed);
-    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
-}
-
-/// `n` standard-normal values from `seed`.
-pub fn normal(n: usize, seed: u64) -> Vec<f32> {
-    use rand_distr::{Distribution, StandardNormal};
-    let mut r = rng(seed);
-    (0..n).map(|_| StandardNormal.sample(&mut r)).collect()
-}
+pub use crate::rng::{normal, rng, uniform};
 
 /// A value no correct kernel writes: outputs are filled with it before a launch so an
 /// element the kernel forgot fails the comparison.

@@ -7,7 +7,7 @@ use moco::ops::{
 use moco::testing::{assert_close, normal, POISON};
 
 fn shape(n: usize, c: usize, k: usize, t: f32) -> ContrastShape {
-    ContrastShape::new(n, c, k, t).unwrap()
+    ContrastShape::new(n, c, k, t as f64).unwrap()
 }
 
 fn unit_queue(k: usize, c: usize, seed: u64) -> Vec<f32> {
@@ -136,7 +136,7 @@ fn symmetric_is_sum_of_halves() {
 fn invalid_shapes_are_errors() {
     assert!(ContrastShape::new(2, 2, 2, 0.0).is_err());
     assert!(ContrastShape::new(2, 2, 2, -1.0).is_err());
-    assert!(ContrastShape::new(2, 2, 2, f32::NAN).is_err());
+    assert!(ContrastShape::new(2, 2, 2, f64::NAN).is_err());
     assert!(ContrastShape::new(2, 0, 2, 0.1).is_err());
     assert!(ContrastShape::new(2, 2, 0, 0.1).is_err());
     let s = shape(2, 3, 4, 0.1);
@@ -154,7 +154,7 @@ fn ambiguous_rows(q: &[f32], k: &[f32], queue: &[f32], s: ContrastShape) -> usiz
     l.chunks(1 + s.k)
         .filter(|row| {
             let best = row[1..].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            (row[0] - best).abs() <= 1e-5 * (1.0 / s.t)
+            (row[0] - best).abs() <= 1e-5 * (1.0 / s.t32())
         })
         .count()
 }

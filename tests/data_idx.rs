@@ -226,7 +226,7 @@ fn idx_run(dir: &Path) -> moco::Result<moco::train::Trainer<moco::backend::Cpu>>
         epochs: 1,
         ..Default::default()
     };
-    moco::train::Trainer::new(cfg, moco::backend::Cpu::new())
+    moco::train::Trainer::new(cfg, moco::backend::Cpu::<f32>::new())
 }
 
 /// Issue 13 item 10: test labels outside the training classes, and test images of another

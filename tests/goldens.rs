@@ -43,8 +43,7 @@ fn cases() -> Vec<Case> {
         .map(|c| {
             let g = |k: &str| c[k].as_u64().unwrap() as usize;
             Case {
-                s: ContrastShape::new(g("n"), g("c"), g("k"), c["t"].as_f64().unwrap() as f32)
-                    .unwrap(),
+                s: ContrastShape::new(g("n"), g("c"), g("k"), c["t"].as_f64().unwrap()).unwrap(),
                 q: f32s(&c["q"]),
                 k: f32s(&c["k_raw"]),
                 queue: f32s(&c["queue_rows"]),
@@ -124,7 +123,8 @@ fn enqueue_matches_pytorch_layout_with_wraparound() {
     for step in e["steps"].as_array().unwrap() {
         ptr = enqueue_cpu(&mut queue, &f32s(&step["keys"]), k, c, ptr).unwrap();
         assert_eq!(ptr as u64, step["ptr"].as_u64().unwrap());
-        let q = moco::ops::Queue::from_parts(queue.clone(), k, c, ptr, None).unwrap();
+        let q = moco::ops::Queue::from_host(&moco::backend::Cpu::<f32>::new(), &queue, k, c, ptr)
+            .unwrap();
         assert_eq!(q.to_pytorch_layout().unwrap(), f32s(&step["queue_ck"]));
     }
 }
@@ -156,7 +156,7 @@ fn cuda_matches_pytorch() {
             let got = gpu.download(&grad).unwrap();
             if s.c == 1 {
                 for (i, g) in got.iter().enumerate() {
-                    let floor = 1e-5 / (s.n as f32 * s.t * c.q[i].abs().max(1e-6));
+                    let floor = 1e-5 / (s.n as f32 * s.t32() * c.q[i].abs().max(1e-6));
                     assert!(g.abs() <= floor, "{imp:?} {s:?}: grad {g} for C = 1");
                 }
             } else {

@@ -1,4 +1,5 @@
 //! Circular enqueue and the Queue type.
+use moco::backend::{Cpu, Cuda};
 use moco::ops::{enqueue, enqueue_cpu, Queue};
 use moco::testing::{normal, POISON};
 
@@ -45,21 +46,49 @@ fn enqueue_rejects_bad_input_and_changes_nothing() {
 
 #[test]
 fn queue_init_is_unit_rows_and_seeded() {
-    let a = Queue::new_cpu(16, 8, 3).unwrap();
-    let b = Queue::new_cpu(16, 8, 3).unwrap();
-    let c = Queue::new_cpu(16, 8, 4).unwrap();
-    assert_eq!(a.host().unwrap(), b.host().unwrap());
-    assert_ne!(a.host().unwrap(), c.host().unwrap());
-    for row in a.host().unwrap().chunks(8) {
+    let be = Cpu::<f32>::new();
+    let a = Queue::new(&be, 16, 8, 3).unwrap();
+    let b = Queue::new(&be, 16, 8, 3).unwrap();
+    let c = Queue::new(&be, 16, 8, 4).unwrap();
+    assert_eq!(a.keys(), b.keys());
+    assert_ne!(a.keys(), c.keys());
+    for row in a.keys().chunks(8) {
         let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((n - 1.0).abs() < 1e-5);
     }
-    assert!(Queue::new_cpu(0, 8, 0).is_err());
+    assert!(Queue::new(&be, 0, 8, 0).is_err());
+    // The public initial keys are what the queue starts from.
+    assert_eq!(a.keys(), &moco::ops::initial_keys(16, 8, 3).unwrap());
+}
+
+#[test]
+fn f64_queue_keeps_f64_keys_and_matches_the_f32_queue() {
+    let q64 = Queue::new(&Cpu::<f64>::new(), 16, 8, 3).unwrap();
+    let q32 = Queue::new(&Cpu::<f32>::new(), 16, 8, 3).unwrap();
+    // Unit rows to f64 rounding, not f32's.
+    for row in q64.keys().chunks(8) {
+        let n: f64 = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!((n - 1.0).abs() < 1e-14, "norm {n}");
+    }
+    let rounded: Vec<f32> = q64.keys().iter().map(|&v| v as f32).collect();
+    assert_eq!(&rounded, q32.keys());
+    // An enqueue keeps every bit of an f64 key.
+    let mut q = q64;
+    let key: Vec<f64> = (0..8).map(|i| 1.0 / 3.0 + i as f64 * 1e-12).collect();
+    q.enqueue(&key).unwrap();
+    assert_eq!(&q.keys()[..8], &key[..]);
+    assert_eq!(q.to_host_f64().unwrap()[..8], key[..]);
+    // Wrong sizes are refused and change nothing.
+    let before = q.keys().clone();
+    assert!(q.enqueue(&vec![0.0f64; 7]).is_err());
+    assert!(q.enqueue(&vec![0.0f64; 17 * 8]).is_err());
+    assert_eq!(q.keys(), &before);
+    assert_eq!(q.ptr(), 1);
 }
 
 #[test]
 fn pytorch_layout_is_transpose() {
-    let q = Queue::new_cpu(5, 3, 1).unwrap();
+    let q = Queue::new(&Cpu::<f32>::new(), 5, 3, 1).unwrap();
     let rows = q.to_host().unwrap();
     let t = q.to_pytorch_layout().unwrap();
     for i in 0..5 {
@@ -81,8 +110,8 @@ fn cuda_enqueue_matches_cpu_with_wraparound() {
         (65536, 128, 256),
         (10, 4, 10),
     ] {
-        let mut host = Queue::new_cpu(k, c, 9).unwrap();
-        let mut dev = Queue::new_cuda(&gpu, k, c, 9).unwrap();
+        let mut host = Queue::new(&Cpu::<f32>::new(), k, c, 9).unwrap();
+        let mut dev = Queue::new(&Cuda::new(gpu.clone()).unwrap(), k, c, 9).unwrap();
         assert_eq!(
             dev.to_host().unwrap(),
             host.to_host().unwrap(),
@@ -90,8 +119,8 @@ fn cuda_enqueue_matches_cpu_with_wraparound() {
         );
         for step in 0..5u64 {
             let keys = normal(n * c, step);
-            host.enqueue_cpu(&keys).unwrap();
-            dev.enqueue_cuda(&gpu.upload(&keys).unwrap()).unwrap();
+            host.enqueue(&keys).unwrap();
+            dev.enqueue(&gpu.upload(&keys).unwrap()).unwrap();
             assert_eq!(dev.ptr(), host.ptr());
             assert_eq!(
                 dev.to_host().unwrap(),

@@ -286,7 +286,7 @@ fn pools_relu_add_linear_sgd_match_cpu() {
     let mut pg = up(&g, &p0);
     let grg = up(&g, &gr);
     let mut og = moco::optim::Sgd::new(g.clone(), n, 0.9, 1e-4).unwrap();
-    for lr in [0.03f32, 0.02, 0.01] {
+    for lr in [0.03f64, 0.02, 0.01] {
         oc.step(&mut pc, &gr, lr).unwrap();
         og.step(&mut pg, &grg, lr).unwrap();
     }

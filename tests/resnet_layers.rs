@@ -449,7 +449,7 @@ fn sgd_matches_pytorch_formula() {
     let mut opt = moco::optim::Sgd::new(be, n, 0.9, 5e-4).unwrap();
     let (mut pr, mut br) = (f64s(&p), vec![0.0; n]);
     for step in 0..3 {
-        opt.step(&mut p, &g, 0.06 / (step + 1) as f32).unwrap();
+        opt.step(&mut p, &g, 0.06 / (step + 1) as f64).unwrap();
         r::sgd_step(
             &mut pr,
             &f64s(&g),
@@ -468,8 +468,35 @@ fn sgd_matches_pytorch_formula() {
         1e-6,
     );
     assert!(opt.step(&mut p, &g[..5].to_vec(), 0.1).is_err());
-    assert!(opt.step(&mut p, &g, f32::NAN).is_err());
+    assert!(opt.step(&mut p, &g, f64::NAN).is_err());
+    // Finite in f64 but infinite once rounded to the f32 the backend computes with.
+    assert!(opt.step(&mut p, &g, 1e39).is_err());
     assert!(moco::optim::Sgd::new(be, 3, 1.5, 0.0).is_err());
+    assert!(moco::optim::Sgd::new(be, 3, 0.9, 1e39).is_err());
+}
+
+#[test]
+fn sgd_in_f64_takes_its_hyperparameters_in_f64() {
+    // The f64 backend uses lr, momentum and weight decay unrounded: its step equals the
+    // f64 reference to the last bit or two, where rounding them to f32 would change the
+    // update by about 1e-8 relative.
+    let be = Cpu::<f64>::new();
+    let n = 10_007;
+    let mut p = f64s(&normal(n, 100));
+    let g = f64s(&normal(n, 101));
+    let mut opt = moco::optim::Sgd::new(be, n, 0.9, 5e-4).unwrap();
+    let (mut pr, mut br) = (p.clone(), vec![0.0; n]);
+    for step in 0..3 {
+        let lr = 0.1 / (step + 1) as f64;
+        opt.step(&mut p, &g, lr).unwrap();
+        r::sgd_step(&mut pr, &g, &mut br, lr, 0.9, 5e-4);
+    }
+    let rel = p
+        .iter()
+        .zip(&pr)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1e-300))
+        .fold(0.0f64, f64::max);
+    assert!(rel <= 1e-15, "f64 SGD vs reference: max rel {rel:e}");
 }
 
 #[test]

@@ -33,7 +33,7 @@ fn snapshot(t: &Trainer<Cpu>) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, usize)
 
 #[test]
 fn steps_train_and_move_the_key_encoder() {
-    let mut t = Trainer::new(tiny(), Cpu::new()).unwrap();
+    let mut t = Trainer::new(tiny(), Cpu::<f32>::new()).unwrap();
     let (q0, k0, _, queue0, _) = snapshot(&t);
     assert_eq!(
         q0, k0,
@@ -60,7 +60,7 @@ fn steps_train_and_move_the_key_encoder() {
 
 #[test]
 fn knn_monitor_is_a_fraction() {
-    let mut t = Trainer::new(tiny(), Cpu::new()).unwrap();
+    let mut t = Trainer::new(tiny(), Cpu::<f32>::new()).unwrap();
     let a = t.knn_top1().unwrap();
     assert!((0.0..=1.0).contains(&a));
 }
@@ -69,7 +69,7 @@ fn knn_monitor_is_a_fraction() {
 fn resume_is_bit_identical() {
     let stop = AtomicBool::new(false);
     // Uninterrupted: 2 epochs.
-    let mut a = Trainer::new(tiny(), Cpu::new()).unwrap();
+    let mut a = Trainer::new(tiny(), Cpu::<f32>::new()).unwrap();
     for _ in 0..2 {
         assert!(a.train_epoch(&stop, &mut |_| {}).unwrap());
         a.finish_epoch();
@@ -78,7 +78,7 @@ fn resume_is_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("resume");
     std::fs::create_dir_all(&dir).unwrap();
-    let mut b = Trainer::new(tiny(), Cpu::new()).unwrap();
+    let mut b = Trainer::new(tiny(), Cpu::<f32>::new()).unwrap();
     assert!(b.train_epoch(&stop, &mut |_| {}).unwrap());
     b.finish_epoch();
     let stop_now = AtomicBool::new(true);
@@ -90,7 +90,7 @@ fn resume_is_bit_identical() {
     b.save_checkpoint(&dir).unwrap();
     let sums_before = b.epoch_sums().clone();
     drop(b);
-    let mut c = Trainer::resume(&dir, None, Cpu::new()).unwrap();
+    let mut c = Trainer::resume(&dir, None, Cpu::<f32>::new()).unwrap();
     assert_eq!(c.epoch(), 1);
     assert_eq!(c.step_in_epoch(), 1);
     assert_eq!(c.epoch_sums(), &sums_before);
@@ -110,7 +110,7 @@ fn symmetric_loss_enqueues_both_key_sets() {
         moco_k: 48,
         ..tiny()
     };
-    let mut t = Trainer::new(cfg, Cpu::new()).unwrap();
+    let mut t = Trainer::new(cfg, Cpu::<f32>::new()).unwrap();
     let s = t.step(&t.loader().batch(0, 0).unwrap()).unwrap();
     assert!(s.loss.is_finite());
     assert_eq!(t.queue().ptr(), 32);
@@ -178,7 +178,7 @@ fn bad_configs_are_errors() {
             train_limit: 8,
             ..tiny()
         },
-        Cpu::new(),
+        Cpu::<f32>::new(),
     )
     .err()
     .unwrap();
@@ -209,7 +209,7 @@ fn nan_loss_stops_with_an_error_and_keeps_the_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("nan");
     std::fs::create_dir_all(&dir).unwrap();
-    let mut t = Trainer::new(TrainConfig { lr: 1e30, ..tiny() }, Cpu::new()).unwrap();
+    let mut t = Trainer::new(TrainConfig { lr: 1e30, ..tiny() }, Cpu::<f32>::new()).unwrap();
     t.save_checkpoint(&dir).unwrap();
     let before = std::fs::read(dir.join(moco::train::CHECKPOINT_FILE)).unwrap();
     let stop = AtomicBool::new(false);

@@ -349,6 +349,12 @@ impl<T: Scalar> Backend for Cpu<T> {
         }
         Ok(())
     }
+    fn upload_f64(&self, host: &[f64]) -> Result<Vec<T>> {
+        Ok(host.iter().map(|&v| T::from_f64(v)).collect())
+    }
+    fn download_f64(&self, buf: &Vec<T>) -> Result<Vec<f64>> {
+        Ok(buf.iter().map(|v| v.to_f64()).collect())
+    }
     fn len(&self, buf: &Vec<T>) -> usize {
         buf.len()
     }
@@ -1069,9 +1075,9 @@ impl<T: Scalar> Backend for Cpu<T> {
         params: &mut Vec<T>,
         grads: &Vec<T>,
         momentum_buf: &mut Vec<T>,
-        lr: f32,
-        momentum: f32,
-        weight_decay: f32,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
     ) -> Result<()> {
         check_sgd(
             params.len(),
@@ -1082,9 +1088,9 @@ impl<T: Scalar> Backend for Cpu<T> {
             weight_decay,
         )?;
         let (lr, mom, wd) = (
-            T::from_f64(lr as f64),
-            T::from_f64(momentum as f64),
-            T::from_f64(weight_decay as f64),
+            T::from_f64(lr),
+            T::from_f64(momentum),
+            T::from_f64(weight_decay),
         );
         params
             .par_chunks_mut(ELEM_CHUNK)
@@ -1105,16 +1111,17 @@ pub(crate) fn check_sgd(
     p: usize,
     g: usize,
     b: usize,
-    lr: f32,
-    momentum: f32,
-    wd: f32,
+    lr: f64,
+    momentum: f64,
+    wd: f64,
 ) -> Result<()> {
     if p != g || p != b {
         return Err(Error::invalid(format!(
             "sgd: params ({p}), grads ({g}) and momentum buffer ({b}) must have the same length"
         )));
     }
-    if !lr.is_finite() || lr < 0.0 {
+    // The f32 backends compute with the values rounded to f32: they must be finite there.
+    if !(lr as f32).is_finite() || lr < 0.0 {
         return Err(Error::invalid(format!(
             "sgd: learning rate must be finite and >= 0, got {lr}"
         )));
@@ -1124,7 +1131,7 @@ pub(crate) fn check_sgd(
             "sgd: momentum must be in [0, 1], got {momentum}"
         )));
     }
-    if !wd.is_finite() || wd < 0.0 {
+    if !(wd as f32).is_finite() || wd < 0.0 {
         return Err(Error::invalid(format!(
             "sgd: weight decay must be finite and >= 0, got {wd}"
         )));

@@ -963,9 +963,9 @@ impl Backend for Cuda {
         params: &mut CudaSlice<f32>,
         grads: &CudaSlice<f32>,
         momentum_buf: &mut CudaSlice<f32>,
-        lr: f32,
-        momentum: f32,
-        weight_decay: f32,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
     ) -> Result<()> {
         check_sgd(
             params.len(),
@@ -992,9 +992,9 @@ impl Backend for Cuda {
             gp,
             bp,
             n,
-            lr,
-            momentum,
-            weight_decay
+            lr as f32,
+            momentum as f32,
+            weight_decay as f32
         );
         Ok(())
     }

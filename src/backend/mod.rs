@@ -265,6 +265,20 @@ pub trait Backend: Clone + Send + Sync {
     fn download_f32(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Overwrites `buf[off..off + src.len()]` with host values.
     fn write_f32(&self, buf: &mut Self::Buf, off: usize, src: &[f32]) -> Result<()>;
+    /// Copies host f64 values into a new buffer, rounded to the backend's scalar (the
+    /// default goes through f32, exact for f32 backends).
+    fn upload_f64(&self, host: &[f64]) -> Result<Self::Buf> {
+        let v: Vec<f32> = host.iter().map(|&x| x as f32).collect();
+        self.upload_f32(&v)
+    }
+    /// Copies a buffer back to the host as f64 (exact for f32 and f64 scalars).
+    fn download_f64(&self, buf: &Self::Buf) -> Result<Vec<f64>> {
+        Ok(self
+            .download_f32(buf)?
+            .into_iter()
+            .map(|x| x as f64)
+            .collect())
+    }
     /// Number of elements.
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Sets every element to zero.
@@ -421,15 +435,16 @@ pub trait Backend: Clone + Send + Sync {
     ) -> Result<()>;
 
     /// One SGD step over the whole flat buffer, PyTorch semantics (no dampening, no
-    /// Nesterov): `g = grad + wd p; buf = momentum buf + g; p -= lr buf`.
+    /// Nesterov): `g = grad + wd p; buf = momentum buf + g; p -= lr buf`. The
+    /// hyper-parameters are f64 and rounded to the backend's scalar (f32 on the GPU).
     fn sgd_step(
         &self,
         params: &mut Self::Buf,
         grads: &Self::Buf,
         momentum_buf: &mut Self::Buf,
-        lr: f32,
-        momentum: f32,
-        weight_decay: f32,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
     ) -> Result<()>;
 }
 

@@ -72,16 +72,16 @@ pub struct TrainArgs {
     pub warmup_epochs: Option<usize>,
     /// Weight decay. [demo/cifar: 5e-4, v1/v2 1e-4]
     #[arg(long)]
-    pub wd: Option<f32>,
+    pub wd: Option<f64>,
     /// Queue length K (need not be a multiple of the batch). [demo: 2048, cifar 4096, v1/v2 65536]
     #[arg(long)]
     pub moco_k: Option<usize>,
     /// Key-encoder momentum m. [demo/cifar: 0.99, v1/v2 0.999]
     #[arg(long)]
-    pub moco_m: Option<f32>,
+    pub moco_m: Option<f64>,
     /// Temperature T. [demo/cifar: 0.1, v1 0.07, v2 0.2]
     #[arg(long)]
-    pub moco_t: Option<f32>,
+    pub moco_t: Option<f64>,
     /// Symmetric loss loss(q1,k2) + loss(q2,k1). [off]
     #[arg(long)]
     pub symmetric: bool,

@@ -22,6 +22,8 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
+use crate::backend::Scalar;
+
 use crate::cuda::{abi::MocoContrastShape, Gpu};
 use crate::error::{CudaResultExt, Error, Result};
 
@@ -37,8 +39,9 @@ pub struct ContrastShape {
     pub c: usize,
     /// Keys in the queue (negatives).
     pub k: usize,
-    /// Temperature, > 0.
-    pub t: f32,
+    /// Temperature, > 0 (f64; the f32 kernels and the f32 CPU reference use it rounded to
+    /// f32, as PyTorch does for an f32 tensor divided by a Python float).
+    pub t: f64,
 }
 
 impl ContrastShape {
@@ -51,10 +54,23 @@ impl ContrastShape {
     /// assert!(ContrastShape::new(256, 128, 65536, 0.0).is_err());
     /// assert!(ContrastShape::new(0, 128, 16, 0.2).is_err());
     /// ```
-    pub fn new(n: usize, c: usize, k: usize, t: f32) -> Result<Self> {
+    pub fn new(n: usize, c: usize, k: usize, t: f64) -> Result<Self> {
         let s = ContrastShape { n, c, k, t };
         s.validate()?;
         Ok(s)
+    }
+
+    /// The temperature rounded to f32, as the f32 paths use it.
+    pub fn t32(&self) -> f32 {
+        self.t as f32
+    }
+
+    /// This shape with T rounded to f32 (what the f32 CPU reference computes with).
+    pub fn rounded_to_f32(&self) -> ContrastShape {
+        ContrastShape {
+            t: self.t32() as f64,
+            ..*self
+        }
     }
 
     /// Checks the shape (see [`ContrastShape::new`]).
@@ -65,7 +81,7 @@ impl ContrastShape {
                 self.n, self.c, self.k
             )));
         }
-        if !(self.t.is_finite() && self.t > 0.0) {
+        if !(self.t.is_finite() && self.t > 0.0 && self.t32() > 0.0 && self.t32().is_finite()) {
             return Err(Error::invalid(format!(
                 "temperature T must be > 0, got {}",
                 self.t
@@ -82,7 +98,7 @@ impl ContrastShape {
             n: self.n as u32,
             c: self.c as u32,
             k: self.k as u64,
-            inv_t: (1.0 / self.t as f64) as f32,
+            inv_t: (1.0 / self.t32() as f64) as f32,
             eps: NORMALIZE_EPS,
         }
     }
@@ -159,6 +175,56 @@ pub fn l2_normalize_cpu(x: &[f32], n: usize, c: usize) -> Result<(Vec<f32>, Vec<
     Ok((out, norms))
 }
 
+/// Row-wise L2 normalization of `x` (N x C) in any [`Scalar`] precision: norms in f64, each
+/// value divided in f64 and rounded (for f32 exactly [`l2_normalize_cpu`]'s output).
+pub fn l2_normalize_host<S: Scalar>(x: &[S], n: usize, c: usize) -> Result<Vec<S>> {
+    if c == 0 || x.len() != n * c {
+        return Err(Error::invalid(format!(
+            "normalize: {} elements is not N x C = {n} x {c}",
+            x.len()
+        )));
+    }
+    let mut out = vec![S::ZERO; n * c];
+    out.par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .for_each(|(o, row)| {
+            let norm = row
+                .iter()
+                .map(|&v| v.to_f64() * v.to_f64())
+                .sum::<f64>()
+                .sqrt();
+            let denom = norm.max(NORMALIZE_EPS as f64);
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = S::from_f64(v.to_f64() / denom);
+            }
+        });
+    Ok(out)
+}
+
+/// InfoNCE forward and backward in any [`Scalar`] precision: inputs widened to f64, T
+/// rounded to the scalar type (so f32 gives exactly [`infonce_cpu`]), the loss computed by
+/// [`infonce_f64`], the gradient rounded back.
+pub fn infonce_host<S: Scalar>(
+    q: &[S],
+    k: &[S],
+    queue: &[S],
+    s: ContrastShape,
+) -> Result<(InfoNceStats, Vec<S>)> {
+    let to64 = |x: &[S]| x.iter().map(|v| v.to_f64()).collect::<Vec<_>>();
+    let st = ContrastShape {
+        t: S::from_f64(s.t).to_f64(),
+        ..s
+    };
+    let (loss, grad, correct) = infonce_f64(&to64(q), &to64(k), &to64(queue), st)?;
+    Ok((
+        InfoNceStats {
+            loss,
+            accuracy: correct as f64 / s.n as f64,
+        },
+        grad.into_iter().map(S::from_f64).collect(),
+    ))
+}
+
 fn normalize_f64(row: &[f64]) -> (Vec<f64>, f64) {
     let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
     let denom = norm.max(NORMALIZE_EPS as f64);
@@ -181,7 +247,7 @@ fn dot64(a: &[f64], b: &[f32]) -> f64 {
 pub fn logits_cpu(q: &[f32], k: &[f32], queue: &[f32], s: ContrastShape) -> Result<Vec<f32>> {
     s.check_inputs(q.len(), k.len(), queue.len())?;
     let (c, kk) = (s.c, s.k);
-    let inv_t = 1.0 / s.t as f64;
+    let inv_t = 1.0 / s.t32() as f64;
     let mut out = vec![0.0f32; s.n * (1 + kk)];
     out.par_chunks_mut(1 + kk).enumerate().for_each(|(i, row)| {
         let qn = normalize_f64(
@@ -218,7 +284,7 @@ pub fn infonce_f64(
 ) -> Result<(f64, Vec<f64>, usize)> {
     s.check_inputs(q.len(), k.len(), queue.len())?;
     let (n, c, kk) = (s.n, s.c, s.k);
-    let inv_t = 1.0 / s.t as f64;
+    let inv_t = 1.0 / s.t;
     let eps = NORMALIZE_EPS as f64;
     let rows: Vec<(f64, Vec<f64>, bool)> = (0..n)
         .into_par_iter()
@@ -292,7 +358,7 @@ pub fn infonce_f64(
 /// ```
 pub fn infonce_cpu(q: &[f32], k: &[f32], queue: &[f32], s: ContrastShape) -> Result<InfoNceOutput> {
     let to64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-    let (loss, grad, correct) = infonce_f64(&to64(q), &to64(k), &to64(queue), s)?;
+    let (loss, grad, correct) = infonce_f64(&to64(q), &to64(k), &to64(queue), s.rounded_to_f32())?;
     Ok(InfoNceOutput {
         loss,
         accuracy: correct as f64 / s.n as f64,
@@ -631,7 +697,7 @@ impl Contrast {
             s.k,
             s.n,
             s.c,
-            1.0 / s.t,
+            1.0 / s.t32(),
             up,
             s.c,
             qn,
@@ -865,7 +931,7 @@ impl Contrast {
             s.k,
             s.n,
             s.c,
-            1.0 / s.t,
+            1.0 / s.t32(),
             queue,
             s.c,
             qn,

@@ -13,16 +13,28 @@
 //! | logits | [`logits_cpu`] | [`Contrast::logits`] |
 //! | InfoNCE fwd + bwd | [`infonce_cpu`], [`infonce_f64`] | [`Contrast::infonce`] |
 //! | symmetric InfoNCE | [`infonce_symmetric_cpu`] | [`Contrast::infonce_symmetric`] |
-//! | circular enqueue | [`enqueue_cpu`] | [`enqueue`], [`Queue`] |
+//! | circular enqueue | [`enqueue_cpu`] | [`enqueue`] |
+//!
+//! Written once for every backend over [`MocoBackend`] (the operations on a backend's own
+//! buffers, [`Cpu<f32>`](crate::backend::Cpu), `Cpu<f64>` and [`Cuda`](crate::backend::Cuda)):
+//! the [`Queue`] and the [`MocoHead`], which runs MoCo's contrastive half on the embeddings
+//! of an encoder the caller brings.
+pub mod backend;
 pub mod contrast;
+pub mod head;
 pub mod momentum;
 pub mod queue;
 
+pub use backend::MocoBackend;
+pub use head::{HeadOutput, MocoHead};
+
 pub use contrast::{
-    infonce_cpu, infonce_f64, infonce_symmetric_cpu, l2_normalize_cpu, logits_cpu, Contrast,
-    ContrastShape, InfoNceImpl, InfoNceOutput, InfoNceStats, NORMALIZE_EPS,
+    infonce_cpu, infonce_f64, infonce_host, infonce_symmetric_cpu, l2_normalize_cpu,
+    l2_normalize_host, logits_cpu, Contrast, ContrastShape, InfoNceImpl, InfoNceOutput,
+    InfoNceStats, NORMALIZE_EPS,
 };
 pub use momentum::{
-    momentum_update, momentum_update_cpu, momentum_update_multi, momentum_update_multi_cpu,
+    momentum_update, momentum_update_cpu, momentum_update_host, momentum_update_multi,
+    momentum_update_multi_cpu,
 };
-pub use queue::{enqueue, enqueue_cpu, Queue, QueueStorage};
+pub use queue::{enqueue, enqueue_cpu, initial_keys, Queue};

@@ -5,6 +5,7 @@
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
+use crate::backend::Scalar;
 use crate::cuda::{abi::MocoEmaArgs, Gpu, BLOCK};
 use crate::error::{CudaResultExt, Error, Result};
 
@@ -38,15 +39,32 @@ fn check_lengths(key: usize, query: usize) -> Result<()> {
 /// assert!(moco::ops::momentum_update_cpu(&mut key, &[1.0], 0.5).is_err());
 /// ```
 pub fn momentum_update_cpu(key: &mut [f32], query: &[f32], m: f32) -> Result<()> {
-    check_momentum(m)?;
+    momentum_update_host(key, query, m as f64)
+}
+
+/// CPU reference in any [`Scalar`] precision: `m` is rounded to the scalar type first (as
+/// the f32 paths take it), then `m * key + (1 - m) * query` is computed in f64 and rounded.
+/// For f32 this is exactly [`momentum_update_cpu`].
+///
+/// ```
+/// let mut key = vec![1.0f64, 2.0];
+/// moco::ops::momentum_update_host(&mut key, &[3.0, 4.0], 0.999).unwrap();
+/// assert!((key[0] - (0.999 * 1.0 + 0.001 * 3.0)).abs() < 1e-15);
+/// ```
+pub fn momentum_update_host<S: Scalar>(key: &mut [S], query: &[S], m: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&m) {
+        return Err(Error::invalid(format!(
+            "momentum m must be in [0, 1], got {m}"
+        )));
+    }
     check_lengths(key.len(), query.len())?;
-    let m64 = m as f64;
+    let m64 = S::from_f64(m).to_f64();
     let omm = 1.0 - m64;
     key.par_chunks_mut(CPU_CHUNK)
         .zip(query.par_chunks(CPU_CHUNK))
         .for_each(|(k, q)| {
             for (k, &q) in k.iter_mut().zip(q) {
-                *k = (m64 * *k as f64 + omm * q as f64) as f32;
+                *k = S::from_f64(m64 * k.to_f64() + omm * q.to_f64());
             }
         });
     Ok(())

@@ -2,10 +2,11 @@
 //!
 //! Unlike the reference implementation, which asserts `K % N == 0`, a batch that runs past
 //! the end wraps around to the start. `N > K` is an error (the batch would overwrite itself).
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use crate::cuda::{abi::MocoEnqueueArgs, Gpu, BLOCK};
 use crate::error::{CudaResultExt, Error, Result};
+use crate::ops::MocoBackend;
 
 fn check_enqueue(
     queue_len: usize,
@@ -53,9 +54,9 @@ fn check_enqueue(
 /// assert_eq!(q, vec![6.0, 0.0, 5.0]);
 /// assert_eq!(ptr, 1);
 /// ```
-pub fn enqueue_cpu(
-    queue: &mut [f32],
-    keys: &[f32],
+pub fn enqueue_cpu<T: Copy>(
+    queue: &mut [T],
+    keys: &[T],
     k: usize,
     c: usize,
     ptr: usize,
@@ -111,96 +112,100 @@ where
     Ok((ptr + n) % k)
 }
 
-/// Where a [`Queue`] keeps its keys.
-pub enum QueueStorage {
-    /// Host memory.
-    Cpu(Vec<f32>),
-    /// Device memory on this GPU.
-    Cuda(CudaSlice<f32>, Gpu),
-}
-
-/// The MoCo queue: K keys of dimension C, one per row, and the write pointer.
+/// The MoCo queue on backend `B`: K keys of dimension C, one per row, in the backend's own
+/// buffer (and so its precision: f64 on [`Cpu<f64>`](crate::backend::Cpu)), and the write
+/// pointer.
 ///
-/// Initialized as the reference does (`randn(C, K)` normalized per key), from a seed, with the
-/// same numbers on every device.
+/// Initialized as the reference does (`randn(C, K)` normalized per key), from a seed, with
+/// the same numbers on every backend (the f32 draws normalized in f64 and rounded to the
+/// backend's scalar).
 ///
 /// ```
+/// use moco::backend::Cpu;
 /// use moco::ops::Queue;
-/// let mut q = Queue::new_cpu(8, 4, 0).unwrap();
-/// q.enqueue_cpu(&[0.5; 3 * 4]).unwrap();
+/// let be = Cpu::<f32>::new();
+/// let mut q = Queue::new(&be, 8, 4, 0).unwrap();
+/// q.enqueue(&vec![0.5; 3 * 4]).unwrap();
 /// assert_eq!(q.ptr(), 3);
 /// let torch_layout = q.to_pytorch_layout().unwrap(); // C x K, like MoCo's `queue` buffer
 /// assert_eq!(torch_layout.len(), 4 * 8);
 /// ```
-pub struct Queue {
+pub struct Queue<B: MocoBackend> {
+    be: B,
     k: usize,
     c: usize,
     ptr: usize,
-    storage: QueueStorage,
+    keys: B::Buf,
 }
 
-impl std::fmt::Debug for Queue {
+impl<B: MocoBackend> std::fmt::Debug for Queue<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let dev = match &self.storage {
-            QueueStorage::Cpu(_) => "cpu".to_string(),
-            QueueStorage::Cuda(_, g) => format!("cuda:{}", g.ordinal()),
-        };
         f.debug_struct("Queue")
             .field("k", &self.k)
             .field("c", &self.c)
             .field("ptr", &self.ptr)
-            .field("device", &dev)
+            .field("backend", &self.be.name())
             .finish()
     }
 }
 
-/// `K x C` random-normal keys, each row L2-normalized, from `seed`.
-pub fn initial_keys(k: usize, c: usize, seed: u64) -> Result<Vec<f32>> {
+/// `K x C` random-normal keys, each row L2-normalized in f64, from `seed` (the queue's
+/// initial state; rounded to f32 by [`initial_keys`]).
+pub fn initial_keys_f64(k: usize, c: usize, seed: u64) -> Result<Vec<f64>> {
     if k == 0 || c == 0 {
         return Err(Error::invalid(format!(
             "queue needs K, C >= 1, got K={k} C={c}"
         )));
     }
-    let raw = crate::testing::normal(k * c, seed ^ 0x5155_4555_4555_4555);
-    Ok(crate::ops::contrast::l2_normalize_cpu(&raw, k, c)?.0)
+    let raw: Vec<f64> = crate::rng::normal(k * c, seed ^ 0x5155_4555_4555_4555)
+        .into_iter()
+        .map(|v| v as f64)
+        .collect();
+    crate::ops::contrast::l2_normalize_host(&raw, k, c)
 }
 
-impl Queue {
-    /// A host queue of K keys of dimension C.
-    pub fn new_cpu(k: usize, c: usize, seed: u64) -> Result<Queue> {
+/// `K x C` random-normal keys, each row L2-normalized, from `seed`.
+pub fn initial_keys(k: usize, c: usize, seed: u64) -> Result<Vec<f32>> {
+    Ok(initial_keys_f64(k, c, seed)?
+        .into_iter()
+        .map(|v| v as f32)
+        .collect())
+}
+
+impl<B: MocoBackend> Queue<B> {
+    /// A queue of K keys of dimension C on `be`, seeded.
+    pub fn new(be: &B, k: usize, c: usize, seed: u64) -> Result<Self> {
+        let keys = be.upload_f64(&initial_keys_f64(k, c, seed)?)?;
         Ok(Queue {
+            be: be.clone(),
             k,
             c,
             ptr: 0,
-            storage: QueueStorage::Cpu(initial_keys(k, c, seed)?),
+            keys,
         })
     }
 
-    /// A device queue on `gpu`, with the same initial keys as [`Queue::new_cpu`].
-    pub fn new_cuda(gpu: &Gpu, k: usize, c: usize, seed: u64) -> Result<Queue> {
-        let host = initial_keys(k, c, seed)?;
+    /// A queue from keys already in a buffer of `be` (K x C) and a pointer.
+    pub fn from_buffer(be: &B, keys: B::Buf, k: usize, c: usize, ptr: usize) -> Result<Self> {
+        check_enqueue(be.len(&keys), 0, k, c, ptr)?;
         Ok(Queue {
+            be: be.clone(),
             k,
             c,
-            ptr: 0,
-            storage: QueueStorage::Cuda(gpu.upload(&host)?, gpu.clone()),
+            ptr,
+            keys,
         })
     }
 
-    /// Rebuilds a queue from saved keys (K x C) and pointer, on the CPU or `gpu`.
-    pub fn from_parts(
-        keys: Vec<f32>,
-        k: usize,
-        c: usize,
-        ptr: usize,
-        gpu: Option<&Gpu>,
-    ) -> Result<Queue> {
+    /// A queue from host keys (K x C, rounded to the backend's scalar) and a pointer.
+    pub fn from_host(be: &B, keys: &[f32], k: usize, c: usize, ptr: usize) -> Result<Self> {
         check_enqueue(keys.len(), 0, k, c, ptr)?;
-        let storage = match gpu {
-            None => QueueStorage::Cpu(keys),
-            Some(g) => QueueStorage::Cuda(g.upload(&keys)?, g.clone()),
-        };
-        Ok(Queue { k, c, ptr, storage })
+        Self::from_buffer(be, be.upload_f32(keys)?, k, c, ptr)
+    }
+
+    /// The backend the keys live on.
+    pub fn backend(&self) -> &B {
+        &self.be
     }
 
     /// Number of keys K.
@@ -223,71 +228,43 @@ impl Queue {
         self.ptr
     }
 
-    /// The storage (host vector or device buffer).
-    pub fn storage(&self) -> &QueueStorage {
-        &self.storage
+    /// The keys (K x C) in the backend's buffer.
+    pub fn keys(&self) -> &B::Buf {
+        &self.keys
     }
 
-    /// The host keys (K x C), if the queue lives on the CPU.
-    pub fn host(&self) -> Option<&[f32]> {
-        match &self.storage {
-            QueueStorage::Cpu(v) => Some(v),
-            QueueStorage::Cuda(..) => None,
-        }
+    /// Writes N keys (N x C, normalized as MoCo keeps them) at the pointer, wrapping
+    /// around, and advances it.
+    pub fn enqueue(&mut self, keys: &B::Buf) -> Result<()> {
+        self.ptr = self
+            .be
+            .enqueue(&mut self.keys, keys, self.k, self.c, self.ptr)?;
+        Ok(())
     }
 
-    /// The device keys (K x C), if the queue lives on a GPU.
-    pub fn device(&self) -> Option<&CudaSlice<f32>> {
-        match &self.storage {
-            QueueStorage::Cuda(d, _) => Some(d),
-            QueueStorage::Cpu(_) => None,
-        }
-    }
-
-    /// Enqueues host keys (N x C) into a host queue.
-    pub fn enqueue_cpu(&mut self, keys: &[f32]) -> Result<()> {
-        match &mut self.storage {
-            QueueStorage::Cpu(v) => {
-                self.ptr = enqueue_cpu(v, keys, self.k, self.c, self.ptr)?;
-                Ok(())
-            }
-            QueueStorage::Cuda(..) => Err(Error::invalid(
-                "enqueue_cpu on a queue that lives on the GPU",
-            )),
-        }
-    }
-
-    /// Enqueues device keys (N x C) into a device queue.
-    pub fn enqueue_cuda<K: DevicePtr<f32>>(&mut self, keys: &K) -> Result<()> {
-        match &mut self.storage {
-            QueueStorage::Cuda(d, gpu) => {
-                self.ptr = enqueue(gpu, d, keys, self.k, self.c, self.ptr)?;
-                Ok(())
-            }
-            QueueStorage::Cpu(_) => Err(Error::invalid(
-                "enqueue_cuda on a queue that lives on the CPU",
-            )),
-        }
-    }
-
-    /// The keys as a host K x C matrix (copies from the GPU if needed).
+    /// The keys as a host K x C matrix (f32; copies from the GPU if needed).
     pub fn to_host(&self) -> Result<Vec<f32>> {
-        match &self.storage {
-            QueueStorage::Cpu(v) => Ok(v.clone()),
-            QueueStorage::Cuda(d, gpu) => gpu.download(d),
-        }
+        self.be.download_f32(&self.keys)
+    }
+
+    /// The keys as a host K x C matrix in f64 (exact for every backend).
+    pub fn to_host_f64(&self) -> Result<Vec<f64>> {
+        self.be.download_f64(&self.keys)
     }
 
     /// The keys in PyTorch MoCo's layout: the `queue` buffer is C x K (one key per column).
     pub fn to_pytorch_layout(&self) -> Result<Vec<f32>> {
-        let rows = self.to_host()?;
-        let (k, c) = (self.k, self.c);
-        let mut out = vec![0.0f32; k * c];
-        for i in 0..k {
-            for j in 0..c {
-                out[j * k + i] = rows[i * c + j];
-            }
-        }
-        Ok(out)
+        Ok(to_pytorch_layout(&self.to_host()?, self.k, self.c))
     }
+}
+
+/// Transposes a K x C queue (one key per row) into PyTorch MoCo's C x K `queue` buffer.
+pub fn to_pytorch_layout<T: Copy + Default>(rows: &[T], k: usize, c: usize) -> Vec<T> {
+    let mut out = vec![T::default(); k * c];
+    for i in 0..k.min(rows.len() / c.max(1)) {
+        for j in 0..c {
+            out[j * k + i] = rows[i * c + j];
+        }
+    }
+    out
 }

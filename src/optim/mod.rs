@@ -10,20 +10,20 @@ pub struct Sgd<B: Backend> {
     backend: B,
     buf: B::Buf,
     /// Momentum (MoCo: 0.9).
-    pub momentum: f32,
+    pub momentum: f64,
     /// Weight decay (MoCo: 1e-4; CIFAR recipe 5e-4).
-    pub weight_decay: f32,
+    pub weight_decay: f64,
 }
 
 impl<B: Backend> Sgd<B> {
     /// An optimizer for a flat buffer of `n` parameters, momentum buffer zeroed.
-    pub fn new(backend: B, n: usize, momentum: f32, weight_decay: f32) -> Result<Self> {
+    pub fn new(backend: B, n: usize, momentum: f64, weight_decay: f64) -> Result<Self> {
         if !(0.0..=1.0).contains(&momentum) {
             return Err(Error::invalid(format!(
                 "sgd: momentum must be in [0, 1], got {momentum}"
             )));
         }
-        if !weight_decay.is_finite() || weight_decay < 0.0 {
+        if !(weight_decay as f32).is_finite() || weight_decay < 0.0 {
             return Err(Error::invalid(format!(
                 "sgd: weight decay must be finite and >= 0, got {weight_decay}"
             )));
@@ -36,8 +36,9 @@ impl<B: Backend> Sgd<B> {
             weight_decay,
         })
     }
-    /// One step over the whole flat buffer (one fused pass on the GPU).
-    pub fn step(&mut self, params: &mut B::Buf, grads: &B::Buf, lr: f32) -> Result<()> {
+    /// One step over the whole flat buffer (one fused pass on the GPU), with the
+    /// hyper-parameters rounded to the backend's scalar.
+    pub fn step(&mut self, params: &mut B::Buf, grads: &B::Buf, lr: f64) -> Result<()> {
         self.backend.sgd_step(
             params,
             grads,

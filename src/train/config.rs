@@ -50,15 +50,15 @@ pub struct TrainConfig {
     /// Linear warmup epochs.
     pub warmup_epochs: usize,
     /// SGD momentum.
-    pub sgd_momentum: f32,
+    pub sgd_momentum: f64,
     /// Weight decay.
-    pub weight_decay: f32,
+    pub weight_decay: f64,
     /// Queue length K.
     pub moco_k: usize,
     /// Key-encoder momentum m.
-    pub moco_m: f32,
+    pub moco_m: f64,
     /// Temperature T.
-    pub moco_t: f32,
+    pub moco_t: f64,
     /// Symmetric loss `loss(q1, k2) + loss(q2, k1)`.
     pub symmetric: bool,
     /// BatchNorm groups emulating shuffle-BN on one device (1 = plain BatchNorm).
@@ -295,15 +295,28 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.moco_m) {
             return err(format!("--moco-m must be in [0, 1], got {}", self.moco_m));
         }
-        if !(self.moco_t.is_finite() && self.moco_t > 0.0) {
-            return err(format!("--moco-t must be > 0, got {}", self.moco_t));
-        }
-        // Every float must be finite: config.json cannot hold inf or NaN (JSON writes
-        // null), so such a run could never be resumed. A JSON 1e39 is an infinite f32.
-        if !self.weight_decay.is_finite() || !self.sgd_momentum.is_finite() {
+        // The f32 kernels see T rounded to f32: it must stay positive and finite there too.
+        let t32 = self.moco_t as f32;
+        if !(t32.is_finite() && t32 > 0.0 && self.moco_t.is_finite()) {
             return err(format!(
-                "--wd and sgd_momentum must be finite numbers, got {} and {}",
-                self.weight_decay, self.sgd_momentum
+                "--moco-t must be > 0 and within f32 range, got {}",
+                self.moco_t
+            ));
+        }
+        // Every float must be finite, also once rounded to f32 for the f32 backends:
+        // config.json cannot hold inf or NaN (JSON writes null), so such a run could never
+        // be resumed. A JSON 1e39 is finite in f64 but infinite in f32.
+        let wd32 = self.weight_decay as f32;
+        if !(wd32.is_finite() && self.weight_decay >= 0.0) {
+            return err(format!(
+                "--wd must be a finite number >= 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sgd_momentum) {
+            return err(format!(
+                "sgd_momentum must be in [0, 1], got {}",
+                self.sgd_momentum
             ));
         }
         if !(self.lr.is_finite() && self.lr >= 0.0) {

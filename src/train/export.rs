@@ -96,7 +96,8 @@ pub fn encoder_tensors(
 pub fn queue_tensors(meta: &CheckpointMeta, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
     let (k, c) = (meta.config.moco_k, meta.config.dim);
     let q = find(tensors, "queue")?;
-    let ck = Queue::from_parts(q.data.clone(), k, c, meta.queue_ptr, None)?.to_pytorch_layout()?;
+    let ck =
+        Queue::from_host(&Cpu::<f32>::new(), &q.data, k, c, meta.queue_ptr)?.to_pytorch_layout()?;
     Ok(vec![
         Tensor {
             name: "queue".into(),

@@ -1,190 +1,23 @@
-//! The MoCo training loop, written once for every backend.
-//!
-//! One step (DESIGN.md): `q = f_q(x_q)`; momentum update `f_k <- m f_k + (1 - m) f_q`
-//! (parameters only); shuffle the key batch, `k = normalize(f_k(x_k))` with split
-//! BatchNorm, unshuffle; InfoNCE against the queue; backward into `f_q`; SGD; enqueue `k`.
-//! The seams where multi-GPU collectives would go are marked `// seam:`; on one device the
-//! communicator is the identity.
+//! The MoCo training loop, written once for every backend: a [`Moco`] state and step (see
+//! [`crate::train::moco`]) plus the data sets, the loader, the kNN monitor and the
+//! checkpoints of a run directory.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, Cpu, Cuda};
 use crate::data::synthetic::SyntheticConfig;
 use crate::data::{augment::Preset, Augment, Batch, DataSpec, Dataset, DatasetKind, Loader};
 use crate::error::{Error, Result};
-use crate::model::{Encoder, EncoderConfig, InputShape};
-use crate::ops::{self, ContrastShape, InfoNceImpl, InfoNceStats, Queue};
-use crate::optim::{LrSchedule, Sgd};
+use crate::model::{Encoder, InputShape};
+pub use crate::ops::MocoBackend;
+use crate::ops::Queue;
 use crate::train::checkpoint::{read_tensors, write_tensors, Tensor};
+use crate::train::moco::StepStats;
+use crate::train::moco::{Moco, StateCounters};
 use crate::train::{memory, TrainConfig};
-
-/// The contrastive operations on a backend's buffers.
-pub trait MocoBackend: Backend {
-    /// Per-trainer state of the contrastive operations (the GPU's workspace).
-    type Ctx;
-    /// Creates that state.
-    fn contrast_ctx(&self) -> Result<Self::Ctx>;
-    /// A seeded queue of K keys of dimension C on this backend.
-    fn new_queue(&self, k: usize, c: usize, seed: u64) -> Result<Queue>;
-    /// A queue rebuilt from saved keys and pointer.
-    fn queue_from(&self, keys: Vec<f32>, k: usize, c: usize, ptr: usize) -> Result<Queue>;
-    /// `key = m key + (1 - m) query` over flat buffers.
-    fn momentum(&self, key: &mut Self::Buf, query: &Self::Buf, m: f32) -> Result<()>;
-    /// Row-wise L2 normalization of an N x C buffer.
-    fn normalize(
-        &self,
-        ctx: &mut Self::Ctx,
-        x: &Self::Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<Self::Buf>;
-    /// InfoNCE forward + backward: (loss and accuracy, dloss/dq).
-    fn infonce(
-        &self,
-        ctx: &mut Self::Ctx,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        queue: &Queue,
-        s: ContrastShape,
-        imp: InfoNceImpl,
-    ) -> Result<(InfoNceStats, Self::Buf)>;
-    /// Writes N normalized keys at the queue pointer.
-    fn enqueue(&self, queue: &mut Queue, keys: &Self::Buf) -> Result<()>;
-    /// For each buffer, how many of its elements are NaN or infinite (the per-step state
-    /// check; waits for the device).
-    fn count_non_finite(&self, bufs: &[&Self::Buf]) -> Result<Vec<u64>>;
-    /// Free memory of the device in bytes, or `None` when the buffers live in host memory.
-    fn free_device_memory(&self) -> Result<Option<u64>>;
-}
-
-impl MocoBackend for Cpu<f32> {
-    type Ctx = ();
-    fn contrast_ctx(&self) -> Result<()> {
-        Ok(())
-    }
-    fn new_queue(&self, k: usize, c: usize, seed: u64) -> Result<Queue> {
-        Queue::new_cpu(k, c, seed)
-    }
-    fn queue_from(&self, keys: Vec<f32>, k: usize, c: usize, ptr: usize) -> Result<Queue> {
-        Queue::from_parts(keys, k, c, ptr, None)
-    }
-    fn momentum(&self, key: &mut Vec<f32>, query: &Vec<f32>, m: f32) -> Result<()> {
-        ops::momentum_update_cpu(key, query, m)
-    }
-    fn normalize(&self, _: &mut (), x: &Vec<f32>, n: usize, c: usize) -> Result<Vec<f32>> {
-        Ok(ops::l2_normalize_cpu(x, n, c)?.0)
-    }
-    fn infonce(
-        &self,
-        _: &mut (),
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        queue: &Queue,
-        s: ContrastShape,
-        _imp: InfoNceImpl,
-    ) -> Result<(InfoNceStats, Vec<f32>)> {
-        let keys = queue
-            .host()
-            .ok_or_else(|| Error::invalid("CPU training needs a host queue"))?;
-        let out = ops::infonce_cpu(q, k, keys, s)?;
-        Ok((
-            InfoNceStats {
-                loss: out.loss,
-                accuracy: out.accuracy,
-            },
-            out.grad_q,
-        ))
-    }
-    fn enqueue(&self, queue: &mut Queue, keys: &Vec<f32>) -> Result<()> {
-        queue.enqueue_cpu(keys)
-    }
-    fn count_non_finite(&self, bufs: &[&Vec<f32>]) -> Result<Vec<u64>> {
-        Ok(bufs
-            .iter()
-            .map(|b| b.iter().filter(|v| !v.is_finite()).count() as u64)
-            .collect())
-    }
-    fn free_device_memory(&self) -> Result<Option<u64>> {
-        Ok(None)
-    }
-}
-
-impl MocoBackend for Cuda {
-    type Ctx = ops::Contrast;
-    fn contrast_ctx(&self) -> Result<ops::Contrast> {
-        Ok(ops::Contrast::new(self.gpu()))
-    }
-    fn new_queue(&self, k: usize, c: usize, seed: u64) -> Result<Queue> {
-        Queue::new_cuda(self.gpu(), k, c, seed)
-    }
-    fn queue_from(&self, keys: Vec<f32>, k: usize, c: usize, ptr: usize) -> Result<Queue> {
-        Queue::from_parts(keys, k, c, ptr, Some(self.gpu()))
-    }
-    fn momentum(&self, key: &mut Self::Buf, query: &Self::Buf, m: f32) -> Result<()> {
-        ops::momentum_update(self.gpu(), key, query, m)
-    }
-    fn normalize(
-        &self,
-        ctx: &mut ops::Contrast,
-        x: &Self::Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<Self::Buf> {
-        let mut out = self.zeros(n * c)?;
-        ctx.normalize(x, &mut out, n, c)?;
-        Ok(out)
-    }
-    fn infonce(
-        &self,
-        ctx: &mut ops::Contrast,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        queue: &Queue,
-        s: ContrastShape,
-        imp: InfoNceImpl,
-    ) -> Result<(InfoNceStats, Self::Buf)> {
-        let keys = queue
-            .device()
-            .ok_or_else(|| Error::invalid("GPU training needs a device queue"))?;
-        let mut grad = self.zeros(s.n * s.c)?;
-        let stats = ctx.infonce(q, k, keys, s, &mut grad, imp)?;
-        Ok((stats, grad))
-    }
-    fn enqueue(&self, queue: &mut Queue, keys: &Self::Buf) -> Result<()> {
-        queue.enqueue_cuda(keys)
-    }
-    fn count_non_finite(&self, bufs: &[&Self::Buf]) -> Result<Vec<u64>> {
-        Cuda::count_non_finite(self, bufs)
-    }
-    fn free_device_memory(&self) -> Result<Option<u64>> {
-        let (free, _total) = self
-            .gpu()
-            .context()
-            .mem_get_info()
-            .map_err(|e| Error::cuda("cuMemGetInfo", e))?;
-        Ok(Some(free as u64))
-    }
-}
-
-/// What one training step reports.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepStats {
-    /// InfoNCE loss (the sum of both halves with the symmetric loss).
-    pub loss: f64,
-    /// Contrastive top-1 accuracy in [0, 1].
-    pub accuracy: f64,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Images in the batch.
-    pub images: usize,
-}
 
 /// Running sums of the current epoch (checkpointed so a resumed epoch reports the same).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -239,20 +72,13 @@ pub const PREV_CHECKPOINT_FILE: &str = "checkpoint.prev.safetensors";
 pub struct Trainer<B: MocoBackend> {
     cfg: TrainConfig,
     be: B,
-    ctx: B::Ctx,
-    enc_q: Encoder<B>,
-    enc_k: Encoder<B>,
-    opt: Sgd<B>,
-    queue: Queue,
-    sched: LrSchedule,
+    moco: Moco<B>,
     loader: Loader,
     train_set: Arc<Dataset>,
     test_set: Arc<Dataset>,
     eval_aug: Augment,
-    imp: InfoNceImpl,
     epoch: usize,
     step_in_epoch: usize,
-    global_step: usize,
     sums: EpochSums,
     /// Run directory of the newest checkpoint written or loaded.
     ckpt_dir: Option<PathBuf>,
@@ -331,41 +157,17 @@ impl<B: MocoBackend> Trainer<B> {
         let train = Arc::new(train);
         let loader =
             Loader::train(train.clone(), aug, cfg.batch_size, cfg.seed)?.workers(cfg.workers)?;
-        let enc_cfg = EncoderConfig {
-            arch: cfg.arch.parse()?,
-            in_channels: train.channels,
-            dim: cfg.dim,
-            mlp: cfg.mlp,
-        };
-        let enc_q = Encoder::new(be.clone(), enc_cfg, cfg.seed)?;
-        let enc_k = Encoder::new(be.clone(), enc_cfg, cfg.seed)?; // same seed: a copy of f_q
-        let opt = Sgd::new(
-            be.clone(),
-            enc_q.table().num_params(),
-            cfg.sgd_momentum,
-            cfg.weight_decay,
-        )?;
-        let queue = be.new_queue(cfg.moco_k, cfg.dim, cfg.seed)?;
-        let sched = cfg.lr_schedule(loader.steps_per_epoch());
-        sched.validate()?;
-        let ctx = be.contrast_ctx()?;
+        let moco = Moco::new(&cfg, be.clone(), train.channels, loader.steps_per_epoch())?;
         Ok(Trainer {
-            imp: cfg.infonce.parse()?,
             cfg,
             be,
-            ctx,
-            enc_q,
-            enc_k,
-            opt,
-            queue,
-            sched,
+            moco,
             loader,
             train_set: train,
             test_set: Arc::new(test),
             eval_aug,
             epoch: 0,
             step_in_epoch: 0,
-            global_step: 0,
             sums: EpochSums::default(),
             ckpt_dir: None,
             ckpt_unconfirmed: false,
@@ -386,7 +188,15 @@ impl<B: MocoBackend> Trainer<B> {
     }
     /// Steps done in the whole run.
     pub fn global_step(&self) -> usize {
-        self.global_step
+        self.moco.global_step()
+    }
+    /// The MoCo state and step (encoders, queue, optimizer, schedule).
+    pub fn moco(&self) -> &Moco<B> {
+        &self.moco
+    }
+    /// The MoCo state, mutable (to set a starting state).
+    pub fn moco_mut(&mut self) -> &mut Moco<B> {
+        &mut self.moco
     }
     /// Steps per epoch (drop_last, as the reference).
     pub fn steps_per_epoch(&self) -> usize {
@@ -394,15 +204,15 @@ impl<B: MocoBackend> Trainer<B> {
     }
     /// The query encoder.
     pub fn encoder_q(&self) -> &Encoder<B> {
-        &self.enc_q
+        self.moco.encoder_q()
     }
     /// The key encoder.
     pub fn encoder_k(&self) -> &Encoder<B> {
-        &self.enc_k
+        self.moco.encoder_k()
     }
     /// The queue.
-    pub fn queue(&self) -> &Queue {
-        &self.queue
+    pub fn queue(&self) -> &Queue<B> {
+        self.moco.queue()
     }
     /// The training-data loader.
     pub fn loader(&self) -> &Loader {
@@ -415,57 +225,6 @@ impl<B: MocoBackend> Trainer<B> {
 
     fn shape(&self, b: &Batch) -> InputShape {
         InputShape::new(b.n, b.c, b.h, b.w)
-    }
-
-    /// Keys for the views `x` (N images): shuffle, key encoder with split BatchNorm,
-    /// unshuffle, normalize. Shuffle-BN on one device.
-    fn keys(&mut self, x: &[f32], shape: InputShape, salt: u64) -> Result<B::Buf> {
-        let n = shape.n;
-        let img = shape.c * shape.h * shape.w;
-        // seam: a multi-GPU run gathers x across ranks and shuffles the global batch here.
-        let mut perm: Vec<usize> = (0..n).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            self.cfg.seed ^ 0x5348_5546 ^ (self.global_step as u64) << 1 ^ salt,
-        );
-        perm.shuffle(&mut rng);
-        let mut shuffled = vec![0.0f32; x.len()];
-        for (dst, &src) in perm.iter().enumerate() {
-            shuffled[dst * img..(dst + 1) * img].copy_from_slice(&x[src * img..(src + 1) * img]);
-        }
-        let xd = self.be.upload_f32(&shuffled)?;
-        let k = self
-            .enc_k
-            .forward_no_grad(&xd, shape, true, self.cfg.bn_splits)?;
-        // Unshuffle: row dst of the output belongs to image perm[dst].
-        let dim = self.cfg.dim;
-        let kh = self.be.download_f32(&k)?;
-        let mut un = vec![0.0f32; kh.len()];
-        for (dst, &src) in perm.iter().enumerate() {
-            un[src * dim..(src + 1) * dim].copy_from_slice(&kh[dst * dim..(dst + 1) * dim]);
-        }
-        let ku = self.be.upload_f32(&un)?;
-        self.be.normalize(&mut self.ctx, &ku, n, dim)
-    }
-
-    /// Query forward, loss, backward for one (query view, key) pair; accumulates into the
-    /// gradient buffer.
-    fn query_pass(&mut self, x: &[f32], shape: InputShape, k: &B::Buf) -> Result<InfoNceStats> {
-        let xd = self.be.upload_f32(x)?;
-        let q = self.enc_q.forward(&xd, shape, true, self.cfg.bn_splits)?;
-        let s = ContrastShape::new(shape.n, self.cfg.dim, self.cfg.moco_k, self.cfg.moco_t)?;
-        let (stats, grad) = self
-            .be
-            .infonce(&mut self.ctx, &q, k, &self.queue, s, self.imp)?;
-        if !stats.loss.is_finite() {
-            return Err(Error::Diverged(format!(
-                "loss is {} at epoch {} step {}",
-                stats.loss,
-                self.epoch + 1,
-                self.step_in_epoch + 1
-            )));
-        }
-        self.enc_q.backward(&grad)?;
-        Ok(stats)
     }
 
     /// One training step on a two-view batch.
@@ -532,44 +291,6 @@ impl<B: MocoBackend> Trainer<B> {
         }
     }
 
-    /// The whole state is finite (see [`Trainer::step`]).
-    fn check_state(&self, keys: &[&B::Buf]) -> Result<()> {
-        let mut names = vec![
-            "encoder_q.params",
-            "encoder_k.params",
-            "encoder_q.running",
-            "encoder_k.running",
-            "optimizer.momentum",
-        ];
-        let mut bufs = vec![
-            self.enc_q.params(),
-            self.enc_k.params(),
-            self.enc_q.running_stats(),
-            self.enc_k.running_stats(),
-            self.opt.momentum_buffer(),
-        ];
-        for k in keys {
-            names.push("keys");
-            bufs.push(k);
-        }
-        let counts = self.be.count_non_finite(&bufs)?;
-        let bad: Vec<String> = names
-            .iter()
-            .zip(&counts)
-            .filter(|(_, &c)| c > 0)
-            .map(|(n, c)| format!("{n} ({c} values)"))
-            .collect();
-        if bad.is_empty() {
-            return Ok(());
-        }
-        Err(Error::Diverged(format!(
-            "epoch {} step {} made the state non-finite: {}",
-            self.epoch + 1,
-            self.step_in_epoch + 1,
-            bad.join(", ")
-        )))
-    }
-
     fn step_inner(&mut self, batch: &Batch) -> Result<StepStats> {
         if batch.x_k.len() != batch.x_q.len() || batch.n == 0 {
             return Err(Error::invalid(
@@ -577,51 +298,19 @@ impl<B: MocoBackend> Trainer<B> {
             ));
         }
         let shape = self.shape(batch);
-        let lr = self.sched.lr_at(self.global_step);
-        // Key encoder: momentum update (parameters only), then keys without gradients.
-        self.be.momentum(
-            self.enc_k.params_mut(),
-            self.enc_q.params(),
-            self.cfg.moco_m,
-        )?;
-        self.enc_q.zero_grad()?;
-        let stats = if self.cfg.symmetric {
-            let k1 = self.keys(&batch.x_q, shape, 1)?;
-            let k2 = self.keys(&batch.x_k, shape, 2)?;
-            let a = self.query_pass(&batch.x_q, shape, &k2)?;
-            let b = self.query_pass(&batch.x_k, shape, &k1)?;
-            self.apply_sgd(lr)?;
-            self.check_state(&[&k1, &k2])?;
-            // seam: gather keys from every rank before the enqueue.
-            self.be.enqueue(&mut self.queue, &k1)?;
-            self.be.enqueue(&mut self.queue, &k2)?;
-            InfoNceStats {
-                loss: a.loss + b.loss,
-                accuracy: 0.5 * (a.accuracy + b.accuracy),
-            }
-        } else {
-            let k = self.keys(&batch.x_k, shape, 0)?;
-            let st = self.query_pass(&batch.x_q, shape, &k)?;
-            self.apply_sgd(lr)?;
-            self.check_state(&[&k])?;
-            // seam: gather keys from every rank before the enqueue.
-            self.be.enqueue(&mut self.queue, &k)?;
-            st
-        };
-        self.global_step += 1;
+        let st = self
+            .moco
+            .step(&batch.x_q, &batch.x_k, shape)
+            .map_err(|e| match e {
+                Error::Diverged(m) => Error::Diverged(format!(
+                    "epoch {} step {}: {m}",
+                    self.epoch + 1,
+                    self.step_in_epoch + 1
+                )),
+                e => e,
+            })?;
         self.step_in_epoch += 1;
-        Ok(StepStats {
-            loss: stats.loss,
-            accuracy: stats.accuracy,
-            lr,
-            images: batch.n,
-        })
-    }
-
-    fn apply_sgd(&mut self, lr: f64) -> Result<()> {
-        // seam: all-reduce the gradients across ranks here.
-        let (params, grads) = self.enc_q.params_and_grads();
-        self.opt.step(params, grads, lr as f32)
+        Ok(st)
     }
 
     /// Trains the rest of the current epoch (from its current step), calling `on_step`
@@ -669,7 +358,8 @@ impl<B: MocoBackend> Trainer<B> {
         while let Some(b) = it.try_next() {
             let b = b?;
             let x = self.be.upload_f32(&b.x_q)?;
-            let f = self.enc_q.features(&x, self.shape(&b))?;
+            let shape = self.shape(&b);
+            let f = self.moco.encoder_q_mut().features(&x, shape)?;
             feats.extend(self.be.download_f32(&f)?);
             labels.extend(b.labels);
         }
@@ -696,7 +386,7 @@ impl<B: MocoBackend> Trainer<B> {
     pub fn knn_top1(&mut self) -> Result<f64> {
         let (bank, bank_labels) = self.features(&self.train_set.clone())?;
         let (test, test_labels) = self.features(&self.test_set.clone())?;
-        let dim = self.enc_q.feature_dim();
+        let dim = self.moco.encoder_q().feature_dim();
         crate::eval::knn::knn_top1(
             &bank,
             &bank_labels,
@@ -714,39 +404,17 @@ impl<B: MocoBackend> Trainer<B> {
     /// The checkpoint it replaces is kept as [`PREV_CHECKPOINT_FILE`] until the next step
     /// proves the new one finite (see [`Trainer::step`]).
     pub fn save_checkpoint(&mut self, dir: &Path) -> Result<PathBuf> {
-        let be = &self.be;
-        let flat = |name: &str, buf: &B::Buf| -> Result<Tensor> {
-            let data = be.download_f32(buf)?;
-            Ok(Tensor {
-                name: name.to_string(),
-                shape: vec![data.len()],
-                data,
-            })
-        };
-        let tensors = vec![
-            flat("encoder_q.params", self.enc_q.params())?,
-            flat("encoder_q.running", self.enc_q.running_stats())?,
-            flat("encoder_k.params", self.enc_k.params())?,
-            flat("encoder_k.running", self.enc_k.running_stats())?,
-            flat("optimizer.momentum", self.opt.momentum_buffer())?,
-            Tensor {
-                name: "queue".into(),
-                shape: vec![self.queue.len(), self.queue.dim()],
-                data: self.queue.to_host()?,
-            },
-        ];
+        let tensors = self.moco.tensors()?;
+        let counters = self.moco.counters();
         let meta = CheckpointMeta {
             version: crate::VERSION.into(),
             config: self.cfg.clone(),
             epoch: self.epoch,
             step_in_epoch: self.step_in_epoch,
-            global_step: self.global_step,
-            queue_ptr: self.queue.ptr(),
-            in_channels: self.enc_q.config().in_channels,
-            num_batches_tracked: (
-                self.enc_q.num_batches_tracked(),
-                self.enc_k.num_batches_tracked(),
-            ),
+            global_step: counters.global_step,
+            queue_ptr: counters.queue_ptr,
+            in_channels: self.moco.encoder_q().config().in_channels,
+            num_batches_tracked: counters.num_batches_tracked,
             epoch_sums: self.sums.clone(),
             rng: "pure(seed, epoch, step, index)".into(),
         };
@@ -792,39 +460,17 @@ impl<B: MocoBackend> Trainer<B> {
         };
         let cfg = cfg.unwrap_or_else(|| meta.config.clone());
         let mut t = Trainer::new(cfg, be)?;
-        let get = |name: &str| -> Result<&Tensor> {
-            tensors
-                .iter()
-                .find(|x| x.name == name)
-                .ok_or_else(|| bad(format!("tensor {name} missing")))
+        let counters = StateCounters {
+            global_step: meta.global_step,
+            queue_ptr: meta.queue_ptr,
+            num_batches_tracked: meta.num_batches_tracked,
         };
-        let load = |be: &B, buf: &mut B::Buf, name: &str| -> Result<()> {
-            let src = get(name)?;
-            if src.data.len() != be.len(buf) {
-                return Err(bad(format!(
-                    "{name} has {} values, this model needs {} (different --arch/--dim/--mlp?)",
-                    src.data.len(),
-                    be.len(buf)
-                )));
-            }
-            be.write_f32(buf, 0, &src.data)
-        };
-        load(&t.be, t.enc_q.params_mut(), "encoder_q.params")?;
-        load(&t.be, t.enc_q.running_stats_mut(), "encoder_q.running")?;
-        load(&t.be, t.enc_k.params_mut(), "encoder_k.params")?;
-        load(&t.be, t.enc_k.running_stats_mut(), "encoder_k.running")?;
-        load(&t.be, t.opt.momentum_buffer_mut(), "optimizer.momentum")?;
-        let q = get("queue")?;
-        if q.shape != [t.cfg.moco_k, t.cfg.dim] {
-            return Err(bad(format!(
-                "queue shape {:?} does not match K x C = {} x {}",
-                q.shape, t.cfg.moco_k, t.cfg.dim
-            )));
-        }
-        t.queue =
-            t.be.queue_from(q.data.clone(), t.cfg.moco_k, t.cfg.dim, meta.queue_ptr)?;
-        t.enc_q.set_num_batches_tracked(meta.num_batches_tracked.0);
-        t.enc_k.set_num_batches_tracked(meta.num_batches_tracked.1);
+        t.moco
+            .load_tensors(&tensors, counters)
+            .map_err(|e| match e {
+                Error::InvalidArgument(m) => bad(m),
+                e => e,
+            })?;
         if meta.step_in_epoch > t.steps_per_epoch() {
             return Err(bad(
                 "step beyond the epoch: the data set or batch size changed".into(),
@@ -832,7 +478,6 @@ impl<B: MocoBackend> Trainer<B> {
         }
         t.epoch = meta.epoch;
         t.step_in_epoch = meta.step_in_epoch;
-        t.global_step = meta.global_step;
         t.sums = meta.epoch_sums;
         t.ckpt_dir = Some(dir.to_path_buf());
         t.ckpt_unconfirmed = true;
