@@ -8,7 +8,12 @@
 //! * [`Device`]: CPU or CUDA, with auto-selection.
 //! * [`data`]: data sets (synthetic, IDX, CIFAR, image folders), augmentation, loader.
 //! * [`eval`]: the kNN monitor.
-//! * [`train`]: checkpoints (safetensors), per-epoch metrics (JSON lines) and plots.
+//! * [`train`]: the MoCo state and step ([`train::Moco`]), the trainer, checkpoints
+//!   (safetensors), per-epoch metrics (JSON lines) and plots; [`export`] writes
+//!   torchvision-named encoder files.
+//! * [`ops::MocoHead`]: MoCo's contrastive half for an encoder you bring.
+//!
+//! Using the crate as a library, level by level: `docs/library.md`.
 //!
 //! ```
 //! // The CPU reference works everywhere.
@@ -32,7 +37,13 @@ pub mod testing;
 pub mod train;
 
 pub use device::Device;
+pub use train::export;
 pub use error::{Error, Result};
+
+/// The examples of `docs/library.md`, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/library.md")]
+pub struct LibraryDocs;
 
 /// Crate version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
