@@ -37,8 +37,8 @@ pub mod testing;
 pub mod train;
 
 pub use device::Device;
-pub use train::export;
 pub use error::{Error, Result};
+pub use train::export;
 
 /// The examples of `docs/library.md`, compiled and run as doctests.
 #[cfg(doctest)]

@@ -315,7 +315,7 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.sgd_momentum) {
             return err(format!(
-                "sgd_momentum must be in [0, 1], got {}",
+                "sgd_momentum must be a finite number in [0, 1], got {}",
                 self.sgd_momentum
             ));
         }
