@@ -1,6 +1,7 @@
 //! Bring your own encoder: a linear encoder `f(x) = W x` written by hand on host vectors,
-//! trained with moco's [`MocoHead`] (queue, temperature, InfoNCE forward and backward,
-//! enqueue, momentum update). The same code runs on the GPU with `Cuda` buffers.
+//! stepped with moco's [`MocoHead`] (queue, temperature, InfoNCE forward and backward,
+//! enqueue, momentum update). It shows the calls; it is not a tuned training run. The same
+//! calls take `Cuda` buffers on the GPU.
 //!
 //! ```sh
 //! cargo run --release --example byo_encoder
@@ -37,15 +38,13 @@ fn main() -> moco::Result<()> {
     let mut w_q = moco::rng::normal(c * d, 7);
     let mut w_k = w_q.clone();
     let mut head = MocoHead::new(Cpu::<f32>::new(), k, c, 0.2, 0)?;
-    // Data: 4 prototypes; two views of an image are its prototype plus independent noise.
-    let protos = moco::rng::normal(4 * d, 1);
+    // Data: every image is a fresh random vector; its two views add independent noise.
     for step in 0..200u64 {
+        let images = moco::rng::normal(n * d, 500_000 + step);
         let noise_q = moco::rng::normal(n * d, 1000 + 2 * step);
         let noise_k = moco::rng::normal(n * d, 1001 + 2 * step);
         let view = |noise: &[f32]| -> Vec<f32> {
-            (0..n * d)
-                .map(|i| protos[(i / d) % 4 * d + i % d] + 0.5 * noise[i])
-                .collect()
+            (0..n * d).map(|i| images[i] + 0.5 * noise[i]).collect()
         };
         let (x_q, x_k) = (view(&noise_q), view(&noise_k));
         head.momentum_update(&mut [(&mut w_k, &w_q)], 0.99)?;
@@ -54,7 +53,7 @@ fn main() -> moco::Result<()> {
         let out = head.forward_backward(&q, &kk, n)?;
         let g = grad_w(&out.grad_q, &x_q, n, d, c);
         for (w, g) in w_q.iter_mut().zip(&g) {
-            *w -= 0.5 * g;
+            *w -= 0.1 * g;
         }
         head.enqueue(&out.keys)?;
         if step % 50 == 0 || step == 199 {
