@@ -164,19 +164,11 @@ impl MocoBackend for Cuda {
         Ok(ops::Contrast::new(self.gpu()))
     }
     fn momentum(&self, key: &mut Self::Buf, query: &Self::Buf, m: f64) -> Result<()> {
-        if !(0.0..=1.0).contains(&m) {
-            return Err(Error::invalid(format!(
-                "momentum m must be in [0, 1], got {m}"
-            )));
-        }
+        ops::momentum::check_momentum_f64(m)?;
         ops::momentum_update(self.gpu(), key, query, m as f32)
     }
     fn momentum_multi(&self, pairs: &mut [(&mut Self::Buf, &Self::Buf)], m: f64) -> Result<()> {
-        if !(0.0..=1.0).contains(&m) {
-            return Err(Error::invalid(format!(
-                "momentum m must be in [0, 1], got {m}"
-            )));
-        }
+        ops::momentum::check_momentum_f64(m)?;
         ops::momentum_update_multi(self.gpu(), pairs, m as f32)
     }
     fn normalize(

@@ -13,6 +13,11 @@ use crate::error::{CudaResultExt, Error, Result};
 const CPU_CHUNK: usize = 1 << 16;
 
 pub(crate) fn check_momentum(m: f32) -> Result<()> {
+    check_momentum_f64(m as f64)
+}
+
+/// `m` must lie in [0, 1] (every path, whatever its precision).
+pub(crate) fn check_momentum_f64(m: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&m) {
         return Err(Error::invalid(format!(
             "momentum m must be in [0, 1], got {m}"
@@ -52,11 +57,7 @@ pub fn momentum_update_cpu(key: &mut [f32], query: &[f32], m: f32) -> Result<()>
 /// assert!((key[0] - (0.999 * 1.0 + 0.001 * 3.0)).abs() < 1e-15);
 /// ```
 pub fn momentum_update_host<S: Scalar>(key: &mut [S], query: &[S], m: f64) -> Result<()> {
-    if !(0.0..=1.0).contains(&m) {
-        return Err(Error::invalid(format!(
-            "momentum m must be in [0, 1], got {m}"
-        )));
-    }
+    check_momentum_f64(m)?;
     check_lengths(key.len(), query.len())?;
     let m64 = S::from_f64(m).to_f64();
     let omm = 1.0 - m64;
