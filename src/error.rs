@@ -70,6 +70,9 @@ pub enum Error {
     /// Training diverged (NaN or Inf).
     #[error("training diverged: {0}")]
     Diverged(String),
+    /// A collective of a distributed run failed: a rank left, timed out or disagreed.
+    #[error("distributed run: {0}")]
+    Comm(String),
     /// Something else, with a message.
     #[error("{0}")]
     Other(String),

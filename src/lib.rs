@@ -27,6 +27,7 @@ pub mod backend;
 pub mod cuda;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod model;

@@ -28,6 +28,7 @@
 //! moco.step_with_permutations(&x_q, &x_k, shape, &perm).unwrap();
 //! assert_eq!(moco.global_step(), 2);
 //! ```
+use crate::dist::{broadcast_indices, Communicator};
 use crate::error::{Error, Result};
 use crate::model::{Encoder, EncoderConfig, InputShape};
 use crate::ops::{InfoNceImpl, InfoNceStats, MocoBackend, MocoHead, Queue};
@@ -381,7 +382,6 @@ impl<B: MocoBackend> Moco<B> {
             let b = self.query_pass(x_k, shape, &k1)?;
             self.apply_sgd(lr)?;
             self.check_state(&[&k1, &k2])?;
-            // seam: gather keys from every rank before the enqueue.
             self.head.enqueue(&k1)?;
             self.head.enqueue(&k2)?;
             InfoNceStats {
@@ -393,7 +393,6 @@ impl<B: MocoBackend> Moco<B> {
             let st = self.query_pass(x_q, shape, &k)?;
             self.apply_sgd(lr)?;
             self.check_state(&[&k])?;
-            // seam: gather keys from every rank before the enqueue.
             self.head.enqueue(&k)?;
             st
         };
@@ -406,12 +405,216 @@ impl<B: MocoBackend> Moco<B> {
         })
     }
 
+    /// Brings this rank to rank 0's state: both encoders' parameters and BatchNorm
+    /// statistics, the optimizer's momentum, the queue and the counters (as DDP broadcasts
+    /// the model when it wraps it). Every rank calls it, once after building or resuming.
+    pub fn sync_from_rank0(&mut self, comm: &dyn Communicator<B>) -> Result<()> {
+        comm.broadcast(&self.be, self.enc_q.params_mut(), 0)?;
+        comm.broadcast(&self.be, self.enc_q.running_stats_mut(), 0)?;
+        comm.broadcast(&self.be, self.enc_k.params_mut(), 0)?;
+        comm.broadcast(&self.be, self.enc_k.running_stats_mut(), 0)?;
+        comm.broadcast(&self.be, self.opt.momentum_buffer_mut(), 0)?;
+        let c = self.counters();
+        let mut idx = [
+            c.global_step,
+            c.queue_ptr,
+            c.num_batches_tracked.0 as usize,
+            c.num_batches_tracked.1 as usize,
+        ];
+        broadcast_indices(comm, &mut idx, 0)?;
+        let (k, dim) = (self.head.queue().len(), self.head.queue().dim());
+        let mut keys = self.be.copy(self.head.queue().keys())?;
+        comm.broadcast(&self.be, &mut keys, 0)?;
+        *self.head.queue_mut() = Queue::from_buffer(&self.be, keys, k, dim, idx[1])?;
+        self.global_step = idx[0];
+        self.enc_q.set_num_batches_tracked(idx[2] as u64);
+        self.enc_k.set_num_batches_tracked(idx[3] as u64);
+        Ok(())
+    }
+
+    /// One data-parallel training step, the seed's: this rank's two views (`shape.n`
+    /// images each; the global batch is `shape.n x world`, rank `r` holding its images
+    /// `r, r + world, r + 2 world, ...`, as PyTorch's `DistributedSampler` deals them), with the default permutations of the global batch drawn on rank 0
+    /// and broadcast. Every rank of `comm` calls it with the same `shape`.
+    ///
+    /// What happens, as in the seed's `MoCo.forward` under DDP: the key images are
+    /// gathered from every rank, shuffled with rank 0's permutation, each rank runs the key
+    /// encoder on its block, the keys are gathered and unshuffled back to their images; the
+    /// query pass is local; the gradients are averaged over the ranks before SGD; the keys
+    /// of the whole global batch are enqueued on every rank. BatchNorm normalizes per rank
+    /// (shuffle-BN, no SyncBN); `bn_splits` counts groups over the global batch, so each
+    /// rank splits its block into `bn_splits / world`. Unlike the seed, the BatchNorm
+    /// running statistics are averaged over the ranks after each step (the seed keeps rank
+    /// 0's for the query encoder and each rank's own for the key encoder), so that every
+    /// rank holds the same state.
+    ///
+    /// The result equals [`Moco::step`] on the global batch with the same configuration,
+    /// up to rounding (the tests hold f64 to 1e-12).
+    pub fn step_distributed(
+        &mut self,
+        comm: &dyn Communicator<B>,
+        x_q: &[f32],
+        x_k: &[f32],
+        shape: InputShape,
+    ) -> Result<StepStats> {
+        let global = shape.n.checked_mul(comm.world()).ok_or_else(|| {
+            Error::invalid(format!(
+                "{} images x {} ranks overflows",
+                shape.n,
+                comm.world()
+            ))
+        })?;
+        let perms = if comm.rank() == 0 {
+            self.permutations(global)
+        } else {
+            let want = if self.cfg.symmetric { 2 } else { 1 };
+            vec![(0..global).collect(); want]
+        };
+        self.step_distributed_with_permutations(comm, x_q, x_k, shape, &perms)
+    }
+
+    /// [`Moco::step_distributed`] with permutations of the global batch chosen by the
+    /// caller; rank 0's are broadcast and used by every rank (the others' are ignored
+    /// beyond their count and length).
+    pub fn step_distributed_with_permutations(
+        &mut self,
+        comm: &dyn Communicator<B>,
+        x_q: &[f32],
+        x_k: &[f32],
+        shape: InputShape,
+        perms: &[Vec<usize>],
+    ) -> Result<StepStats> {
+        let (rank, world) = (comm.rank(), comm.world());
+        crate::dist::check_rank(rank, world)?;
+        let want = if self.cfg.symmetric { 2 } else { 1 };
+        if shape.n == 0 || x_q.len() != shape.len() || x_k.len() != shape.len() {
+            return Err(Error::invalid(format!(
+                "a training step needs two views of N >= 1 images of {} values each, got {} and {} for N = {}",
+                shape.c * shape.h * shape.w,
+                x_q.len(),
+                x_k.len(),
+                shape.n
+            )));
+        }
+        if !self.cfg.bn_splits.is_multiple_of(world) {
+            return Err(Error::invalid(format!(
+                "--bn-splits ({}) counts BatchNorm groups over the global batch and must be a multiple of the world size ({world})",
+                self.cfg.bn_splits
+            )));
+        }
+        let splits = self.cfg.bn_splits / world;
+        if !shape.n.is_multiple_of(splits) {
+            return Err(Error::invalid(format!(
+                "each rank's {} images do not split into {splits} BatchNorm groups",
+                shape.n
+            )));
+        }
+        let global = shape.n * world;
+        if perms.len() != want || perms.iter().any(|p| p.len() != global) {
+            return Err(Error::invalid(format!(
+                "this step needs {want} permutation(s) of the global batch of {global}"
+            )));
+        }
+        // Rank 0's permutations, on every rank.
+        let mut perms = perms.to_vec();
+        for p in perms.iter_mut() {
+            broadcast_indices(comm, p, 0)?;
+            crate::rng::check_permutation(p, global)?;
+        }
+        let lr = self.sched.lr_at(self.global_step);
+        self.be.momentum(
+            self.enc_k.params_mut(),
+            self.enc_q.params(),
+            self.cfg.moco_m,
+        )?;
+        self.enc_q.zero_grad()?;
+        let (stats, keys) = if self.cfg.symmetric {
+            let (k1, g1) = self.keys_distributed(comm, x_q, shape, &perms[0], splits)?;
+            let (k2, g2) = self.keys_distributed(comm, x_k, shape, &perms[1], splits)?;
+            let a = self.query_pass_splits(x_q, shape, &k2, splits, false)?;
+            let b = self.query_pass_splits(x_k, shape, &k1, splits, false)?;
+            let st = InfoNceStats {
+                loss: a.loss + b.loss,
+                accuracy: 0.5 * (a.accuracy + b.accuracy),
+            };
+            (st, vec![g1, g2])
+        } else {
+            let (k, g) = self.keys_distributed(comm, x_k, shape, &perms[0], splits)?;
+            let st = self.query_pass_splits(x_q, shape, &k, splits, false)?;
+            (st, vec![g])
+        };
+        // The loss and accuracy over the global batch; every rank sees the same numbers,
+        // so a divergence stops them all.
+        let mut s = [stats.loss, stats.accuracy];
+        comm.all_reduce_mean_host(&mut s)?;
+        if !s[0].is_finite() {
+            return Err(Error::Diverged(format!(
+                "loss is {} at step {}",
+                s[0],
+                self.global_step + 1
+            )));
+        }
+        comm.all_reduce_mean(&self.be, self.enc_q.grads_mut())?;
+        comm.all_reduce_mean(&self.be, self.enc_q.running_stats_mut())?;
+        comm.all_reduce_mean(&self.be, self.enc_k.running_stats_mut())?;
+        self.apply_sgd(lr)?;
+        self.check_state(&keys.iter().collect::<Vec<_>>())?;
+        for k in &keys {
+            self.head.enqueue(k)?;
+        }
+        self.global_step += 1;
+        Ok(StepStats {
+            loss: s[0],
+            accuracy: s[1],
+            lr,
+            images: global,
+        })
+    }
+
+    /// This rank's normalized keys in a distributed step, and (second) the keys of the
+    /// whole global batch in global order for the enqueue: gather the key images of every
+    /// rank, take this rank's rows of the shuffled global batch, key encoder with `splits`
+    /// groups, gather the keys, pick this rank's images' rows (the unshuffle).
+    ///
+    /// Global image `j * world + r` is rank `r`'s image `j` (the layout of PyTorch's
+    /// `DistributedSampler`); after an all-gather it sits at position `r * n + j`. With
+    /// that layout rank `r`'s BatchNorm groups are exactly the single-device split groups
+    /// `r, r + world, ...` (split BatchNorm groups images by index modulo the splits).
+    fn keys_distributed(
+        &mut self,
+        comm: &dyn Communicator<B>,
+        x: &[f32],
+        shape: InputShape,
+        perm: &[usize],
+        splits: usize,
+    ) -> Result<(B::Buf, B::Buf)> {
+        let (rank, world, n) = (comm.rank(), comm.world(), shape.n);
+        let img = shape.c * shape.h * shape.w;
+        let pos = |global: usize| (global % world) * n + global / world;
+        let xd = self.be.upload_f32(x)?;
+        let all = comm.all_gather(&self.be, &xd)?;
+        // Row j of this rank's block of the shuffled batch is shuffled row j * world + rank.
+        let mine: Vec<usize> = (0..n).map(|j| pos(perm[j * world + rank])).collect();
+        let shuffled = self.be.gather_rows(&all, &mine, img)?;
+        let k = self.enc_k.forward_no_grad(&shuffled, shape, true, splits)?;
+        let k = self.head.normalize(&k, n)?;
+        let k_all = comm.all_gather(&self.be, &k)?;
+        let mut inv = vec![0usize; perm.len()];
+        for (dst, &src) in perm.iter().enumerate() {
+            inv[src] = dst;
+        }
+        let rows: Vec<usize> = (0..n).map(|j| pos(inv[j * world + rank])).collect();
+        let local = self.be.gather_rows(&k_all, &rows, self.cfg.dim)?;
+        let global: Vec<usize> = (0..perm.len()).map(|i| pos(inv[i])).collect();
+        let ordered = self.be.gather_rows(&k_all, &global, self.cfg.dim)?;
+        Ok((local, ordered))
+    }
+
     /// Normalized keys for the views `x` (N images): shuffle by `perm`, key encoder with
     /// split BatchNorm, unshuffle, normalize. Shuffle-BN on one device.
     fn keys(&mut self, x: &[f32], shape: InputShape, perm: &[usize]) -> Result<B::Buf> {
         let n = shape.n;
         let img = shape.c * shape.h * shape.w;
-        // seam: a multi-GPU run gathers x across ranks and shuffles the global batch here.
         let mut shuffled = vec![0.0f32; x.len()];
         for (dst, &src) in perm.iter().enumerate() {
             shuffled[dst * img..(dst + 1) * img].copy_from_slice(&x[src * img..(src + 1) * img]);
@@ -433,10 +636,24 @@ impl<B: MocoBackend> Moco<B> {
     /// Query forward, loss, backward for one (query view, key) pair; accumulates into the
     /// gradient buffer.
     fn query_pass(&mut self, x: &[f32], shape: InputShape, k: &B::Buf) -> Result<InfoNceStats> {
+        self.query_pass_splits(x, shape, k, self.cfg.bn_splits, true)
+    }
+
+    /// [`Moco::query_pass`] with `splits` BatchNorm groups; `check` refuses a non-finite
+    /// loss before the backward pass (a distributed step checks the averaged loss instead,
+    /// so that every rank stops together).
+    fn query_pass_splits(
+        &mut self,
+        x: &[f32],
+        shape: InputShape,
+        k: &B::Buf,
+        splits: usize,
+        check: bool,
+    ) -> Result<InfoNceStats> {
         let xd = self.be.upload_f32(x)?;
-        let q = self.enc_q.forward(&xd, shape, true, self.cfg.bn_splits)?;
+        let q = self.enc_q.forward(&xd, shape, true, splits)?;
         let (stats, grad) = self.head.loss_normalized_keys(&q, k, shape.n)?;
-        if !stats.loss.is_finite() {
+        if check && !stats.loss.is_finite() {
             return Err(Error::Diverged(format!(
                 "loss is {} at step {}",
                 stats.loss,
@@ -448,7 +665,6 @@ impl<B: MocoBackend> Moco<B> {
     }
 
     fn apply_sgd(&mut self, lr: f64) -> Result<()> {
-        // seam: all-reduce the gradients across ranks here.
         let (params, grads) = self.enc_q.params_and_grads();
         self.opt.step(params, grads, lr)
     }
