@@ -215,3 +215,49 @@ fn help_lists_every_subcommand_and_flag() {
         assert!(out.contains(f), "train --help lacks {f}");
     }
 }
+
+#[test]
+fn train_with_ranks_matches_one_rank_and_resumes_with_another_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| -> std::path::PathBuf {
+        let dir = tmp.path().join(name);
+        let d = dir.to_str().unwrap().to_string();
+        let mut args = vec!["train", "--epochs", "1", "--out", &d];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(extra);
+        let (ok, _, err) = moco(&args);
+        assert!(ok, "train {extra:?} failed: {err}");
+        dir
+    };
+    let one = run("one", &[]);
+    let two = run("two", &["--ranks", "2"]);
+    let knn = |dir: &Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["knn_top1"].as_f64().unwrap()
+            })
+            .collect()
+    };
+    let (k1, k2) = (knn(&one), knn(&two));
+    assert_eq!(k1.len(), 2);
+    for (a, b) in k1.iter().zip(&k2) {
+        assert!((a - b).abs() <= 1.0 / 32.0 + 1e-9, "kNN {k1:?} vs {k2:?}");
+    }
+    // The two-rank run continues as one rank.
+    let d = two.to_str().unwrap();
+    let (ok, _, err) = moco(&[
+        "train", "--resume", d, "--epochs", "2", "--ranks", "1", "--quiet",
+    ]);
+    assert!(ok, "resume failed: {err}");
+    assert_eq!(knn(&two).len(), 3);
+    // Ranks that do not split the batch are refused before anything runs.
+    let bad = tmp.path().join("bad");
+    let mut args = vec!["train", "--out", bad.to_str().unwrap(), "--ranks", "3"];
+    args.extend_from_slice(TINY);
+    let (ok, _, err) = moco(&args);
+    assert!(!ok && err.contains("--ranks 3 must divide"), "{err}");
+    assert!(!bad.exists());
+}

@@ -7,7 +7,7 @@ use moco::backend::{Cpu, Scalar};
 use moco::dist::rendezvous::{rendezvous, DistEnv};
 use moco::dist::{Communicator, ThreadComm};
 use moco::model::InputShape;
-use moco::train::{Moco, StepStats, TrainConfig};
+use moco::train::{Moco, StepStats, TrainConfig, Trainer};
 use moco::Error;
 
 fn run_ranks<T: Send + 'static>(
@@ -439,5 +439,85 @@ fn rendezvous_ignores_strangers_and_refuses_bad_environments() {
     assert_eq!(
         (ok.rank, ok.world, ok.local_rank, ok.master_port),
         (3, 4, 1, 29500)
+    );
+}
+
+fn tiny_run(bn_splits: usize) -> TrainConfig {
+    TrainConfig {
+        arch: "resnet8".into(),
+        image_size: 16,
+        train_limit: 96,
+        test_limit: 40, // not a multiple of the feature pass's 256 nor of the ranks
+        batch_size: 16,
+        moco_k: 40,
+        dim: 16,
+        epochs: 1,
+        bn_splits,
+        workers: 1,
+        ..TrainConfig::default()
+    }
+}
+
+type RunResult = (Vec<f32>, Vec<f32>, Vec<f32>, f64, f64);
+
+fn train_one_epoch<B: moco::ops::MocoBackend>(t: &mut Trainer<B>) -> RunResult {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    assert!(t.train_epoch(&stop, &mut |_| {}).unwrap());
+    let sums = t.finish_epoch();
+    let knn = t.knn_top1().unwrap();
+    let be = t.moco().backend().clone();
+    (
+        be.download_f32(t.encoder_q().params()).unwrap(),
+        be.download_f32(t.encoder_k().running_stats()).unwrap(),
+        t.queue().to_host().unwrap(),
+        sums.loss / sums.steps as f64,
+        knn,
+    )
+}
+
+#[test]
+fn distributed_trainer_equals_single_process_trainer() {
+    let c = tiny_run(2);
+    let mut one = Trainer::new(c.clone(), Cpu::<f32>::new()).unwrap();
+    let want = train_one_epoch(&mut one);
+    let got = run_ranks(2, Duration::from_secs(120), move |comm| {
+        let t = Trainer::new(c.clone(), Cpu::<f32>::new()).unwrap();
+        let mut t = t.with_comm(Box::new(comm)).unwrap();
+        assert_eq!(t.loader().batch(0, 0).unwrap().n, 8);
+        train_one_epoch(&mut t)
+    });
+    for (r, g) in got.iter().enumerate() {
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "rank {r}: {what} differs by {worst}");
+        };
+        close(&want.0, &g.0, "encoder_q");
+        close(&want.1, &g.1, "encoder_k running stats");
+        close(&want.2, &g.2, "queue");
+        assert!(
+            (want.3 - g.3).abs() < 1e-4,
+            "rank {r}: loss {} vs {}",
+            want.3,
+            g.3
+        );
+        assert_eq!(want.4, g.4, "rank {r}: kNN");
+    }
+}
+
+#[test]
+fn distributed_trainer_refuses_what_does_not_split() {
+    let c = tiny_run(2);
+    let out = run_ranks(4, Duration::from_secs(20), move |comm| {
+        let t = Trainer::new(c.clone(), Cpu::<f32>::new()).unwrap();
+        t.with_comm(Box::new(comm)).err().map(|e| e.to_string())
+    });
+    assert!(
+        out.iter()
+            .all(|e| e.as_deref().is_some_and(|e| e.contains("bn-splits"))),
+        "{out:?}"
     );
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use moco::dist::{Communicator, ThreadComm};
 use moco::train::metrics::{EpochMetrics, MetricsLog};
 use moco::train::{MocoBackend, TrainConfig, Trainer};
 use moco::{Error, Result};
@@ -114,12 +115,17 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue the run in RUN_DIR from its checkpoint (only --epochs, --device, --threads,
-    /// --workers and --quiet may be given with it; other flags are refused).
+    /// --workers, --ranks and --quiet may be given with it; other flags are refused).
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
     /// No progress bars: one log line per epoch.
     #[arg(long)]
     pub quiet: bool,
+    /// Data-parallel ranks in this process (threads, one model replica each, the seed's
+    /// cross-rank shuffle-BN; `--batch-size` is the global batch). Computes what one rank
+    /// computes, up to rounding, so a run may resume with another count. [1]
+    #[arg(long, value_name = "N")]
+    pub ranks: Option<usize>,
 }
 
 impl TrainArgs {
@@ -204,12 +210,14 @@ pub enum Outcome {
     Interrupted,
 }
 
+#[derive(Clone)]
 struct TrainJob {
     cfg: TrainConfig,
     dir: PathBuf,
     resume: bool,
     quiet: bool,
     stop: Arc<AtomicBool>,
+    ranks: usize,
 }
 
 fn fmt_pct(x: Option<f64>) -> String {
@@ -220,16 +228,85 @@ fn fmt_pct(x: Option<f64>) -> String {
 impl Job for TrainJob {
     type Out = Outcome;
     fn run<B: MocoBackend>(self, be: B) -> Result<Outcome> {
+        if self.ranks == 1 {
+            return self.run_rank(be, None);
+        }
+        // One thread per rank; rank 0 (this thread) writes the run directory.
+        let group = ThreadComm::group(self.ranks, DIST_TIMEOUT)?;
+        let results: Vec<Result<Outcome>> = std::thread::scope(|sc| {
+            let mut handles = Vec::new();
+            let mut comms = group.into_iter();
+            let lead = comms.next();
+            for comm in comms {
+                let (job, be) = (self.clone(), be.clone());
+                handles.push(sc.spawn(move || job.run_rank(be, Some(Box::new(comm)))));
+            }
+            let mut out = vec![self
+                .clone()
+                .run_rank(be.clone(), lead.map(|c| Box::new(c) as _))];
+            for h in handles {
+                out.push(
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Other("a rank's thread panicked".into()))),
+                );
+            }
+            out
+        });
+        // A rank that failed first breaks the group for the others: report its error
+        // rather than the others' "rank left" ones.
+        let mut first_comm = None;
+        for r in results {
+            match r {
+                Err(Error::Comm(m)) => {
+                    first_comm.get_or_insert(Error::Comm(m));
+                }
+                Err(e) => return Err(e),
+                Ok(o) => {
+                    if first_comm.is_none() && matches!(o, Outcome::Interrupted) {
+                        return Ok(o);
+                    }
+                }
+            }
+        }
+        match first_comm {
+            Some(e) => Err(e),
+            None => Ok(Outcome::Done),
+        }
+    }
+}
+
+/// How long a rank waits for the others at a collective before giving up (the kNN
+/// monitor's feature pass is split, so no rank idles through a long one alone).
+const DIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl TrainJob {
+    fn run_rank<B: MocoBackend>(
+        self,
+        be: B,
+        comm: Option<Box<dyn Communicator<B>>>,
+    ) -> Result<Outcome> {
         let name = be.name();
         let mut t = if self.resume {
             Trainer::resume(&self.dir, Some(self.cfg.clone()), be)?
         } else {
             Trainer::new(self.cfg.clone(), be)?
         };
+        if let Some(c) = comm {
+            t = t.with_comm(c)?;
+        }
+        let (rank, world) = t.rank();
+        if rank > 0 {
+            return self.follow(t);
+        }
         let cfg = t.config().clone();
         // Only a run that could start gets a directory.
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         cfg.save(&self.dir)?;
+        let name = if world > 1 {
+            format!("{name} x {world} ranks")
+        } else {
+            name
+        };
         eprintln!(
             "moco: {} on {} | {} {} dim {} mlp {} | K {} m {} T {} | batch {} lr {} | {} epochs x {} steps -> {}",
             cfg.dataset,
@@ -267,7 +344,8 @@ impl Job for TrainJob {
             );
         };
         let logged_epoch0 = log.records().iter().any(|r| r.epoch == 0);
-        if t.epoch() == 0 && t.step_in_epoch() == 0 && !logged_epoch0 {
+        let knn0 = t.agree(t.epoch() == 0 && t.step_in_epoch() == 0 && !logged_epoch0)?;
+        if knn0 {
             let t0 = Instant::now();
             let knn = t.knn_top1()?;
             let m = EpochMetrics {
@@ -338,7 +416,8 @@ impl Job for TrainJob {
             let lr = cfg
                 .lr_schedule(t.steps_per_epoch())
                 .lr_at((epoch - 1) * t.steps_per_epoch());
-            let knn_due = epoch == cfg.epochs || (cfg.knn_every > 0 && epoch % cfg.knn_every == 0);
+            let knn_due =
+                epoch == cfg.epochs || (cfg.knn_every > 0 && epoch.is_multiple_of(cfg.knn_every));
             let knn = if knn_due { Some(t.knn_top1()?) } else { None };
             let m = EpochMetrics {
                 epoch,
@@ -361,7 +440,7 @@ impl Job for TrainJob {
                 m.images_per_sec.unwrap_or(0.0),
                 m.seconds
             );
-            if self.stop.load(Ordering::Relaxed) {
+            if t.agree(self.stop.load(Ordering::Relaxed))? {
                 eprintln!(
                     "stopped after epoch {epoch}; continue with `moco train --resume {}`",
                     self.dir.display()
@@ -386,6 +465,32 @@ impl Job for TrainJob {
             cfg.epochs,
             self.dir.display()
         );
+        Ok(Outcome::Done)
+    }
+}
+
+impl TrainJob {
+    /// A rank other than 0: the same steps and collectives as rank 0, writing nothing.
+    fn follow<B: MocoBackend>(self, mut t: Trainer<B>) -> Result<Outcome> {
+        let cfg = t.config().clone();
+        if t.agree(false)? {
+            t.knn_top1()?;
+        }
+        while t.epoch() < cfg.epochs {
+            let epoch = t.epoch() + 1;
+            if !t.train_epoch(&self.stop, &mut |_| {})? {
+                return Ok(Outcome::Interrupted);
+            }
+            t.finish_epoch();
+            let knn_due =
+                epoch == cfg.epochs || (cfg.knn_every > 0 && epoch.is_multiple_of(cfg.knn_every));
+            if knn_due {
+                t.knn_top1()?;
+            }
+            if t.agree(self.stop.load(Ordering::Relaxed))? {
+                return Ok(Outcome::Interrupted);
+            }
+        }
         Ok(Outcome::Done)
     }
 }
@@ -448,7 +553,7 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
         let fixed = args.fixed_on_resume();
         if !fixed.is_empty() {
             return Err(Error::invalid(format!(
-                "--resume continues the run with its saved config; {} cannot change (only --epochs, --device, --threads, --workers and --quiet may be given with --resume)",
+                "--resume continues the run with its saved config; {} cannot change (only --epochs, --device, --threads, --workers, --ranks and --quiet may be given with --resume)",
                 fixed.join(", ")
             )));
         }
@@ -480,6 +585,18 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
         }
         (cfg, dir, false)
     };
+    let ranks = args.ranks.unwrap_or(1);
+    if ranks == 0 || ranks > 64 {
+        return Err(Error::invalid(format!(
+            "--ranks must be in 1..=64, got {ranks}"
+        )));
+    }
+    if ranks > 1 && (cfg.batch_size % ranks != 0 || cfg.bn_splits % ranks != 0) {
+        return Err(Error::invalid(format!(
+            "--ranks {ranks} must divide --batch-size ({}) and --bn-splits ({}): both count over the global batch",
+            cfg.batch_size, cfg.bn_splits
+        )));
+    }
     super::set_threads(cfg.threads)?;
     let device = if cfg.device == "auto" {
         moco::Device::auto().to_string()
@@ -494,6 +611,7 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
             resume,
             quiet: args.quiet,
             stop,
+            ranks,
         },
     )
 }

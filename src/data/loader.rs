@@ -90,6 +90,8 @@ pub struct Loader {
     workers: usize,
     prefetch: usize,
     pool: Arc<rayon::ThreadPool>,
+    /// (rank, world) of a distributed run: this loader yields rank's share of each batch.
+    shard: (usize, usize),
 }
 
 impl Loader {
@@ -164,6 +166,7 @@ impl Loader {
             workers: 2,
             prefetch: 4,
             pool: Arc::new(build_pool(2)?),
+            shard: (0, 1),
         };
         if l.steps_per_epoch() == 0 {
             return Err(Error::invalid(format!(
@@ -191,6 +194,28 @@ impl Loader {
         Ok(self)
     }
 
+    /// Makes this the loader of rank `rank` of `world` in a distributed run: every rank
+    /// walks the same epoch order with the same global batch size, and batch `s` of rank
+    /// `r` holds the images at positions `r, r + world, ...` of global batch `s` (PyTorch's
+    /// `DistributedSampler` deal), with the same augmentations as a single process would
+    /// draw for them. The global batch must split evenly.
+    pub fn shard(mut self, rank: usize, world: usize) -> Result<Loader> {
+        crate::dist::check_rank(rank, world)?;
+        if !self.batch_size.is_multiple_of(world) || !self.drop_last {
+            return Err(Error::invalid(format!(
+                "a distributed loader needs whole batches that split over the ranks: batch {} over {world} ranks",
+                self.batch_size
+            )));
+        }
+        self.shard = (rank, world);
+        Ok(self)
+    }
+
+    /// `(rank, world)` of this loader (`(0, 1)` unless [`Loader::shard`] was called).
+    pub fn shard_of(&self) -> (usize, usize) {
+        self.shard
+    }
+
     /// Sets how many finished batches may wait for the consumer (>= 1).
     pub fn prefetch(mut self, batches: usize) -> Result<Loader> {
         if batches == 0 {
@@ -205,7 +230,8 @@ impl Loader {
         &self.dataset
     }
 
-    /// Batch size.
+    /// Batch size (the global one in a distributed run: each rank's batches hold
+    /// `batch_size / world` images).
     pub fn batch_size(&self) -> usize {
         self.batch_size
     }
@@ -249,7 +275,13 @@ impl Loader {
     fn build(&self, perm: &[usize], epoch: u64, step: usize) -> Result<Batch> {
         let start = step * self.batch_size;
         let end = (start + self.batch_size).min(perm.len());
-        let indices: Vec<usize> = perm[start..end].to_vec();
+        let (rank, world) = self.shard;
+        let indices: Vec<usize> = perm[start..end]
+            .iter()
+            .skip(rank)
+            .step_by(world)
+            .copied()
+            .collect();
         let n = indices.len();
         let (c, h, w) = self.view_shape();
         let per = c * h * w;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::synthetic::SyntheticConfig;
 use crate::data::{augment::Preset, Augment, Batch, DataSpec, Dataset, DatasetKind, Loader};
+use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::model::{Encoder, InputShape};
 pub use crate::ops::MocoBackend;
@@ -60,6 +61,9 @@ pub struct CheckpointMeta {
     pub rng: String,
 }
 
+/// Images per batch of the kNN monitor's feature pass.
+const EVAL_BATCH: usize = 256;
+
 /// Name of the checkpoint file in a run directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
@@ -84,6 +88,8 @@ pub struct Trainer<B: MocoBackend> {
     ckpt_dir: Option<PathBuf>,
     /// True while that checkpoint has not yet been followed by a finite step.
     ckpt_unconfirmed: bool,
+    /// The group of a distributed run (see [`Trainer::with_comm`]).
+    comm: Option<Box<dyn Communicator<B>>>,
 }
 
 impl<B: MocoBackend> Trainer<B> {
@@ -171,7 +177,61 @@ impl<B: MocoBackend> Trainer<B> {
             sums: EpochSums::default(),
             ckpt_dir: None,
             ckpt_unconfirmed: false,
+            comm: None,
         })
+    }
+
+    /// Makes this trainer one rank of a distributed run: its loader yields this rank's
+    /// share of every global batch ([`Loader::shard`]), its steps are
+    /// [`Moco::step_distributed`], the kNN monitor's feature pass is split over the ranks,
+    /// and the state is first brought to rank 0's ([`Moco::sync_from_rank0`]). Every rank
+    /// builds its trainer with the same configuration (and, to resume, from the same
+    /// checkpoint) and calls this. `--batch-size` stays the global batch and `--bn-splits`
+    /// the groups over it, so the run computes what one process would, up to rounding.
+    ///
+    /// Checkpoints, logs and plots are rank 0's to write ([`Trainer::rank`]).
+    pub fn with_comm(mut self, comm: Box<dyn Communicator<B>>) -> Result<Self> {
+        let (rank, world) = (comm.rank(), comm.world());
+        self.loader = self.loader.clone().shard(rank, world)?;
+        if !self.cfg.bn_splits.is_multiple_of(world) {
+            return Err(Error::invalid(format!(
+                "--bn-splits ({}) counts BatchNorm groups over the global batch and must be a multiple of the number of ranks ({world})",
+                self.cfg.bn_splits
+            )));
+        }
+        self.moco.sync_from_rank0(comm.as_ref())?;
+        // Where each rank stands in the epoch comes from rank 0, too.
+        let mut at = [self.epoch, self.step_in_epoch];
+        crate::dist::broadcast_indices(comm.as_ref(), &mut at, 0)?;
+        if (at[0], at[1]) != (self.epoch, self.step_in_epoch) {
+            return Err(Error::Comm(format!(
+                "rank {rank} is at epoch {} step {}, rank 0 at epoch {} step {}: resume every rank from the same checkpoint",
+                self.epoch, self.step_in_epoch, at[0], at[1]
+            )));
+        }
+        self.comm = Some(comm);
+        Ok(self)
+    }
+
+    /// Rank 0's `value` on every rank (a single process gets its own back): for the
+    /// decisions every rank of a distributed run must take together (stop, run the monitor).
+    pub fn agree(&self, value: bool) -> Result<bool> {
+        match &self.comm {
+            None => Ok(value),
+            Some(c) => {
+                let mut v = [value as u8 as f64];
+                c.broadcast_host(&mut v, 0)?;
+                Ok(v[0] != 0.0)
+            }
+        }
+    }
+
+    /// This trainer's rank and the number of ranks (`(0, 1)` for a single process).
+    pub fn rank(&self) -> (usize, usize) {
+        self.comm
+            .as_ref()
+            .map(|c| (c.rank(), c.world()))
+            .unwrap_or((0, 1))
     }
 
     /// The configuration.
@@ -298,17 +358,20 @@ impl<B: MocoBackend> Trainer<B> {
             ));
         }
         let shape = self.shape(batch);
-        let st = self
-            .moco
-            .step(&batch.x_q, &batch.x_k, shape)
-            .map_err(|e| match e {
-                Error::Diverged(m) => Error::Diverged(format!(
-                    "epoch {} step {}: {m}",
-                    self.epoch + 1,
-                    self.step_in_epoch + 1
-                )),
-                e => e,
-            })?;
+        let st = match &self.comm {
+            Some(c) => self
+                .moco
+                .step_distributed(c.as_ref(), &batch.x_q, &batch.x_k, shape),
+            None => self.moco.step(&batch.x_q, &batch.x_k, shape),
+        }
+        .map_err(|e| match e {
+            Error::Diverged(m) => Error::Diverged(format!(
+                "epoch {} step {}: {m}",
+                self.epoch + 1,
+                self.step_in_epoch + 1
+            )),
+            e => e,
+        })?;
         self.step_in_epoch += 1;
         Ok(st)
     }
@@ -334,7 +397,14 @@ impl<B: MocoBackend> Trainer<B> {
             self.sums.steps += 1;
             self.sums.images += st.images;
             on_step(&st);
-            if stop.load(Ordering::Relaxed) && self.step_in_epoch < self.steps_per_epoch() {
+            let mut stopping = stop.load(Ordering::Relaxed);
+            if let Some(c) = &self.comm {
+                // Every rank stops after the same step: any rank's signal stops them all.
+                let mut s = [stopping as u8 as f64];
+                c.all_reduce_mean_host(&mut s)?;
+                stopping = s[0] > 0.0;
+            }
+            if stopping && self.step_in_epoch < self.steps_per_epoch() {
                 return Ok(false);
             }
         }
@@ -348,10 +418,15 @@ impl<B: MocoBackend> Trainer<B> {
         std::mem::take(&mut self.sums)
     }
 
-    /// Backbone features (N x D, inference mode) of every image of `ds`, in order.
+    /// Backbone features (N x D, inference mode) of every image of `ds`, in order. In a
+    /// distributed run the batches are dealt round-robin over the ranks and the features
+    /// gathered, so every rank returns all of them.
     pub fn features(&mut self, ds: &Arc<Dataset>) -> Result<(Vec<f32>, Vec<u32>)> {
-        let loader =
-            Loader::eval(ds.clone(), self.eval_aug.clone(), 256)?.workers(self.cfg.workers)?;
+        let loader = Loader::eval(ds.clone(), self.eval_aug.clone(), EVAL_BATCH)?
+            .workers(self.cfg.workers)?;
+        if self.comm.is_some() {
+            return self.features_distributed(ds, &loader);
+        }
         let mut it = loader.epoch(0);
         let mut feats = Vec::new();
         let mut labels = Vec::new();
@@ -364,6 +439,46 @@ impl<B: MocoBackend> Trainer<B> {
             labels.extend(b.labels);
         }
         Ok((feats, labels))
+    }
+
+    /// [`Trainer::features`] of a distributed run: rank `r` computes batches `r`,
+    /// `r + world`, ...; each round's blocks are gathered.
+    fn features_distributed(
+        &mut self,
+        ds: &Arc<Dataset>,
+        loader: &Loader,
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        let dim = self.moco.encoder_q().feature_dim();
+        let (rank, world) = self.rank();
+        let batches = loader.steps_per_epoch();
+        let total = ds.len();
+        let mut out = Vec::with_capacity(total * dim);
+        for round in 0..batches.div_ceil(world) {
+            let mine = round * world + rank;
+            // Every rank brings a full-size block (zeros past the end) to the gather.
+            let mut block = vec![0.0f32; EVAL_BATCH * dim];
+            if mine < batches {
+                let b = loader.batch(0, mine)?;
+                let x = self.be.upload_f32(&b.x_q)?;
+                let shape = self.shape(&b);
+                let f = self.moco.encoder_q_mut().features(&x, shape)?;
+                let f = self.be.download_f32(&f)?;
+                block[..f.len()].copy_from_slice(&f);
+            }
+            let comm = self.comm.as_ref().ok_or_else(|| {
+                Error::Other("internal: a distributed feature pass without a group".into())
+            })?;
+            let all = comm.all_gather(&self.be, &self.be.upload_f32(&block)?)?;
+            let all = self.be.download_f32(&all)?;
+            for (r, blk) in all.chunks(EVAL_BATCH * dim).enumerate() {
+                let b = round * world + r;
+                if b < batches {
+                    let rows = (total - b * EVAL_BATCH).min(EVAL_BATCH);
+                    out.extend_from_slice(&blk[..rows * dim]);
+                }
+            }
+        }
+        Ok((out, ds.labels.clone()))
     }
 
     /// Backbone features and labels of the training split (inference mode, no augmentation).
