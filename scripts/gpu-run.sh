@@ -29,7 +29,17 @@ PY
 )"
 # Driver first, then the Python CUDA libraries; drop any inherited compat directory.
 CLEAN="$(tr ':' '\n' <<<"${LD_LIBRARY_PATH:-}" | grep -v '/compat' | paste -sd: -)"
-export LD_LIBRARY_PATH="${DRIVER_DIR:+$DRIVER_DIR:}${PYLIBS:+$PYLIBS:}$CLEAN"
+# NCCL ships as libnccl.so.2, a name cudarc 0.19's loader does not try: a private
+# libnccl.so link to it goes first on the path (moco train --gpus makes the same link).
+NCCL_LINK=""
+for d in ${PYLIBS//:/ }; do
+  if [[ -e "$d/libnccl.so.2" && ! -e "$d/libnccl.so" ]]; then
+    mkdir -p "$HERE/nccl-link" && ln -sf "$d/libnccl.so.2" "$HERE/nccl-link/libnccl.so"
+    NCCL_LINK="$HERE/nccl-link"; break
+  fi
+done
+export LD_LIBRARY_PATH="${NCCL_LINK:+$NCCL_LINK:}${DRIVER_DIR:+$DRIVER_DIR:}${PYLIBS:+$PYLIBS:}$CLEAN"
+ls -l "$HERE/nccl-link" >>"$EXTRALOG" 2>&1 || true
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >>"$EXTRALOG"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv >>"$EXTRALOG" 2>&1
 

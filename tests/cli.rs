@@ -261,3 +261,40 @@ fn train_with_ranks_matches_one_rank_and_resumes_with_another_count() {
     assert!(!ok && err.contains("--ranks 3 must divide"), "{err}");
     assert!(!bad.exists());
 }
+
+#[test]
+fn multi_process_runs_refuse_what_they_cannot_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("r");
+    let o = out.to_str().unwrap();
+    let run_env = |vars: &[(&str, &str)], extra: &[&str]| {
+        let mut args = vec!["train", "--out", o];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(extra);
+        let out = Command::new(bin())
+            .args(&args)
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A rank of a multi-process run on the CPU: there is no NCCL there.
+    let (ok, err) = run_env(&[("WORLD_SIZE", "2"), ("RANK", "1")], &[]);
+    assert!(!ok && err.contains("--ranks N"), "{err}");
+    // A bad environment.
+    let (ok, err) = run_env(&[("WORLD_SIZE", "2"), ("RANK", "2")], &[]);
+    assert!(!ok && err.contains("RANK=2 is not in a world"), "{err}");
+    let (ok, err) = run_env(&[("WORLD_SIZE", "two"), ("RANK", "0")], &[]);
+    assert!(!ok && err.contains("WORLD_SIZE"), "{err}");
+    // --gpus with no GPU, or together with --ranks.
+    if moco::device::cuda_device_count() == 0 {
+        let (ok, err) = run_env(&[], &["--gpus", "2"]);
+        assert!(!ok && err.contains("has 0 GPU"), "{err}");
+    }
+    let (ok, err) = run_env(&[], &["--gpus", "2", "--ranks", "2"]);
+    assert!(!ok && err.contains("one or the other"), "{err}");
+    assert!(!out.exists(), "nothing was written");
+}

@@ -521,3 +521,109 @@ fn distributed_trainer_refuses_what_does_not_split() {
         "{out:?}"
     );
 }
+
+// ---- On a GPU (NCCL) ----
+
+fn gpu_cfg(bn_splits: usize) -> TrainConfig {
+    TrainConfig {
+        arch: "resnet8".into(),
+        image_size: 16,
+        batch_size: 16,
+        moco_k: 40,
+        dim: 16,
+        bn_splits,
+        ..TrainConfig::default()
+    }
+}
+
+fn gpu_steps(
+    m: &mut Moco<moco::backend::Cuda>,
+    comm: Option<(&dyn Communicator<moco::backend::Cuda>, usize, usize)>,
+) -> Snapshot {
+    let global = InputShape::new(16, 3, 16, 16);
+    let img = 3 * 16 * 16;
+    let stats = (0..4)
+        .map(|s| {
+            let (q, k) = batch(s, global);
+            match comm {
+                None => m.step(&q, &k, global).unwrap(),
+                Some((c, rank, world)) => {
+                    let n = 16 / world;
+                    let mine = |x: &[f32]| -> Vec<f32> {
+                        (0..n)
+                            .flat_map(|j| {
+                                let g = j * world + rank;
+                                x[g * img..(g + 1) * img].to_vec()
+                            })
+                            .collect()
+                    };
+                    let local = InputShape::new(n, 3, 16, 16);
+                    m.step_distributed(c, &mine(&q), &mine(&k), local).unwrap()
+                }
+            }
+        })
+        .collect();
+    snapshot(m, stats)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL"]
+fn nccl_world_of_one_gives_the_single_gpu_numbers_exactly() {
+    use moco::backend::Cuda;
+    use moco::dist::rendezvous::DistEnv;
+    use moco::dist::NcclComm;
+    let c = gpu_cfg(2);
+    let be = Cuda::new(moco::testing::test_gpu()).unwrap();
+    let mut one = Moco::new(&c, be.clone(), 3, 100).unwrap();
+    let want = gpu_steps(&mut one, None);
+    eprintln!("NCCL {:?}", moco::dist::nccl::nccl_version());
+    let comm = NcclComm::new(&be, &DistEnv::single(), Duration::from_secs(60)).unwrap();
+    let mut m = Moco::new(&c, be.clone(), 3, 100).unwrap();
+    m.sync_from_rank0(&comm).unwrap();
+    let got = gpu_steps(&mut m, Some((&comm, 0, 1)));
+    assert_eq!(want.1, got.1, "state");
+    assert_eq!(want.2, got.2, "queue pointer");
+    assert_eq!(
+        want.0.iter().map(|s| s.loss).collect::<Vec<_>>(),
+        got.0.iter().map(|s| s.loss).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL >= 2.30 (two ranks on one GPU)"]
+fn nccl_two_ranks_on_one_gpu_equal_one_rank_with_two_splits() {
+    use moco::backend::Cuda;
+    use moco::dist::NcclComm;
+    let version = moco::dist::nccl::nccl_version();
+    eprintln!("NCCL {version:?}");
+    if version.is_none_or(|v| v < (2, 30, 0)) {
+        eprintln!(
+            "NCCL {version:?} is older than 2.30: several ranks per GPU are not possible here"
+        );
+        return;
+    }
+    // Set before any NCCL communicator of this process exists.
+    std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
+    let c = gpu_cfg(2);
+    let be = Cuda::new(moco::testing::test_gpu()).unwrap();
+    let mut one = Moco::new(&c, be, 3, 100).unwrap();
+    let want = gpu_steps(&mut one, None);
+    let port = free_port();
+    let hs: Vec<_> = (0..2)
+        .map(|rank| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let be = Cuda::new(moco::testing::test_gpu()).unwrap();
+                let comm =
+                    NcclComm::new(&be, &env(rank, 2, port), Duration::from_secs(60)).unwrap();
+                let mut m = Moco::new(&c, be, 3, 100).unwrap();
+                m.sync_from_rank0(&comm).unwrap();
+                gpu_steps(&mut m, Some((&comm, rank, 2)))
+            })
+        })
+        .collect();
+    for h in hs {
+        let got = h.join().unwrap();
+        assert_close(&want, &got, 2e-5, "NCCL 2 ranks");
+    }
+}

@@ -89,6 +89,20 @@ pub fn run(args: InfoArgs) -> Result<()> {
             );
         }
     }
+    {
+        use moco::dist::nccl::{nccl_status, nccl_version, NcclStatus};
+        match nccl_status() {
+            NcclStatus::Loadable => match nccl_version() {
+                Some((a, b, c)) => println!("nccl: {a}.{b}.{c}"),
+                None => println!("nccl: loadable, version unknown"),
+            },
+            NcclStatus::NeedsLink(p) => println!(
+                "nccl: {} (needs a libnccl.so link for cudarc; moco train --gpus makes one)",
+                p.display()
+            ),
+            NcclStatus::Missing => println!("nccl: not found (multi-GPU runs need NCCL 2)"),
+        }
+    }
     println!("default_device: {}", moco::Device::auto());
     println!("cpu_threads: {}", rayon::current_num_threads());
     Ok(())

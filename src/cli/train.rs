@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use moco::dist::rendezvous::DistEnv;
 use moco::dist::{Communicator, ThreadComm};
 use moco::train::metrics::{EpochMetrics, MetricsLog};
 use moco::train::{MocoBackend, TrainConfig, Trainer};
@@ -126,6 +127,12 @@ pub struct TrainArgs {
     /// computes, up to rounding, so a run may resume with another count. [1]
     #[arg(long, value_name = "N")]
     pub ranks: Option<usize>,
+    /// Data-parallel over N GPUs of this machine: one process per GPU over NCCL, as the
+    /// seed's DistributedDataParallel (`--batch-size` is the global batch). For several
+    /// machines start `moco train` yourself with torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
+    /// MASTER_ADDR and MASTER_PORT.
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<usize>,
 }
 
 impl TrainArgs {
@@ -218,6 +225,8 @@ struct TrainJob {
     quiet: bool,
     stop: Arc<AtomicBool>,
     ranks: usize,
+    /// This process's place in a multi-process run (from the environment).
+    env: Option<DistEnv>,
 }
 
 fn fmt_pct(x: Option<f64>) -> String {
@@ -228,6 +237,10 @@ fn fmt_pct(x: Option<f64>) -> String {
 impl Job for TrainJob {
     type Out = Outcome;
     fn run<B: MocoBackend>(self, be: B) -> Result<Outcome> {
+        if let Some(env) = &self.env {
+            let comm = be.process_group(env, DIST_TIMEOUT)?;
+            return self.run_rank(be, Some(comm));
+        }
         if self.ranks == 1 {
             return self.run_rank(be, None);
         }
@@ -537,6 +550,18 @@ fn default_out() -> PathBuf {
 /// Runs `moco train`. Ctrl-C, SIGTERM or SIGHUP save a checkpoint after the current step
 /// and end with [`Outcome::Interrupted`] (exit status 130); a second one quits at once.
 pub fn run(args: TrainArgs) -> Result<Outcome> {
+    let env = DistEnv::from_env()?;
+    if let Some(g) = args.gpus {
+        if env.is_some() {
+            return Err(Error::invalid(
+                "--gpus starts the ranks itself: not with RANK/WORLD_SIZE set",
+            ));
+        }
+        if args.ranks.is_some_and(|r| r > 1) {
+            return Err(Error::invalid("--gpus and --ranks are one or the other"));
+        }
+        return launch(g);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -597,12 +622,31 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
             cfg.batch_size, cfg.bn_splits
         )));
     }
+    if env.is_some() && ranks > 1 {
+        return Err(Error::invalid(
+            "--ranks is for one process; this one is a rank of a multi-process run (WORLD_SIZE is set)",
+        ));
+    }
     super::set_threads(cfg.threads)?;
-    let device = if cfg.device == "auto" {
+    let mut device = if cfg.device == "auto" {
         moco::Device::auto().to_string()
     } else {
         cfg.device.clone()
     };
+    if let Some(e) = &env {
+        if ranks == 1 && !cfg.batch_size.is_multiple_of(e.world) {
+            return Err(Error::invalid(format!(
+                "WORLD_SIZE {} must divide --batch-size ({}): it is the global batch",
+                e.world, cfg.batch_size
+            )));
+        }
+        // Each process drives the GPU of its LOCAL_RANK (shared round-robin when there are
+        // more ranks than GPUs).
+        if device.starts_with("cuda") {
+            let n = moco::device::cuda_device_count().max(1);
+            device = format!("cuda:{}", e.local_rank % n);
+        }
+    }
     super::dispatch(
         &device,
         TrainJob {
@@ -612,6 +656,121 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
             quiet: args.quiet,
             stop,
             ranks,
+            env,
         },
     )
+}
+
+/// `moco train --gpus N`: starts this program once per GPU with torchrun's environment
+/// (and a `libnccl.so` link where only `libnccl.so.2` exists) and waits for every rank. A
+/// rank that fails stops the others.
+fn launch(gpus: usize) -> Result<Outcome> {
+    use moco::dist::nccl::{nccl_link_dir, nccl_status, NcclStatus};
+    if gpus == 0 || gpus > 64 {
+        return Err(Error::invalid(format!(
+            "--gpus must be in 1..=64, got {gpus}"
+        )));
+    }
+    let have = moco::device::cuda_device_count();
+    let shared = std::env::var("NCCL_MULTI_RANK_GPU_ENABLE").is_ok_and(|v| v == "1");
+    if have == 0 || (gpus > have && !shared) {
+        return Err(Error::invalid(format!(
+            "--gpus {gpus} but this machine has {have} GPU(s) (several ranks per GPU need NCCL >= 2.30 and NCCL_MULTI_RANK_GPU_ENABLE=1)"
+        )));
+    }
+    let mut lib_path = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
+    match nccl_status() {
+        NcclStatus::Loadable => {}
+        NcclStatus::NeedsLink(lib) => {
+            let cache = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir)
+                .join(".cache/moco");
+            let dir = nccl_link_dir(&lib, &cache)?;
+            let mut parts = vec![dir];
+            parts.extend(std::env::split_paths(&lib_path));
+            lib_path = std::env::join_paths(parts)
+                .map_err(|e| Error::Other(format!("LD_LIBRARY_PATH: {e}")))?;
+        }
+        NcclStatus::Missing => return Err(Error::invalid(
+            "--gpus needs NCCL 2 (libnccl.so.2; pip's nvidia-nccl-cu13 has it) on LD_LIBRARY_PATH",
+        )),
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::Other(format!("no free port for the rendezvous: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| Error::Other(format!("own path: {e}")))?;
+    // The same command line without --gpus (and one run directory for all the ranks).
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut it = std::env::args_os().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--gpus" {
+            it.next();
+        } else if !a.to_string_lossy().starts_with("--gpus=") {
+            args.push(a);
+        }
+    }
+    let has = |flag: &str| {
+        args.iter().any(|a| {
+            let a = a.to_string_lossy();
+            a == flag || a.starts_with(&format!("{flag}="))
+        })
+    };
+    if !has("--out") && !has("--resume") {
+        args.push("--out".into());
+        args.push(default_out().into_os_string());
+    }
+    // Ctrl-C reaches every rank (one process group); they agree on a step to stop after
+    // and save. The launcher itself just waits for them.
+    let _ = ctrlc::set_handler(|| {});
+    let mut children = Vec::new();
+    for rank in 0..gpus {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", gpus.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("LD_LIBRARY_PATH", &lib_path)
+            .spawn()
+            .map_err(|e| Error::Other(format!("cannot start rank {rank}: {e}")))?;
+        children.push(child);
+    }
+    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
+    let mut done = vec![None; gpus];
+    let mut since_fail: Option<Instant> = None;
+    while done.iter().any(Option::is_none) {
+        for (r, c) in children.iter_mut().enumerate() {
+            if done[r].is_none() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    if !st.success() && failed.is_none() {
+                        failed = Some((r, st));
+                        since_fail = Some(Instant::now());
+                    }
+                    done[r] = Some(st);
+                }
+            }
+        }
+        // The others get a while to notice a failed rank, then are stopped.
+        if since_fail.is_some_and(|t| t.elapsed() > std::time::Duration::from_secs(30)) {
+            for (r, c) in children.iter_mut().enumerate() {
+                if done[r].is_none() {
+                    let _ = c.kill();
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    match failed {
+        Some((r, st)) if st.code() == Some(130) => {
+            let _ = r;
+            Ok(Outcome::Interrupted)
+        }
+        Some((r, st)) => Err(Error::Comm(format!(
+            "rank {r} of {gpus} failed ({st}); the others were stopped"
+        ))),
+        None => Ok(Outcome::Done),
+    }
 }

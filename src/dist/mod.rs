@@ -8,7 +8,10 @@
 //!   with real barriers. Any backend (the buffers travel through the host, exactly, as f64).
 //!   The tests use it to prove the distributed step equal to the single-device one, and it
 //!   runs multi-core CPU training with one rank per thread.
-//! - NCCL for GPUs (the `Cuda` backend), set up through [`rendezvous`] across processes.
+//! - [`NcclComm`]: NCCL for GPUs (the `Cuda` backend), one process per GPU, set up through
+//!   [`rendezvous`]. The collectives run on the backend's stream. NCCL itself does not
+//!   check that the ranks' lengths agree, and a rank that dies mid-collective is noticed
+//!   only by the rendezvous and the launcher, not inside a collective.
 //!
 //! [`Moco::step_distributed`](crate::train::Moco::step_distributed) is the seed's step on
 //! top of it. A rank that leaves or never arrives makes the others fail with
@@ -39,9 +42,11 @@
 //!     assert_eq!(g, vec![1.0]);
 //! }
 //! ```
+pub mod nccl;
 pub mod rendezvous;
 mod thread;
 
+pub use nccl::NcclComm;
 pub use thread::ThreadComm;
 
 use crate::backend::Backend;

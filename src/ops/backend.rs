@@ -85,6 +85,20 @@ pub trait MocoBackend: Backend {
     fn count_non_finite(&self, bufs: &[&Self::Buf]) -> Result<Vec<u64>>;
     /// Free memory of the device in bytes, or `None` when the buffers live in host memory.
     fn free_device_memory(&self) -> Result<Option<u64>>;
+    /// This process's handle on a multi-process group described by `env` (torchrun's
+    /// environment), meeting the other ranks within `timeout`: NCCL on [`Cuda`]. A backend
+    /// without one refuses; threads of one process use [`crate::dist::ThreadComm`] instead.
+    fn process_group(
+        &self,
+        env: &crate::dist::rendezvous::DistEnv,
+        timeout: std::time::Duration,
+    ) -> Result<Box<dyn crate::dist::Communicator<Self>>> {
+        let _ = (env, timeout);
+        Err(Error::invalid(format!(
+            "{} has no multi-process group: multi-process runs (WORLD_SIZE, --gpus) need --device cuda with NCCL; on the CPU use --ranks N",
+            self.name()
+        )))
+    }
 }
 
 /// Checks the arguments of [`MocoBackend::gather_rows`].
@@ -204,6 +218,13 @@ impl MocoBackend for Cuda {
         ptr: usize,
     ) -> Result<usize> {
         ops::enqueue(self.gpu(), queue, keys, k, c, ptr)
+    }
+    fn process_group(
+        &self,
+        env: &crate::dist::rendezvous::DistEnv,
+        timeout: std::time::Duration,
+    ) -> Result<Box<dyn crate::dist::Communicator<Self>>> {
+        Ok(Box::new(crate::dist::NcclComm::new(self, env, timeout)?))
     }
     fn gather_rows(&self, x: &Self::Buf, rows: &[usize], row_len: usize) -> Result<Self::Buf> {
         // Through the host (f32, so exact), as the trainer has always unshuffled; a gather
