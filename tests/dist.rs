@@ -30,7 +30,7 @@ fn run_ranks<T: Send + 'static>(
 fn collectives_agree_on_every_rank() {
     let be = Cpu::<f32>::new();
     let out = run_ranks(3, Duration::from_secs(20), move |c| {
-        let r = Communicator::<Cpu<f32>>::rank(&c) as f32;
+        let r = c.rank() as f32;
         let all = c.all_gather(&be, &vec![r, r + 0.5]).unwrap();
         let mut b = vec![r; 2];
         c.broadcast(&be, &mut b, 2).unwrap();
@@ -55,7 +55,7 @@ fn a_rank_that_leaves_or_lags_fails_the_others_without_a_hang() {
     // Rank 1 leaves at once (its handle dropped): rank 0's collective fails fast.
     let t0 = Instant::now();
     let out = run_ranks(2, Duration::from_secs(30), move |c| {
-        if Communicator::<Cpu<f32>>::rank(&c) == 1 {
+        if c.rank() == 1 {
             return None;
         }
         Some(c.all_gather(&be, &vec![1.0f32]).unwrap_err())
@@ -86,7 +86,7 @@ fn a_rank_that_leaves_or_lags_fails_the_others_without_a_hang() {
 fn ranks_out_of_step_or_of_different_lengths_are_refused() {
     let be = Cpu::<f32>::new();
     let out = run_ranks(2, Duration::from_secs(20), move |c| {
-        let r = Communicator::<Cpu<f32>>::rank(&c);
+        let r = c.rank();
         let len_err = c.all_gather(&be, &vec![0.0f32; 1 + r]).unwrap_err();
         len_err.to_string()
     });
@@ -94,7 +94,7 @@ fn ranks_out_of_step_or_of_different_lengths_are_refused() {
     let be = Cpu::<f32>::new();
     let out = run_ranks(2, Duration::from_secs(20), move |c| {
         let mut v = vec![0.0f32; 2];
-        if Communicator::<Cpu<f32>>::rank(&c) == 0 {
+        if c.rank() == 0 {
             c.broadcast(&be, &mut v, 0).unwrap_err().to_string()
         } else {
             c.all_reduce_mean(&be, &mut v).unwrap_err().to_string()
@@ -157,7 +157,7 @@ fn single<S: Scalar>(c: &TrainConfig) -> Snapshot {
 fn distributed<S: Scalar>(c: &TrainConfig, world: usize) -> Vec<Snapshot> {
     let c = c.clone();
     run_ranks(world, Duration::from_secs(120), move |comm| {
-        let rank = Communicator::<Cpu<S>>::rank(&comm);
+        let rank = comm.rank();
         let mut m = Moco::new(&c, Cpu::<S>::new(), 1, 100).unwrap();
         if rank > 0 {
             // A different start on the other ranks: the sync must replace all of it.

@@ -80,6 +80,16 @@ impl ThreadComm {
             .collect())
     }
 
+    /// This rank, in `0..world` (also [`Communicator::rank`]; this one needs no backend type).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks of the group.
+    pub fn world(&self) -> usize {
+        self.shared.world
+    }
+
     /// Brings `values` to collective `op` and returns every rank's contribution in rank
     /// order, once all have arrived.
     fn exchange(&self, op: &'static str, values: Vec<f64>) -> Result<Arc<Vec<Contribution>>> {
