@@ -3,7 +3,7 @@
 //! and export from the library against the CLI's files.
 use std::process::Command;
 
-use moco::backend::{Cpu, Scalar};
+use moco::backend::{Backend, Cpu, Scalar};
 use moco::model::{Encoder, EncoderConfig, InputShape};
 use moco::ops::{ContrastShape, InfoNceImpl, MocoBackend, MocoHead, Queue};
 use moco::optim::Sgd;
@@ -373,4 +373,89 @@ fn library_export_equals_the_cli_files_byte_for_byte() {
         assert!(!x.is_empty());
         assert_eq!(x, y, "{a} vs {b}");
     }
+}
+
+// ---- On a GPU: the same calls on `Cuda` buffers against the CPU reference ----
+
+fn worst(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn head_on_cuda_matches_the_cpu_head() {
+    use moco::backend::Cuda;
+    let gpu = Cuda::new(moco::testing::test_gpu()).unwrap();
+    let cpu = Cpu::<f32>::new();
+    let (n, c, k) = (24, 16, 100); // 100 keys: the enqueue wraps on the fifth step
+    let mut hg = MocoHead::new(gpu.clone(), k, c, 0.2, 3).unwrap();
+    let mut hc = MocoHead::new(cpu, k, c, 0.2, 3).unwrap();
+    let (mut wk_g, wq_g) = (
+        gpu.upload_f32(&[0.0; 7]).unwrap(),
+        gpu.upload_f32(&[1.0; 7]).unwrap(),
+    );
+    let (mut wk_c, wq_c) = (vec![0.0f32; 7], vec![1.0f32; 7]);
+    for step in 0..6 {
+        let q = moco::rng::normal(n * c, 10 + step);
+        let kk = moco::rng::normal(n * c, 20 + step);
+        let og = hg
+            .forward_backward(
+                &gpu.upload_f32(&q).unwrap(),
+                &gpu.upload_f32(&kk).unwrap(),
+                n,
+            )
+            .unwrap();
+        let oc = hc.forward_backward(&q, &kk, n).unwrap();
+        assert!((og.stats.loss - oc.stats.loss).abs() < 1e-5 * oc.stats.loss.abs().max(1.0));
+        assert_eq!(og.stats.accuracy, oc.stats.accuracy);
+        assert!(worst(&gpu.download_f32(&og.grad_q).unwrap(), &oc.grad_q) < 1e-5);
+        assert!(worst(&gpu.download_f32(&og.keys).unwrap(), &oc.keys) < 1e-6);
+        hg.enqueue(&og.keys).unwrap();
+        hc.enqueue(&oc.keys).unwrap();
+        assert_eq!(hg.queue().ptr(), hc.queue().ptr());
+        assert!(
+            worst(
+                &hg.queue().to_host().unwrap(),
+                &hc.queue().to_host().unwrap()
+            ) < 1e-6
+        );
+        hg.momentum_update(&mut [(&mut wk_g, &wq_g)], 0.9).unwrap();
+        hc.momentum_update(&mut [(&mut wk_c, &wq_c)], 0.9).unwrap();
+        assert!(worst(&gpu.download_f32(&wk_g).unwrap(), &wk_c) < 1e-6);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn moco_step_on_cuda_matches_the_cpu_step() {
+    use moco::backend::Cuda;
+    let c = cfg(false);
+    let gpu = Cuda::new(moco::testing::test_gpu()).unwrap();
+    let mut mg = Moco::new(&c, gpu.clone(), 3, 100).unwrap();
+    let mut mc = Moco::new(&c, Cpu::<f32>::new(), 3, 100).unwrap();
+    let s = InputShape::new(c.batch_size, 3, 8, 8);
+    for step in 0..3 {
+        let (xq, xk) = (
+            moco::rng::uniform(s.len(), 40 + step),
+            moco::rng::uniform(s.len(), 50 + step),
+        );
+        let a = mg.step(&xq, &xk, s).unwrap();
+        let b = mc.step(&xq, &xk, s).unwrap();
+        assert!(
+            (a.loss - b.loss).abs() < 1e-4 * b.loss.abs().max(1.0),
+            "{a:?} vs {b:?}"
+        );
+    }
+    let tg = mg.tensors().unwrap();
+    let tc = mc.tensors().unwrap();
+    for (g, h) in tg.iter().zip(&tc) {
+        let scale = h.data.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let w = worst(&g.data, &h.data);
+        assert!(w < 1e-4 * scale, "{}: GPU and CPU differ by {w}", g.name);
+    }
+    assert_eq!(mg.counters(), mc.counters());
 }
