@@ -2,7 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::{f64_sum, gemm, Cpu, Scalar, ELEM_CHUNK, LINEAR_OUT_COLS, LINEAR_ROWS};
+use super::norm::plane_sum;
+use super::{gemm, Cpu, Scalar, ELEM_CHUNK, LINEAR_OUT_COLS, LINEAR_ROWS};
 use crate::backend::{check_len, LinearShape, PoolShape};
 use crate::error::{Error, Result};
 
@@ -10,10 +11,9 @@ impl<T: Scalar> Cpu<T> {
     pub(super) fn relu_forward_impl(&self, x: &mut Vec<T>) -> Result<()> {
         x.par_chunks_mut(ELEM_CHUNK).for_each(|c| {
             for v in c {
-                // NaN propagates, as in PyTorch.
-                if (*v).partial_cmp(&T::ZERO) == Some(std::cmp::Ordering::Less) || *v == T::ZERO {
-                    *v = T::ZERO;
-                }
+                // NaN propagates, as in PyTorch (`NaN <= 0` is false); a select, so it
+                // vectorizes.
+                *v = if *v <= T::ZERO { T::ZERO } else { *v };
             }
         });
         Ok(())
@@ -25,9 +25,7 @@ impl<T: Scalar> Cpu<T> {
             .zip(y.par_chunks(ELEM_CHUNK))
             .for_each(|(d, y)| {
                 for (d, &y) in d.iter_mut().zip(y) {
-                    if y.partial_cmp(&T::ZERO) != Some(std::cmp::Ordering::Greater) {
-                        *d = T::ZERO;
-                    }
+                    *d = if y > T::ZERO { *d } else { T::ZERO };
                 }
             });
         Ok(())
@@ -138,7 +136,7 @@ impl<T: Scalar> Cpu<T> {
         y[..planes]
             .par_iter_mut()
             .zip(x[..planes * hw].par_chunks(hw))
-            .for_each(|(y, xp)| *y = T::from_f64(f64_sum(xp.iter().copied()) / hw as f64));
+            .for_each(|(y, xp)| *y = T::from_f64(plane_sum(xp) / hw as f64));
         Ok(())
     }
 

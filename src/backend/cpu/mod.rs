@@ -20,6 +20,7 @@ pub(crate) mod gemm;
 mod layers;
 mod norm;
 mod optim;
+pub mod profile;
 
 pub(crate) use gemm::gemm;
 pub use gemm::Scalar;
@@ -55,10 +56,6 @@ impl<T: Scalar> Cpu<T> {
     }
 }
 
-fn f64_sum<T: Scalar>(v: impl Iterator<Item = T>) -> f64 {
-    v.fold(0.0f64, |a, b| a + b.to_f64())
-}
-
 impl<T: Scalar> Backend for Cpu<T> {
     type Buf = Vec<T>;
     type Idx = Vec<u32>;
@@ -68,6 +65,7 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     fn zeros(&self, n: usize) -> Result<Vec<T>> {
+        let _p = profile::scope(|| "zeros (alloc)".into());
         Ok(vec![T::ZERO; n])
     }
 
@@ -76,6 +74,7 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     fn upload_f32(&self, host: &[f32]) -> Result<Vec<T>> {
+        let _p = profile::scope(|| "upload".into());
         Ok(host.iter().map(|&v| T::from_f64(v as f64)).collect())
     }
 
@@ -104,11 +103,13 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
 
     fn fill_zero(&self, buf: &mut Vec<T>) -> Result<()> {
+        let _p = profile::scope(|| "fill_zero".into());
         buf.par_chunks_mut(ELEM_CHUNK).for_each(|c| c.fill(T::ZERO));
         Ok(())
     }
 
     fn copy(&self, buf: &Vec<T>) -> Result<Vec<T>> {
+        let _p = profile::scope(|| "copy".into());
         Ok(buf.clone())
     }
 
@@ -120,6 +121,12 @@ impl<T: Scalar> Backend for Cpu<T> {
         w_off: usize,
         y: &mut Vec<T>,
     ) -> Result<()> {
+        let _p = profile::scope(|| {
+            format!(
+                "conv{}x{}s{} fwd {}->{} {}x{}",
+                s.k, s.k, s.stride, s.cin, s.cout, s.h, s.w
+            )
+        });
         self.conv2d_forward_impl(s, x, w, w_off, y)
     }
 
@@ -134,6 +141,19 @@ impl<T: Scalar> Backend for Cpu<T> {
         dw: &mut Vec<T>,
         dw_off: usize,
     ) -> Result<()> {
+        let _p = profile::scope(|| {
+            format!(
+                "conv{}x{}s{} bwd{} {}->{} {}x{}",
+                s.k,
+                s.k,
+                s.stride,
+                if dx.is_some() { "" } else { " (no dx)" },
+                s.cin,
+                s.cout,
+                s.h,
+                s.w
+            )
+        });
         self.conv2d_backward_impl(s, x, w, w_off, dy, dx, dw, dw_off)
     }
 
@@ -149,7 +169,63 @@ impl<T: Scalar> Backend for Cpu<T> {
         mean: &mut Vec<T>,
         invstd: &mut Vec<T>,
     ) -> Result<()> {
-        self.bn_forward_train_impl(s, hp, x, params, off, running, y, mean, invstd)
+        let _p = profile::scope(|| format!("bn train fwd c{} hw{}", s.c, s.hw));
+        self.bn_forward_train_fused_impl(
+            s, hp, x, params, off, running, None, false, y, mean, invstd,
+        )
+    }
+
+    fn bn_forward_train_fused(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &Vec<T>,
+        params: &Vec<T>,
+        off: BnOffsets,
+        running: &mut Vec<T>,
+        residual: Option<&Vec<T>>,
+        relu: bool,
+        y: &mut Vec<T>,
+        mean: &mut Vec<T>,
+        invstd: &mut Vec<T>,
+    ) -> Result<()> {
+        let _p = profile::scope(|| {
+            let r = if residual.is_some() { "+add" } else { "" };
+            let a = if relu { "+relu" } else { "" };
+            format!("bn train fwd{r}{a} c{} hw{}", s.c, s.hw)
+        });
+        let residual = residual.map(|r| r.as_slice());
+        self.bn_forward_train_fused_impl(
+            s, hp, x, params, off, running, residual, relu, y, mean, invstd,
+        )
+    }
+
+    fn relu_bn_backward_train(
+        &self,
+        s: &BnShape,
+        x: &Vec<T>,
+        params: &Vec<T>,
+        off: BnOffsets,
+        mean: &Vec<T>,
+        invstd: &Vec<T>,
+        relu_out: &Vec<T>,
+        dy: &Vec<T>,
+        dx: &mut Vec<T>,
+        grads: &mut Vec<T>,
+    ) -> Result<()> {
+        let _p = profile::scope(|| format!("relu+bn train bwd c{} hw{}", s.c, s.hw));
+        self.relu_bn_backward_train_impl(
+            s,
+            x,
+            params,
+            off,
+            mean,
+            invstd,
+            Some(relu_out),
+            dy,
+            dx,
+            grads,
+        )
     }
 
     fn bn_forward_eval(
@@ -162,6 +238,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         running: &Vec<T>,
         y: &mut Vec<T>,
     ) -> Result<()> {
+        let _p = profile::scope(|| format!("bn eval fwd c{} hw{}", s.c, s.hw));
         self.bn_forward_eval_impl(s, hp, x, params, off, running, y)
     }
 
@@ -177,7 +254,8 @@ impl<T: Scalar> Backend for Cpu<T> {
         dx: &mut Vec<T>,
         grads: &mut Vec<T>,
     ) -> Result<()> {
-        self.bn_backward_train_impl(s, x, params, off, mean, invstd, dy, dx, grads)
+        let _p = profile::scope(|| format!("bn train bwd c{} hw{}", s.c, s.hw));
+        self.relu_bn_backward_train_impl(s, x, params, off, mean, invstd, None, dy, dx, grads)
     }
 
     fn bn_backward_eval(
@@ -192,18 +270,22 @@ impl<T: Scalar> Backend for Cpu<T> {
         dx: &mut Vec<T>,
         grads: &mut Vec<T>,
     ) -> Result<()> {
+        let _p = profile::scope(|| format!("bn eval bwd c{} hw{}", s.c, s.hw));
         self.bn_backward_eval_impl(s, hp, x, params, off, running, dy, dx, grads)
     }
 
     fn relu_forward(&self, x: &mut Vec<T>) -> Result<()> {
+        let _p = profile::scope(|| "relu fwd".into());
         self.relu_forward_impl(x)
     }
 
     fn relu_backward(&self, y: &Vec<T>, dy: &mut Vec<T>) -> Result<()> {
+        let _p = profile::scope(|| "relu bwd".into());
         self.relu_backward_impl(y, dy)
     }
 
     fn add_assign(&self, a: &mut Vec<T>, b: &Vec<T>) -> Result<()> {
+        let _p = profile::scope(|| "add".into());
         self.add_assign_impl(a, b)
     }
 
@@ -214,6 +296,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         y: &mut Vec<T>,
         idx: &mut Vec<u32>,
     ) -> Result<()> {
+        let _p = profile::scope(|| "maxpool fwd".into());
         self.maxpool_forward_impl(s, x, y, idx)
     }
 
@@ -224,10 +307,12 @@ impl<T: Scalar> Backend for Cpu<T> {
         idx: &Vec<u32>,
         dx: &mut Vec<T>,
     ) -> Result<()> {
+        let _p = profile::scope(|| "maxpool bwd".into());
         self.maxpool_backward_impl(s, dy, idx, dx)
     }
 
     fn avgpool_forward(&self, planes: usize, hw: usize, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        let _p = profile::scope(|| "avgpool fwd".into());
         self.avgpool_forward_impl(planes, hw, x, y)
     }
 
@@ -238,6 +323,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         dy: &Vec<T>,
         dx: &mut Vec<T>,
     ) -> Result<()> {
+        let _p = profile::scope(|| "avgpool bwd".into());
         self.avgpool_backward_impl(planes, hw, dy, dx)
     }
 
@@ -250,6 +336,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         b_off: usize,
         y: &mut Vec<T>,
     ) -> Result<()> {
+        let _p = profile::scope(|| format!("linear fwd {}->{}", s.fin, s.fout));
         self.linear_forward_impl(s, x, params, w_off, b_off, y)
     }
 
@@ -264,6 +351,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         dx: Option<&mut Vec<T>>,
         grads: &mut Vec<T>,
     ) -> Result<()> {
+        let _p = profile::scope(|| format!("linear bwd {}->{}", s.fin, s.fout));
         self.linear_backward_impl(s, x, params, w_off, b_off, dy, dx, grads)
     }
 
@@ -276,6 +364,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         momentum: f64,
         weight_decay: f64,
     ) -> Result<()> {
+        let _p = profile::scope(|| "sgd".into());
         self.sgd_step_impl(params, grads, momentum_buf, lr, momentum, weight_decay)
     }
 }
