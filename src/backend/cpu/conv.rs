@@ -27,6 +27,9 @@ fn valid_cols(s: &ConvShape, kx: usize) -> (usize, usize) {
 /// Unfolds one sample: `x` Cin x H x W -> columns `c0..c0 + Ho Wo` of `col`, a
 /// (Cin K K) x `ld` matrix (several samples side by side share one GEMM).
 pub(crate) fn im2col<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T], ld: usize, c0: usize) {
+    if s.stride == 1 && s.ho == s.h && s.wo == s.w {
+        return im2col_same(s, x, col, ld, c0);
+    }
     let (k, hwo) = (s.k, s.ho * s.wo);
     for ci in 0..s.cin {
         let xp = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
@@ -51,6 +54,51 @@ pub(crate) fn im2col<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T], ld: usize
                         for (j, o) in out[lo..hi].iter_mut().enumerate() {
                             *o = xr[base + j * s.stride];
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col`] of a stride-1 "same" convolution (`Ho = H`, `Wo = W`): each row of `col` is
+/// the input plane shifted by `(ky - pad) W + (kx - pad)`, so it is one contiguous copy,
+/// then the rows and columns that fall outside the image are zeroed (the copy wraps the
+/// neighbouring rows' values into them).
+fn im2col_same<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T], ld: usize, c0: usize) {
+    let (k, h, w) = (s.k, s.h, s.w);
+    let hw = h * w;
+    for ci in 0..s.cin {
+        let xp = &x[ci * hw..(ci + 1) * hw];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &mut col[((ci * k + ky) * k + kx) * ld + c0..][..hw];
+                let dy = ky as isize - s.pad as isize;
+                let dx = kx as isize - s.pad as isize;
+                // Output rows whose input row oy + dy is inside the image.
+                let oy_lo = (-dy).clamp(0, h as isize) as usize;
+                let oy_hi = (h as isize - dy).clamp(oy_lo as isize, h as isize) as usize;
+                row[..oy_lo * w].fill(T::ZERO);
+                row[oy_hi * w..].fill(T::ZERO);
+                // Output p reads input p + shift; keep p + shift inside the plane.
+                let shift = dy * w as isize + dx;
+                let p_lo = ((oy_lo * w) as isize).max(-shift) as usize;
+                let p_hi = ((oy_hi * w) as isize)
+                    .min(hw as isize - shift)
+                    .max(p_lo as isize) as usize;
+                row[oy_lo * w..p_lo].fill(T::ZERO);
+                row[p_hi..oy_hi * w].fill(T::ZERO);
+                let src = (p_lo as isize + shift) as usize;
+                row[p_lo..p_hi].copy_from_slice(&xp[src..src + (p_hi - p_lo)]);
+                // Columns whose input column ox + dx is outside the image.
+                if dx != 0 {
+                    let (c_lo, c_hi) = if dx < 0 {
+                        (0, (-dx) as usize)
+                    } else {
+                        (w.saturating_sub(dx as usize), w)
+                    };
+                    for oy in oy_lo..oy_hi {
+                        row[oy * w + c_lo.min(w)..oy * w + c_hi.min(w)].fill(T::ZERO);
                     }
                 }
             }
