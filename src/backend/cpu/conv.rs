@@ -82,14 +82,15 @@ fn im2col_same<T: Scalar>(s: &ConvShape, x: &[T], col: &mut [T], ld: usize, c0: 
                 row[oy_hi * w..].fill(T::ZERO);
                 // Output p reads input p + shift; keep p + shift inside the plane.
                 let shift = dy * w as isize + dx;
-                let p_lo = ((oy_lo * w) as isize).max(-shift) as usize;
-                let p_hi = ((oy_hi * w) as isize)
-                    .min(hw as isize - shift)
-                    .max(p_lo as isize) as usize;
+                let (r_lo, r_hi) = ((oy_lo * w) as isize, (oy_hi * w) as isize);
+                let p_lo = r_lo.max(-shift).min(r_hi) as usize;
+                let p_hi = r_hi.min(hw as isize - shift).max(p_lo as isize) as usize;
                 row[oy_lo * w..p_lo].fill(T::ZERO);
                 row[p_hi..oy_hi * w].fill(T::ZERO);
-                let src = (p_lo as isize + shift) as usize;
-                row[p_lo..p_hi].copy_from_slice(&xp[src..src + (p_hi - p_lo)]);
+                if p_hi > p_lo {
+                    let src = (p_lo as isize + shift) as usize;
+                    row[p_lo..p_hi].copy_from_slice(&xp[src..src + (p_hi - p_lo)]);
+                }
                 // Columns whose input column ox + dx is outside the image.
                 if dx != 0 {
                     let (c_lo, c_hi) = if dx < 0 {
