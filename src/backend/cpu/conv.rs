@@ -164,10 +164,10 @@ impl<T: Scalar> Cpu<T> {
     pub(super) fn conv2d_forward_impl(
         &self,
         s: &ConvShape,
-        x: &Vec<T>,
-        w: &Vec<T>,
+        x: &[T],
+        w: &[T],
         w_off: usize,
-        y: &mut Vec<T>,
+        y: &mut [T],
     ) -> Result<()> {
         check_len("conv2d x", x.len(), 0, s.x_len())?;
         check_len("conv2d weight", w.len(), w_off, s.w_len())?;
@@ -244,12 +244,12 @@ impl<T: Scalar> Cpu<T> {
     pub(super) fn conv2d_backward_impl(
         &self,
         s: &ConvShape,
-        x: &Vec<T>,
-        w: &Vec<T>,
+        x: &[T],
+        w: &[T],
         w_off: usize,
-        dy: &Vec<T>,
-        dx: Option<&mut Vec<T>>,
-        dw: &mut Vec<T>,
+        dy: &[T],
+        dx: Option<&mut [T]>,
+        dw: &mut [T],
         dw_off: usize,
     ) -> Result<()> {
         check_len("conv2d x", x.len(), 0, s.x_len())?;

@@ -8,7 +8,7 @@ use crate::backend::{check_len, LinearShape, PoolShape};
 use crate::error::{Error, Result};
 
 impl<T: Scalar> Cpu<T> {
-    pub(super) fn relu_forward_impl(&self, x: &mut Vec<T>) -> Result<()> {
+    pub(super) fn relu_forward_impl(&self, x: &mut [T]) -> Result<()> {
         x.par_chunks_mut(ELEM_CHUNK).for_each(|c| {
             for v in c {
                 // NaN propagates, as in PyTorch (`NaN <= 0` is false); a select, so it
@@ -19,7 +19,7 @@ impl<T: Scalar> Cpu<T> {
         Ok(())
     }
 
-    pub(super) fn relu_backward_impl(&self, y: &Vec<T>, dy: &mut Vec<T>) -> Result<()> {
+    pub(super) fn relu_backward_impl(&self, y: &[T], dy: &mut [T]) -> Result<()> {
         check_len("relu y", y.len(), 0, dy.len())?;
         dy.par_chunks_mut(ELEM_CHUNK)
             .zip(y.par_chunks(ELEM_CHUNK))
@@ -31,7 +31,7 @@ impl<T: Scalar> Cpu<T> {
         Ok(())
     }
 
-    pub(super) fn add_assign_impl(&self, a: &mut Vec<T>, b: &Vec<T>) -> Result<()> {
+    pub(super) fn add_assign_impl(&self, a: &mut [T], b: &[T]) -> Result<()> {
         if a.len() != b.len() {
             return Err(Error::invalid(format!(
                 "add: lengths differ ({} and {})",
@@ -53,9 +53,9 @@ impl<T: Scalar> Cpu<T> {
     pub(super) fn maxpool_forward_impl(
         &self,
         s: &PoolShape,
-        x: &Vec<T>,
-        y: &mut Vec<T>,
-        idx: &mut Vec<u32>,
+        x: &[T],
+        y: &mut [T],
+        idx: &mut [u32],
     ) -> Result<()> {
         let (hw, hwo) = (s.h * s.w, s.ho * s.wo);
         check_len("maxpool x", x.len(), 0, s.planes * hw)?;
@@ -98,9 +98,9 @@ impl<T: Scalar> Cpu<T> {
     pub(super) fn maxpool_backward_impl(
         &self,
         s: &PoolShape,
-        dy: &Vec<T>,
-        idx: &Vec<u32>,
-        dx: &mut Vec<T>,
+        dy: &[T],
+        idx: &[u32],
+        dx: &mut [T],
     ) -> Result<()> {
         let (hw, hwo) = (s.h * s.w, s.ho * s.wo);
         check_len("maxpool dy", dy.len(), 0, s.planes * hwo)?;
@@ -125,8 +125,8 @@ impl<T: Scalar> Cpu<T> {
         &self,
         planes: usize,
         hw: usize,
-        x: &Vec<T>,
-        y: &mut Vec<T>,
+        x: &[T],
+        y: &mut [T],
     ) -> Result<()> {
         check_len("avgpool x", x.len(), 0, planes * hw)?;
         check_len("avgpool y", y.len(), 0, planes)?;
@@ -144,8 +144,8 @@ impl<T: Scalar> Cpu<T> {
         &self,
         planes: usize,
         hw: usize,
-        dy: &Vec<T>,
-        dx: &mut Vec<T>,
+        dy: &[T],
+        dx: &mut [T],
     ) -> Result<()> {
         check_len("avgpool dy", dy.len(), 0, planes)?;
         check_len("avgpool dx", dx.len(), 0, planes * hw)?;
@@ -164,11 +164,11 @@ impl<T: Scalar> Cpu<T> {
     pub(super) fn linear_forward_impl(
         &self,
         s: &LinearShape,
-        x: &Vec<T>,
-        params: &Vec<T>,
+        x: &[T],
+        params: &[T],
         w_off: usize,
         b_off: usize,
-        y: &mut Vec<T>,
+        y: &mut [T],
     ) -> Result<()> {
         check_len("linear x", x.len(), 0, s.n * s.fin)?;
         check_len("linear weight", params.len(), w_off, s.fout * s.fin)?;
@@ -206,13 +206,13 @@ impl<T: Scalar> Cpu<T> {
     pub(super) fn linear_backward_impl(
         &self,
         s: &LinearShape,
-        x: &Vec<T>,
-        params: &Vec<T>,
+        x: &[T],
+        params: &[T],
         w_off: usize,
         b_off: usize,
-        dy: &Vec<T>,
-        dx: Option<&mut Vec<T>>,
-        grads: &mut Vec<T>,
+        dy: &[T],
+        dx: Option<&mut [T]>,
+        grads: &mut [T],
     ) -> Result<()> {
         check_len("linear x", x.len(), 0, s.n * s.fin)?;
         check_len("linear weight", params.len(), w_off, s.fout * s.fin)?;

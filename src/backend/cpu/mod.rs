@@ -154,7 +154,7 @@ impl<T: Scalar> Backend for Cpu<T> {
                 s.w
             )
         });
-        self.conv2d_backward_impl(s, x, w, w_off, dy, dx, dw, dw_off)
+        self.conv2d_backward_impl(s, x, w, w_off, dy, dx.map(|d| d.as_mut_slice()), dw, dw_off)
     }
 
     fn bn_forward_train(
@@ -352,7 +352,16 @@ impl<T: Scalar> Backend for Cpu<T> {
         grads: &mut Vec<T>,
     ) -> Result<()> {
         let _p = profile::scope(|| format!("linear bwd {}->{}", s.fin, s.fout));
-        self.linear_backward_impl(s, x, params, w_off, b_off, dy, dx, grads)
+        self.linear_backward_impl(
+            s,
+            x,
+            params,
+            w_off,
+            b_off,
+            dy,
+            dx.map(|d| d.as_mut_slice()),
+            grads,
+        )
     }
 
     fn sgd_step(

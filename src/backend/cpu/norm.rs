@@ -87,15 +87,16 @@ impl<T: Scalar> Cpu<T> {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn bn_forward_eval_impl(
         &self,
         s: &BnShape,
         hp: BnParams,
-        x: &Vec<T>,
-        params: &Vec<T>,
+        x: &[T],
+        params: &[T],
         off: BnOffsets,
-        running: &Vec<T>,
-        y: &mut Vec<T>,
+        running: &[T],
+        y: &mut [T],
     ) -> Result<()> {
         bn_checks(s, x.len(), params.len(), off, running.len(), y.len())?;
         let c = s.c;
@@ -220,13 +221,13 @@ impl<T: Scalar> Cpu<T> {
         &self,
         s: &BnShape,
         hp: BnParams,
-        x: &Vec<T>,
-        params: &Vec<T>,
+        x: &[T],
+        params: &[T],
         off: BnOffsets,
-        running: &Vec<T>,
-        dy: &Vec<T>,
-        dx: &mut Vec<T>,
-        grads: &mut Vec<T>,
+        running: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        grads: &mut [T],
     ) -> Result<()> {
         bn_checks(s, x.len(), params.len(), off, running.len(), dx.len())?;
         check_len("batchnorm dy", dy.len(), 0, s.len())?;

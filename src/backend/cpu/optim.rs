@@ -8,9 +8,9 @@ use crate::error::{Error, Result};
 impl<T: Scalar> Cpu<T> {
     pub(super) fn sgd_step_impl(
         &self,
-        params: &mut Vec<T>,
-        grads: &Vec<T>,
-        momentum_buf: &mut Vec<T>,
+        params: &mut [T],
+        grads: &[T],
+        momentum_buf: &mut [T],
         lr: f64,
         momentum: f64,
         weight_decay: f64,
