@@ -77,6 +77,12 @@ const CONV_CASES: &[ConvCase] = &[
     (24, 4, (3, 3), 6, 1, 1, 0),
     (35, 3, (2, 2), 4, 1, 2, 0),
     (100, 2, (8, 8), 3, 3, 1, 1),
+    // Stride-1 "same" convolutions on images narrower than the kernel's reach (the shifted
+    // im2col rows and the transposed-convolution input gradient).
+    (2, 2, (1, 1), 3, 3, 1, 1),
+    (3, 2, (2, 3), 2, 5, 1, 2),
+    (2, 3, (1, 6), 2, 3, 1, 1),
+    (1, 2, (7, 5), 3, 5, 1, 2),
 ];
 
 #[test]

@@ -369,6 +369,56 @@ pub trait Backend: Clone + Send + Sync {
         grads: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// [`Backend::bn_forward_train`] with an epilogue in the same pass:
+    /// `y = relu(bn(x) + residual)`, the add when `residual` is given (same length as `y`),
+    /// the ReLU when `relu`. The default composes the separate operations; a backend
+    /// overrides it to read and write the activations once.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_forward_train_fused(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        off: BnOffsets,
+        running: &mut Self::Buf,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        invstd: &mut Self::Buf,
+    ) -> Result<()> {
+        self.bn_forward_train(s, hp, x, params, off, running, y, mean, invstd)?;
+        if let Some(r) = residual {
+            self.add_assign(y, r)?;
+        }
+        if relu {
+            self.relu_forward(y)?;
+        }
+        Ok(())
+    }
+    /// The backward of `relu(bn_train(x))`: `dy` masked by `relu_out > 0` (`relu_out` the
+    /// ReLU's output), then [`Backend::bn_backward_train`]; `dy` is left unchanged. The
+    /// default composes the separate operations (one copy of `dy`).
+    #[allow(clippy::too_many_arguments)]
+    fn relu_bn_backward_train(
+        &self,
+        s: &BnShape,
+        x: &Self::Buf,
+        params: &Self::Buf,
+        off: BnOffsets,
+        mean: &Self::Buf,
+        invstd: &Self::Buf,
+        relu_out: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        grads: &mut Self::Buf,
+    ) -> Result<()> {
+        let mut d = self.copy(dy)?;
+        self.relu_backward(relu_out, &mut d)?;
+        self.bn_backward_train(s, x, params, off, mean, invstd, &d, dx, grads)
+    }
+
     /// `x = max(x, 0)` in place.
     fn relu_forward(&self, x: &mut Self::Buf) -> Result<()>;
     /// `dy *= (y > 0)` in place (`y` the ReLU's output).

@@ -43,12 +43,17 @@ pub struct BenchArgs {
     /// InfoNCE implementation on the GPU: fused, unfused. [fused]
     #[arg(long, default_value = "fused")]
     pub infonce: String,
+    /// Print the time share of every CPU-backend operation over the timed steps (to
+    /// stderr; the CPU backend only).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 struct BenchJob {
     cfg: TrainConfig,
     steps: usize,
     warmup: usize,
+    profile: bool,
 }
 
 impl Job for BenchJob {
@@ -62,11 +67,17 @@ impl Job for BenchJob {
         for _ in 0..self.warmup {
             t.step(&batch)?;
         }
+        moco::backend::cpu::profile::take();
+        moco::backend::cpu::profile::enable(self.profile);
         let t0 = Instant::now();
         for _ in 0..self.steps {
             t.step(&batch)?;
         }
         let compute = t0.elapsed().as_secs_f64();
+        moco::backend::cpu::profile::enable(false);
+        if self.profile {
+            print_profile(&moco::backend::cpu::profile::take(), compute, self.steps);
+        }
         // Data loading included: the prefetching loader feeds the steps.
         let t0 = Instant::now();
         let mut done = 0;
@@ -100,6 +111,37 @@ impl Job for BenchJob {
     }
 }
 
+/// The op table of `--profile`: time per step and share of the timed steps, on stderr.
+fn print_profile(ops: &[moco::backend::cpu::profile::OpTime], total: f64, steps: usize) {
+    if ops.is_empty() {
+        eprintln!(
+            "profile: no CPU-backend operations were timed (the profiler covers --device cpu)"
+        );
+        return;
+    }
+    let per = |s: f64| 1e3 * s / steps as f64;
+    eprintln!("{:>9} {:>6} {:>6}  operation", "ms/step", "share", "calls");
+    let mut sum = 0.0;
+    for o in ops {
+        sum += o.secs;
+        eprintln!(
+            "{:>9.2} {:>5.1}% {:>6}  {}",
+            per(o.secs),
+            100.0 * o.secs / total,
+            o.calls / steps as u64,
+            o.name
+        );
+    }
+    let rest = (total - sum).max(0.0);
+    eprintln!(
+        "{:>9.2} {:>5.1}% {:>6}  (outside the backend's operations)",
+        per(rest),
+        100.0 * rest / total,
+        ""
+    );
+    eprintln!("{:>9.2} 100.0% {:>6}  step", per(total), "");
+}
+
 /// Runs `moco bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.steps == 0 {
@@ -129,6 +171,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             cfg,
             steps: a.steps,
             warmup: a.warmup,
+            profile: a.profile,
         },
     )?;
     println!("{line}");

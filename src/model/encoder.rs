@@ -571,8 +571,7 @@ impl<B: Backend> Encoder<B> {
             be.maxpool_backward(ps, &d, idx, &mut dx)?;
             d = dx;
         }
-        be.relu_backward(&cache.relu1, &mut d)?;
-        let d = self.bn_backward(&cache.bn1, &d)?;
+        let d = self.bn_backward(&cache.bn1, &d, Some(&cache.relu1))?;
         let mut dx = be.zeros(cache.input.len())?;
         self.conv_backward(&cache.conv1, &d, Some(&mut dx))?;
         Ok(dx)
@@ -677,8 +676,7 @@ impl<B: Backend> Encoder<B> {
         let conv1 = self.net.conv1;
         let (h, c1) = self.conv_forward(n, &conv1, &input)?;
         let bn1 = self.net.bn1;
-        let (mut a, b1) = self.bn_forward(n, &bn1, h, train, groups)?;
-        be.relu_forward(&mut a.0)?;
+        let (a, b1) = self.bn_forward(n, &bn1, h, train, groups, None, true)?;
         let relu1 = Arc::new(a.0);
         let mut cur = Act::<B> {
             buf: relu1.clone(),
@@ -819,6 +817,9 @@ impl<B: Backend> Encoder<B> {
 
     /// Returns (output buffer, c, h, w) and the cache.
     #[allow(clippy::type_complexity)]
+    /// `y = relu(bn(x) + residual)`: the add when `residual` is given, the ReLU when
+    /// `relu` (one fused pass in training mode).
+    #[allow(clippy::too_many_arguments)]
     fn bn_forward(
         &mut self,
         n: usize,
@@ -826,6 +827,8 @@ impl<B: Backend> Encoder<B> {
         x: Act<B>,
         train: bool,
         groups: usize,
+        residual: Option<&B::Buf>,
+        relu: bool,
     ) -> Result<((B::Buf, usize, usize, usize), BnCache<B>)> {
         let s = BnShape::new(n, bn.c, x.h * x.w, groups, train)?;
         let be = &self.backend;
@@ -833,13 +836,15 @@ impl<B: Backend> Encoder<B> {
         let stats = if train {
             let mut mean = be.zeros(groups * bn.c)?;
             let mut invstd = be.zeros(groups * bn.c)?;
-            be.bn_forward_train(
+            be.bn_forward_train_fused(
                 &s,
                 self.bn,
                 &x.buf,
                 &self.params,
                 bn.off,
                 &mut self.running,
+                residual,
+                relu,
                 &mut y,
                 &mut mean,
                 &mut invstd,
@@ -855,6 +860,12 @@ impl<B: Backend> Encoder<B> {
                 &self.running,
                 &mut y,
             )?;
+            if let Some(r) = residual {
+                be.add_assign(&mut y, r)?;
+            }
+            if relu {
+                be.relu_forward(&mut y)?;
+            }
             None
         };
         Ok((
@@ -877,16 +888,24 @@ impl<B: Backend> Encoder<B> {
         groups: usize,
     ) -> Result<(Act<B>, BlockCache<B>)> {
         let block = self.net.blocks[bi].clone();
-        let be = self.backend.clone();
         let mut stages = Vec::new();
         let mut cur = x.clone();
         let last = block.stages.len() - 1;
+        // The shortcut first, so the last BatchNorm of the main branch can add it and
+        // apply the block's ReLU in its own pass.
+        let (shortcut, down) = match &block.down {
+            Some((conv, bn)) => {
+                let (h, cc) = self.conv_forward(n, conv, &x)?;
+                let ((sc, ..), bc) = self.bn_forward(n, bn, h, train, groups, None, false)?;
+                (Arc::new(sc), Some((cc, bc)))
+            }
+            None => (x.buf.clone(), None),
+        };
         let mut main = None;
         for (si, (conv, bn)) in block.stages.iter().enumerate() {
             let (h, cc) = self.conv_forward(n, conv, &cur)?;
-            let ((mut y, c, hh, ww), bc) = self.bn_forward(n, bn, h, train, groups)?;
             if si < last {
-                be.relu_forward(&mut y)?;
+                let ((y, c, hh, ww), bc) = self.bn_forward(n, bn, h, train, groups, None, true)?;
                 let y = Arc::new(y);
                 stages.push((cc, bc, Some(y.clone())));
                 cur = Act {
@@ -896,25 +915,12 @@ impl<B: Backend> Encoder<B> {
                     w: ww,
                 };
             } else {
+                let (out, bc) = self.bn_forward(n, bn, h, train, groups, Some(&shortcut), true)?;
                 stages.push((cc, bc, None));
-                main = Some((y, c, hh, ww));
+                main = Some(out);
             }
         }
-        let (mut y, c, hh, ww) =
-            main.ok_or_else(|| Error::Other("internal: empty block".into()))?;
-        let down = match &block.down {
-            Some((conv, bn)) => {
-                let (h, cc) = self.conv_forward(n, conv, &x)?;
-                let ((sc, ..), bc) = self.bn_forward(n, bn, h, train, groups)?;
-                be.add_assign(&mut y, &sc)?;
-                Some((cc, bc))
-            }
-            None => {
-                be.add_assign(&mut y, &x.buf)?;
-                None
-            }
-        };
-        be.relu_forward(&mut y)?;
+        let (y, c, hh, ww) = main.ok_or_else(|| Error::Other("internal: empty block".into()))?;
         let out = Arc::new(y);
         Ok((
             Act {
@@ -950,11 +956,30 @@ impl<B: Backend> Encoder<B> {
         )
     }
 
-    fn bn_backward(&mut self, bc: &BnCache<B>, dy: &B::Buf) -> Result<B::Buf> {
+    /// The backward of the BatchNorm `bc`, through the ReLU after it when `relu_out` (that
+    /// ReLU's output) is given; `dy` is not changed.
+    fn bn_backward(
+        &mut self,
+        bc: &BnCache<B>,
+        dy: &B::Buf,
+        relu_out: Option<&B::Buf>,
+    ) -> Result<B::Buf> {
         let be = &self.backend;
         let mut dx = be.zeros(bc.s.len())?;
-        match &bc.stats {
-            Some((mean, invstd)) => be.bn_backward_train(
+        match (&bc.stats, relu_out) {
+            (Some((mean, invstd)), Some(r)) => be.relu_bn_backward_train(
+                &bc.s,
+                &bc.x,
+                &self.params,
+                bc.bn.off,
+                mean,
+                invstd,
+                r,
+                dy,
+                &mut dx,
+                &mut self.grads,
+            )?,
+            (Some((mean, invstd)), None) => be.bn_backward_train(
                 &bc.s,
                 &bc.x,
                 &self.params,
@@ -965,17 +990,29 @@ impl<B: Backend> Encoder<B> {
                 &mut dx,
                 &mut self.grads,
             )?,
-            None => be.bn_backward_eval(
-                &bc.s,
-                self.bn,
-                &bc.x,
-                &self.params,
-                bc.bn.off,
-                &self.running,
-                dy,
-                &mut dx,
-                &mut self.grads,
-            )?,
+            (None, _) => {
+                let masked;
+                let dy = match relu_out {
+                    Some(r) => {
+                        let mut d = be.copy(dy)?;
+                        be.relu_backward(r, &mut d)?;
+                        masked = d;
+                        &masked
+                    }
+                    None => dy,
+                };
+                be.bn_backward_eval(
+                    &bc.s,
+                    self.bn,
+                    &bc.x,
+                    &self.params,
+                    bc.bn.off,
+                    &self.running,
+                    dy,
+                    &mut dx,
+                    &mut self.grads,
+                )?
+            }
         }
         Ok(dx)
     }
@@ -986,7 +1023,7 @@ impl<B: Backend> Encoder<B> {
         // Shortcut branch.
         let mut dx = match &bc.down {
             Some((cc, nc)) => {
-                let d = self.bn_backward(nc, &dout)?;
+                let d = self.bn_backward(nc, &dout, None)?;
                 let mut dx = be.zeros(bc.in_len)?;
                 self.conv_backward(cc, &d, Some(&mut dx))?;
                 dx
@@ -996,10 +1033,7 @@ impl<B: Backend> Encoder<B> {
         // Main branch, last stage first.
         let mut d = dout;
         for (si, (cc, nc, relu)) in bc.stages.iter().enumerate().rev() {
-            if let Some(y) = relu {
-                be.relu_backward(y, &mut d)?;
-            }
-            let dh = self.bn_backward(nc, &d)?;
+            let dh = self.bn_backward(nc, &d, relu.as_deref())?;
             let mut dxs = be.zeros(cc.s.x_len())?;
             self.conv_backward(cc, &dh, Some(&mut dxs))?;
             if si == 0 {

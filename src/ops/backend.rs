@@ -132,9 +132,11 @@ impl<S: Scalar> MocoBackend for Cpu<S> {
         Ok(())
     }
     fn momentum(&self, key: &mut Vec<S>, query: &Vec<S>, m: f64) -> Result<()> {
+        let _p = crate::backend::cpu::profile::scope(|| "momentum".into());
         ops::momentum_update_host(key, query, m)
     }
     fn normalize(&self, _: &mut (), x: &Vec<S>, n: usize, c: usize) -> Result<Vec<S>> {
+        let _p = crate::backend::cpu::profile::scope(|| "normalize".into());
         ops::contrast::l2_normalize_host(x, n, c)
     }
     fn infonce(
@@ -146,6 +148,7 @@ impl<S: Scalar> MocoBackend for Cpu<S> {
         s: ContrastShape,
         _imp: InfoNceImpl,
     ) -> Result<(InfoNceStats, Vec<S>)> {
+        let _p = crate::backend::cpu::profile::scope(|| "infonce".into());
         ops::contrast::infonce_host(q, k, queue, s)
     }
     fn enqueue(
@@ -156,12 +159,15 @@ impl<S: Scalar> MocoBackend for Cpu<S> {
         c: usize,
         ptr: usize,
     ) -> Result<usize> {
+        let _p = crate::backend::cpu::profile::scope(|| "enqueue".into());
         ops::enqueue_cpu(queue, keys, k, c, ptr)
     }
     fn gather_rows(&self, x: &Vec<S>, rows: &[usize], row_len: usize) -> Result<Vec<S>> {
+        let _p = crate::backend::cpu::profile::scope(|| "gather_rows".into());
         gather_host(x, rows, row_len)
     }
     fn count_non_finite(&self, bufs: &[&Vec<S>]) -> Result<Vec<u64>> {
+        let _p = crate::backend::cpu::profile::scope(|| "count_non_finite".into());
         Ok(bufs
             .iter()
             .map(|b| b.iter().filter(|v| !v.to_f64().is_finite()).count() as u64)

@@ -1,0 +1,380 @@
+//! BatchNorm (training and inference, forward and backward) with f64 statistics.
+
+use rayon::prelude::*;
+
+use super::{Cpu, Scalar};
+use crate::backend::{check_len, BnOffsets, BnParams, BnShape};
+use crate::error::Result;
+
+impl<T: Scalar> Cpu<T> {
+    // x: N x C x HW. Group b = samples n with n % G == b; per (b, c) mean and biased var
+    // over the (N/G) HW values, in f64: per-plane partial sums (fixed lanes, see
+    // `plane_sum`) added in sample order, then y = epilogue((x - mean) scale + beta) with
+    // the residual add and the ReLU in the same pass.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_forward_train_fused_impl(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &[T],
+        params: &[T],
+        off: BnOffsets,
+        running: &mut [T],
+        residual: Option<&[T]>,
+        relu: bool,
+        y: &mut [T],
+        mean: &mut [T],
+        invstd: &mut [T],
+    ) -> Result<()> {
+        bn_checks(s, x.len(), params.len(), off, running.len(), y.len())?;
+        let (c, g, hw) = (s.c, s.groups, s.hw);
+        check_len("batchnorm mean", mean.len(), 0, g * c)?;
+        check_len("batchnorm invstd", invstd.len(), 0, g * c)?;
+        if let Some(r) = residual {
+            check_len("batchnorm residual", r.len(), 0, s.len())?;
+        }
+        let eps = hp.eps;
+        let mom = hp.momentum;
+        let m = s.count() as f64;
+        let x = &x[..s.len()];
+        // Sum over the planes of group b, channel ch, in sample order.
+        let group_sum = |part: &[f64], b: usize, ch: usize| -> f64 {
+            (b..s.n).step_by(g).map(|n| part[n * c + ch]).sum::<f64>()
+        };
+        let sums: Vec<f64> = x.par_chunks(hw).map(plane_sum).collect();
+        let mu: Vec<f64> = (0..g * c)
+            .map(|bc| group_sum(&sums, bc / c, bc % c) / m)
+            .collect();
+        let sq: Vec<f64> = x
+            .par_chunks(hw)
+            .enumerate()
+            .map(|(p, xp)| {
+                let (n, ch) = (p / c, p % c);
+                plane_sq(xp, mu[(n % g) * c + ch])
+            })
+            .collect();
+        for ch in 0..c {
+            let (mut am, mut av) = (0.0, 0.0);
+            for b in 0..g {
+                let (mu, var) = (mu[b * c + ch], group_sum(&sq, b, ch) / m);
+                mean[b * c + ch] = T::from_f64(mu);
+                invstd[b * c + ch] = T::from_f64(1.0 / (var + eps).sqrt());
+                am += mu;
+                av += var * m / (m - 1.0);
+            }
+            let rm = &mut running[off.mean + ch];
+            *rm = T::from_f64((1.0 - mom) * rm.to_f64() + mom * am / g as f64);
+            let rv = &mut running[off.var + ch];
+            *rv = T::from_f64((1.0 - mom) * rv.to_f64() + mom * av / g as f64);
+        }
+        let mean = &*mean;
+        let invstd = &*invstd;
+        y[..s.len()]
+            .par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (yp, xp))| {
+                let (n, ch) = (p / c, p % c);
+                let b = n % g;
+                // y = (x - mean) scale + beta: centering first keeps the precision of values
+                // near the mean (x scale + shift would cancel there).
+                let scale =
+                    T::from_f64(params[off.gamma + ch].to_f64() * invstd[b * c + ch].to_f64());
+                let (mu, beta) = (mean[b * c + ch], params[off.beta + ch]);
+                let res = residual.map(|r| &r[p * hw..(p + 1) * hw]);
+                epilogue(yp, xp, res, relu, |xv| (xv - mu) * scale + beta);
+            });
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_forward_eval_impl(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &[T],
+        params: &[T],
+        off: BnOffsets,
+        running: &[T],
+        y: &mut [T],
+    ) -> Result<()> {
+        bn_checks(s, x.len(), params.len(), off, running.len(), y.len())?;
+        let c = s.c;
+        y[..s.len()]
+            .par_chunks_mut(s.hw)
+            .zip(x[..s.len()].par_chunks(s.hw))
+            .enumerate()
+            .for_each(|(p, (yp, xp))| {
+                let ch = p % c;
+                let inv = 1.0 / (running[off.var + ch].to_f64() + hp.eps).sqrt();
+                let scale = T::from_f64(params[off.gamma + ch].to_f64() * inv);
+                let (mu, beta) = (running[off.mean + ch], params[off.beta + ch]);
+                for (yv, &xv) in yp.iter_mut().zip(xp) {
+                    *yv = (xv - mu) * scale + beta;
+                }
+            });
+        Ok(())
+    }
+
+    // Per (b, c): sdy = sum dy, sdx = sum dy xhat over the group's M values;
+    // dx = gamma invstd (dy - sdy / M - xhat sdx / M). With `relu_out`, dy is first masked
+    // by `relu_out > 0` (the backward of a ReLU after this BatchNorm), in the same passes.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn relu_bn_backward_train_impl(
+        &self,
+        s: &BnShape,
+        x: &[T],
+        params: &[T],
+        off: BnOffsets,
+        mean: &[T],
+        invstd: &[T],
+        relu_out: Option<&[T]>,
+        dy: &[T],
+        dx: &mut [T],
+        grads: &mut [T],
+    ) -> Result<()> {
+        let (c, g, hw) = (s.c, s.groups, s.hw);
+        check_len("batchnorm x", x.len(), 0, s.len())?;
+        check_len("batchnorm dy", dy.len(), 0, s.len())?;
+        check_len("batchnorm dx", dx.len(), 0, s.len())?;
+        check_len("batchnorm mean", mean.len(), 0, g * c)?;
+        check_len("batchnorm invstd", invstd.len(), 0, g * c)?;
+        if let Some(r) = relu_out {
+            check_len("batchnorm relu output", r.len(), 0, s.len())?;
+        }
+        for (what, o) in [("gamma", off.gamma), ("beta", off.beta)] {
+            check_len(what, params.len(), o, c)?;
+            check_len(what, grads.len(), o, c)?;
+        }
+        let m = s.count() as f64;
+        let plane = |p: usize| p * hw..(p + 1) * hw;
+        // Per plane: (sum dy, sum dy (x - mean)).
+        let parts: Vec<(f64, f64)> = (0..s.n * c)
+            .into_par_iter()
+            .map(|p| {
+                let (n, ch) = (p / c, p % c);
+                let mu = mean[(n % g) * c + ch].to_f64();
+                plane_dy_dx(
+                    &x[plane(p)],
+                    &dy[plane(p)],
+                    relu_out.map(|r| &r[plane(p)]),
+                    mu,
+                )
+            })
+            .collect();
+        // sums[b * c + ch] = (sdy, sdx) of group b, channel ch, planes in sample order.
+        let sums: Vec<(f64, f64)> = (0..g * c)
+            .map(|bc| {
+                let (b, ch) = (bc / c, bc % c);
+                let is = invstd[bc].to_f64();
+                let (mut sdy, mut sdx) = (0.0f64, 0.0f64);
+                for n in (b..s.n).step_by(g) {
+                    sdy += parts[n * c + ch].0;
+                    sdx += parts[n * c + ch].1;
+                }
+                (sdy, sdx * is)
+            })
+            .collect();
+        for ch in 0..c {
+            let sdx: f64 = (0..g).map(|b| sums[b * c + ch].1).sum();
+            let sdy: f64 = (0..g).map(|b| sums[b * c + ch].0).sum();
+            let gg = &mut grads[off.gamma + ch];
+            *gg = T::from_f64(gg.to_f64() + sdx);
+            let gb = &mut grads[off.beta + ch];
+            *gb = T::from_f64(gb.to_f64() + sdy);
+        }
+        dx[..s.len()]
+            .par_chunks_mut(hw)
+            .enumerate()
+            .for_each(|(p, dxp)| {
+                let (n, ch) = (p / c, p % c);
+                let b = n % g;
+                let (sdy, sdx) = sums[b * c + ch];
+                let is = invstd[b * c + ch].to_f64();
+                let a = params[off.gamma + ch].to_f64() * is;
+                // dx = a (dy - sdy / M) + k (x - mean), with x - mean formed first.
+                let k = T::from_f64(-a * is * sdx / m);
+                let c0 = T::from_f64(-a * sdy / m);
+                let (a, mu) = (T::from_f64(a), mean[b * c + ch]);
+                let (xp, dyp) = (&x[plane(p)], &dy[plane(p)]);
+                match relu_out {
+                    Some(r) => {
+                        for (((d, &xv), &dv), &rv) in
+                            dxp.iter_mut().zip(xp).zip(dyp).zip(&r[plane(p)])
+                        {
+                            let dv = if rv > T::ZERO { dv } else { T::ZERO };
+                            *d = a * dv + c0 + k * (xv - mu);
+                        }
+                    }
+                    None => {
+                        for ((d, &xv), &dv) in dxp.iter_mut().zip(xp).zip(dyp) {
+                            *d = a * dv + c0 + k * (xv - mu);
+                        }
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_backward_eval_impl(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &[T],
+        params: &[T],
+        off: BnOffsets,
+        running: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        grads: &mut [T],
+    ) -> Result<()> {
+        bn_checks(s, x.len(), params.len(), off, running.len(), dx.len())?;
+        check_len("batchnorm dy", dy.len(), 0, s.len())?;
+        check_len("batchnorm grads", grads.len(), off.gamma.max(off.beta), s.c)?;
+        let (c, hw) = (s.c, s.hw);
+        let inv = |ch: usize| 1.0 / (running[off.var + ch].to_f64() + hp.eps).sqrt();
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mu, is) = (running[off.mean + ch].to_f64(), inv(ch));
+                let (mut sdy, mut sdx) = (0.0, 0.0);
+                for n in 0..s.n {
+                    let r = (n * c + ch) * hw..(n * c + ch + 1) * hw;
+                    for (&xv, &d) in x[r.clone()].iter().zip(&dy[r]) {
+                        sdy += d.to_f64();
+                        sdx += d.to_f64() * (xv.to_f64() - mu) * is;
+                    }
+                }
+                (sdy, sdx)
+            })
+            .collect();
+        for (ch, &(sdy, sdx)) in sums.iter().enumerate() {
+            let gg = &mut grads[off.gamma + ch];
+            *gg = T::from_f64(gg.to_f64() + sdx);
+            let gb = &mut grads[off.beta + ch];
+            *gb = T::from_f64(gb.to_f64() + sdy);
+        }
+        dx[..s.len()]
+            .par_chunks_mut(hw)
+            .zip(dy[..s.len()].par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (dxp, dyp))| {
+                let ch = p % c;
+                let a = T::from_f64(params[off.gamma + ch].to_f64() * inv(ch));
+                for (d, &v) in dxp.iter_mut().zip(dyp) {
+                    *d = a * v;
+                }
+            });
+        Ok(())
+    }
+}
+
+pub(crate) fn bn_checks(
+    s: &BnShape,
+    x: usize,
+    params: usize,
+    off: BnOffsets,
+    running: usize,
+    y: usize,
+) -> Result<()> {
+    check_len("batchnorm x", x, 0, s.len())?;
+    check_len("batchnorm y", y, 0, s.len())?;
+    check_len("batchnorm gamma", params, off.gamma, s.c)?;
+    check_len("batchnorm beta", params, off.beta, s.c)?;
+    check_len("batchnorm running_mean", running, off.mean, s.c)?;
+    check_len("batchnorm running_var", running, off.var, s.c)?;
+    Ok(())
+}
+
+/// Independent f64 accumulators of the plane reductions: a fixed order (lane `i` takes the
+/// elements `i mod LANES`, then the lanes are added pairwise, then the tail), so the sums
+/// vectorize and do not depend on the thread count.
+const LANES: usize = 8;
+
+fn reduce_lanes(a: [f64; LANES]) -> f64 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// Sum of a plane in f64.
+pub(super) fn plane_sum<T: Scalar>(p: &[T]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut it = p.chunks_exact(LANES);
+    for ch in &mut it {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += v.to_f64();
+        }
+    }
+    reduce_lanes(acc) + it.remainder().iter().map(|v| v.to_f64()).sum::<f64>()
+}
+
+/// Sum of `(x - mu)^2` over a plane in f64.
+fn plane_sq<T: Scalar>(p: &[T], mu: f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut it = p.chunks_exact(LANES);
+    for ch in &mut it {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            let d = v.to_f64() - mu;
+            *a += d * d;
+        }
+    }
+    let tail: f64 = it
+        .remainder()
+        .iter()
+        .map(|v| {
+            let d = v.to_f64() - mu;
+            d * d
+        })
+        .sum();
+    reduce_lanes(acc) + tail
+}
+
+/// `(sum dy, sum dy (x - mu))` over a plane in f64, `dy` masked by `relu_out > 0` if given.
+fn plane_dy_dx<T: Scalar>(x: &[T], dy: &[T], relu_out: Option<&[T]>, mu: f64) -> (f64, f64) {
+    let (mut sdy, mut sdx) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let mut tail = (0.0f64, 0.0f64);
+    let mask = |i: usize, d: T| match relu_out {
+        Some(r) if r[i] > T::ZERO => d,
+        Some(_) => T::ZERO,
+        None => d,
+    };
+    let full = x.len() / LANES * LANES;
+    for i0 in (0..full).step_by(LANES) {
+        for l in 0..LANES {
+            let i = i0 + l;
+            let d = mask(i, dy[i]).to_f64();
+            sdy[l] += d;
+            sdx[l] += d * (x[i].to_f64() - mu);
+        }
+    }
+    for i in full..x.len() {
+        let d = mask(i, dy[i]).to_f64();
+        tail.0 += d;
+        tail.1 += d * (x[i].to_f64() - mu);
+    }
+    (reduce_lanes(sdy) + tail.0, reduce_lanes(sdx) + tail.1)
+}
+
+/// `y = f(x) (+ residual)`, then `max(., 0)` if `relu` (NaN propagates), over one plane.
+fn epilogue<T: Scalar>(y: &mut [T], x: &[T], res: Option<&[T]>, relu: bool, f: impl Fn(T) -> T) {
+    let act = |v: T| {
+        // `!(v <= 0)` keeps NaN, as PyTorch's ReLU.
+        if relu && v <= T::ZERO {
+            T::ZERO
+        } else {
+            v
+        }
+    };
+    match res {
+        Some(r) => {
+            for ((yv, &xv), &rv) in y.iter_mut().zip(x).zip(r) {
+                *yv = act(f(xv) + rv);
+            }
+        }
+        None => {
+            for (yv, &xv) in y.iter_mut().zip(x) {
+                *yv = act(f(xv));
+            }
+        }
+    }
+}
