@@ -9,21 +9,34 @@
 //! |-----------------|----------------------------------------------------------------------------------------------|
 //! | [`Augment::v1`] | RandomResizedCrop(0.2-1), RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4), flip     |
 //! | [`Augment::v2`] | RandomResizedCrop(0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, RandomGrayscale(0.2), GaussianBlur(sigma 0.1-2) p 0.5, flip |
-//! | [`Augment::cifar`] | RandomResizedCrop(0.08-1, as the MoCo CIFAR-10 demo), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, RandomGrayscale(0.2); no blur |
+//! | [`Augment::cifar`] | RandomResizedCrop(0.08-1, as the MoCo CIFAR-10 demo; `with_crop_scale` / `--crop-scale` changes the 0.08), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, RandomGrayscale(0.2); no blur |
 //! | [`Augment::eval`] | center crop + resize, normalize                                                            |
 //!
-//! Details that match torchvision: `RandomResizedCrop` draws area and log-ratio for up to
-//! 10 attempts and falls back to a center crop clamped to the ratio range; resizing is
-//! bilinear with half-pixel centres (`align_corners = False`), sampling clamped to the crop
-//! (no antialiasing: the crops are upscaled, or at most mildly downscaled, in every preset);
-//! `ColorJitter` draws brightness/contrast/saturation factors from `[max(0, 1 - x), 1 + x]`
-//! and hue from `[-h, h]` and applies them in a random order, a parameter of 0 disabling
-//! that adjustment; contrast blends with the mean of the grayscale image; hue goes through
-//! HSV exactly as torchvision's tensor code; grayscale is ITU-R 601-2 luma
-//! (0.299 R + 0.587 G + 0.114 B) copied to every channel; the blur kernel is Gaussian with
-//! reflect padding and an odd size of about 10% of the image (23 px at 224, as MoCo v2 and
-//! SimCLR; 3 px at 32). One-channel images get the applicable subset: grayscale, saturation
-//! and hue are skipped (brightness, contrast, blur, flip and crop apply).
+//! The reference is torchvision's v2 transforms on float tensors (`ToDtype(float32,
+//! scale=True)` first, `Normalize` last); `tests/augment_goldens.rs` replays torchvision's
+//! drawn parameters and compares pixels (to 5e-6) and compares the distributions of the
+//! drawn parameters; `docs/augmentations.md` has the step-by-step comparison and the
+//! deliberate differences. Details that match torchvision: `RandomResizedCrop` draws area
+//! and log-ratio for up to 10 attempts, rounds the sides half to even (Python's `round`) and
+//! falls back to a center crop clamped to the ratio range; resizing is torchvision's
+//! antialiased bilinear (`antialias=True`, PIL's triangle filter whose support widens with
+//! the downscale factor, see [`resize_taps`]), which upscaling is plain bilinear with
+//! half-pixel centres; the center crop's offsets are rounded half to even;
+//! `ColorJitter` draws a fresh order (as `torch.randperm(4)`) and the brightness / contrast /
+//! saturation factors from `[max(0, 1 - x), 1 + x]` and hue from `[-h, h]` on every call, a
+//! parameter of 0 disabling that adjustment, and clamps to [0, 1] after each adjustment;
+//! contrast blends with the mean of the grayscale image; hue goes through HSV exactly as
+//! torchvision's tensor code; grayscale is `0.2989 R + 0.587 G + 0.114 B` (torchvision's
+//! tensor coefficients) copied to every channel; normalization subtracts, then divides. The
+//! blur kernel is Gaussian with reflect padding and an odd size of about 10% of the image
+//! (23 px at 224, as MoCo v2 and SimCLR; 3 px at 32). One-channel images get what
+//! torchvision v2 does to them: grayscale, saturation and hue leave them unchanged (the
+//! factors are still drawn); brightness, contrast, blur, flip and crop apply.
+//!
+//! Unlike the classic PIL recipe, nothing is rounded to `u8` between steps (PIL rounds after
+//! the resize and after every jitter step): a deliberate choice, see `docs/augmentations.md`.
+//! [`Augment::sample`] draws a view's parameters ([`ViewParams`]) without touching pixels;
+//! [`Augment::apply_params`] applies them.
 //!
 //! ```
 //! use moco::data::augment::Augment;
@@ -548,9 +561,8 @@ impl JitterParams {
             seen[k] = true;
         }
         let ok = |f: Option<f32>| f.is_none_or(|f| f.is_finite() && f >= 0.0);
-        if !(ok(self.brightness) && ok(self.contrast) && ok(self.saturation))
-            || !self.hue.is_none_or(|h| (-0.5..=0.5).contains(&h))
-        {
+        let hue_ok = self.hue.is_none_or(|h| (-0.5..=0.5).contains(&h));
+        if !(ok(self.brightness) && ok(self.contrast) && ok(self.saturation) && hue_ok) {
             return Err(Error::invalid(format!(
                 "augment: invalid jitter factors {self:?} (factors >= 0, hue in [-0.5, 0.5])"
             )));
@@ -633,8 +645,8 @@ pub fn random_resized_crop_params<R: Rng + ?Sized>(
 /// at `center = (i + 0.5) * scale` with `scale = n_in / n_out`, and source sample `j`
 /// (centred at `j + 0.5`) weighs `tri((j + 0.5 - center) / max(scale, 1))` with the triangle
 /// `tri(x) = max(0, 1 - |x|)`, over the window `[center - support, center + support)`
-/// clipped to the image, `support = max(scale, 1)`; the weights are renormalized to sum to
-/// 1. Upscaling (`scale <= 1`) this is plain bilinear with half-pixel centres and edge
+/// clipped to the image, `support = max(scale, 1)`; the weights are renormalized to sum
+/// to one. Upscaling (`scale <= 1`) this is plain bilinear with half-pixel centres and edge
 /// clamping (`align_corners=False`); downscaling, the filter widens with the factor, so
 /// every source pixel contributes (no aliasing).
 pub fn resize_taps(n_in: usize, n_out: usize) -> Vec<(usize, Vec<f32>)> {
