@@ -344,3 +344,23 @@ fn crop_scale_override_is_checked() {
     p.ops.swap(0, 1);
     assert!(a.apply_params(&img, 1, 8, 8, &p, &mut out).is_err());
 }
+
+#[test]
+fn config_crop_scale_is_validated() {
+    use moco::train::TrainConfig;
+    let ok = TrainConfig {
+        crop_scale: Some(0.2),
+        ..TrainConfig::default()
+    };
+    ok.validate().unwrap();
+    for bad in [0.0, -0.5, 1.01, f64::NAN, f64::INFINITY] {
+        let c = TrainConfig {
+            crop_scale: Some(bad),
+            ..TrainConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--crop-scale"), "{e}");
+    }
+    // Absent from an older config.json: the preset's scale.
+    assert_eq!(TrainConfig::default().crop_scale, None);
+}
