@@ -68,7 +68,8 @@ fn grayscale_makes_channels_equal_with_601_luma() {
     for i in 0..16 {
         assert_eq!(img[i], img[16 + i]);
         assert_eq!(img[i], img[32 + i]);
-        let l = 0.299 * orig[i] + 0.587 * orig[16 + i] + 0.114 * orig[32 + i];
+        // torchvision tensor coefficients (0.2989, not 0.299).
+        let l = 0.2989 * orig[i] + 0.587 * orig[16 + i] + 0.114 * orig[32 + i];
         assert!((img[i] - l).abs() < 1e-6);
     }
     // Through the pipeline: p = 1 grayscale gives equal (pre-normalization) channels.

@@ -57,6 +57,10 @@ pub struct TrainArgs {
     /// Augmentation: v1, v2 (with blur), cifar (v2 without blur). [demo: cifar]
     #[arg(long)]
     pub augment: Option<String>,
+    /// Smallest area fraction of the random crop, in (0, 1] (torchvision's
+    /// RandomResizedCrop scale=(MIN, 1)). [augmentation's: v1/v2 0.2, cifar 0.08]
+    #[arg(long, value_name = "MIN")]
+    pub crop_scale: Option<f64>,
     /// Epochs. [demo: 15, others 200]
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -145,7 +149,7 @@ impl TrainArgs {
         given!(preset => "--preset", config => "--config", dataset => "--dataset",
                data => "--data", image_size => "--image-size", train_limit => "--train-limit",
                test_limit => "--test-limit", arch => "--arch", dim => "--dim",
-               augment => "--augment", batch_size => "--batch-size", lr => "--lr",
+               augment => "--augment", crop_scale => "--crop-scale", batch_size => "--batch-size", lr => "--lr",
                schedule => "--schedule", warmup_epochs => "--warmup-epochs", wd => "--wd",
                moco_k => "--moco-k", moco_m => "--moco-m", moco_t => "--moco-t",
                bn_splits => "--bn-splits", seed => "--seed", knn_every => "--knn-every",
@@ -193,6 +197,9 @@ impl TrainArgs {
              knn_every => knn_every, infonce => infonce, bad_images => bad_images);
         if self.data.is_some() {
             c.data = self.data.clone();
+        }
+        if self.crop_scale.is_some() {
+            c.crop_scale = self.crop_scale;
         }
         if self.mlp {
             c.mlp = true;

@@ -9,21 +9,34 @@
 //! |-----------------|----------------------------------------------------------------------------------------------|
 //! | [`Augment::v1`] | RandomResizedCrop(0.2-1), RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4), flip     |
 //! | [`Augment::v2`] | RandomResizedCrop(0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, RandomGrayscale(0.2), GaussianBlur(sigma 0.1-2) p 0.5, flip |
-//! | [`Augment::cifar`] | RandomResizedCrop(0.08-1, as the MoCo CIFAR-10 demo), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, RandomGrayscale(0.2); no blur |
+//! | [`Augment::cifar`] | RandomResizedCrop(0.08-1, as the MoCo CIFAR-10 demo; `with_crop_scale` / `--crop-scale` changes the 0.08), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, RandomGrayscale(0.2); no blur |
 //! | [`Augment::eval`] | center crop + resize, normalize                                                            |
 //!
-//! Details that match torchvision: `RandomResizedCrop` draws area and log-ratio for up to
-//! 10 attempts and falls back to a center crop clamped to the ratio range; resizing is
-//! bilinear with half-pixel centres (`align_corners = False`), sampling clamped to the crop
-//! (no antialiasing: the crops are upscaled, or at most mildly downscaled, in every preset);
-//! `ColorJitter` draws brightness/contrast/saturation factors from `[max(0, 1 - x), 1 + x]`
-//! and hue from `[-h, h]` and applies them in a random order, a parameter of 0 disabling
-//! that adjustment; contrast blends with the mean of the grayscale image; hue goes through
-//! HSV exactly as torchvision's tensor code; grayscale is ITU-R 601-2 luma
-//! (0.299 R + 0.587 G + 0.114 B) copied to every channel; the blur kernel is Gaussian with
-//! reflect padding and an odd size of about 10% of the image (23 px at 224, as MoCo v2 and
-//! SimCLR; 3 px at 32). One-channel images get the applicable subset: grayscale, saturation
-//! and hue are skipped (brightness, contrast, blur, flip and crop apply).
+//! The reference is torchvision's v2 transforms on float tensors (`ToDtype(float32,
+//! scale=True)` first, `Normalize` last); `tests/augment_goldens.rs` replays torchvision's
+//! drawn parameters and compares pixels (to 5e-6) and compares the distributions of the
+//! drawn parameters; `docs/augmentations.md` has the step-by-step comparison and the
+//! deliberate differences. Details that match torchvision: `RandomResizedCrop` draws area
+//! and log-ratio for up to 10 attempts, rounds the sides half to even (Python's `round`) and
+//! falls back to a center crop clamped to the ratio range; resizing is torchvision's
+//! antialiased bilinear (`antialias=True`, PIL's triangle filter whose support widens with
+//! the downscale factor, see [`resize_taps`]), which upscaling is plain bilinear with
+//! half-pixel centres; the center crop's offsets are rounded half to even;
+//! `ColorJitter` draws a fresh order (as `torch.randperm(4)`) and the brightness / contrast /
+//! saturation factors from `[max(0, 1 - x), 1 + x]` and hue from `[-h, h]` on every call, a
+//! parameter of 0 disabling that adjustment, and clamps to [0, 1] after each adjustment;
+//! contrast blends with the mean of the grayscale image; hue goes through HSV exactly as
+//! torchvision's tensor code; grayscale is `0.2989 R + 0.587 G + 0.114 B` (torchvision's
+//! tensor coefficients) copied to every channel; normalization subtracts, then divides. The
+//! blur kernel is Gaussian with reflect padding and an odd size of about 10% of the image
+//! (23 px at 224, as MoCo v2 and SimCLR; 3 px at 32). One-channel images get what
+//! torchvision v2 does to them: grayscale, saturation and hue leave them unchanged (the
+//! factors are still drawn); brightness, contrast, blur, flip and crop apply.
+//!
+//! Unlike the classic PIL recipe, nothing is rounded to `u8` between steps (PIL rounds after
+//! the resize and after every jitter step): a deliberate choice, see `docs/augmentations.md`.
+//! [`Augment::sample`] draws a view's parameters ([`ViewParams`]) without touching pixels;
+//! [`Augment::apply_params`] applies them.
 //!
 //! ```
 //! use moco::data::augment::Augment;
@@ -291,7 +304,8 @@ impl Augment {
     }
 
     /// Augments one image: `src` is `c x h x w` `u8` (CHW); `out` receives the normalized
-    /// `c x size x size` view. All randomness comes from `rng`.
+    /// `c x size x size` view. All randomness comes from `rng`: this is
+    /// [`Augment::sample`] followed by [`Augment::apply_params`].
     pub fn apply<R: Rng + ?Sized>(
         &self,
         src: &[u8],
@@ -301,12 +315,24 @@ impl Augment {
         rng: &mut R,
         out: &mut [f32],
     ) -> Result<()> {
+        let params = self.sample(c, h, w, rng)?;
+        self.apply_params(src, c, h, w, &params, out)
+    }
+
+    /// Checks the shapes of one call (source `c x h x w`, `out` of `c x size x size`).
+    fn check_shapes(
+        &self,
+        src_len: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        out_len: usize,
+    ) -> Result<()> {
         self.validate()?;
         let expect = c.checked_mul(h).and_then(|v| v.checked_mul(w));
-        if c == 0 || h == 0 || w == 0 || expect != Some(src.len()) {
+        if c == 0 || h == 0 || w == 0 || expect != Some(src_len) {
             return Err(Error::invalid(format!(
-                "augment: source of {} bytes is not {c}x{h}x{w}",
-                src.len()
+                "augment: source of {src_len} bytes is not {c}x{h}x{w}"
             )));
         }
         if self.mean.len() != c {
@@ -316,25 +342,39 @@ impl Augment {
             )));
         }
         let s = self.size;
-        if out.len() != c * s * s {
+        if out_len != c * s * s {
             return Err(Error::invalid(format!(
-                "augment: output of {} floats is not {c}x{s}x{s}",
-                out.len()
+                "augment: output of {out_len} floats is not {c}x{s}x{s}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Draws the random parameters of one view of a `c x h x w` image, in the order the
+    /// steps run (as torchvision's `make_params`), without touching any pixel. Every
+    /// [`Op`] yields one [`OpParams`], also when it is not applied.
+    pub fn sample<R: Rng + ?Sized>(
+        &self,
+        c: usize,
+        h: usize,
+        w: usize,
+        rng: &mut R,
+    ) -> Result<ViewParams> {
+        self.validate()?;
+        if c == 0 || h == 0 || w == 0 || c.checked_mul(h).and_then(|v| v.checked_mul(w)).is_none() {
+            return Err(Error::invalid(format!(
+                "augment: empty or oversized image {c}x{h}x{w}"
             )));
         }
         let region = match self.crop {
             Crop::RandomResized { scale, ratio } => {
                 random_resized_crop_params(h, w, scale, ratio, rng)
             }
-            Crop::Center { fraction } => {
-                let side = ((h.min(w) as f32 * fraction).round() as usize).clamp(1, h.min(w));
-                ((h - side) / 2, (w - side) / 2, side, side)
-            }
+            Crop::Center { fraction } => center_crop_params(h, w, fraction),
         };
-        resized_crop(src, c, h, w, region, s, s, out);
-        let mut scratch = Vec::new();
+        let mut ops = Vec::with_capacity(self.ops.len());
         for op in &self.ops {
-            match *op {
+            ops.push(match *op {
                 Op::ColorJitter {
                     brightness,
                     contrast,
@@ -342,31 +382,225 @@ impl Augment {
                     hue,
                     p,
                 } => {
-                    if rng.random::<f32>() < p {
-                        color_jitter(out, c, s, s, [brightness, contrast, saturation, hue], rng);
+                    OpParams::ColorJitter((rng.random::<f32>() < p).then(|| {
+                        JitterParams::sample([brightness, contrast, saturation, hue], rng)
+                    }))
+                }
+                Op::Grayscale { p } => OpParams::Grayscale(rng.random::<f32>() < p),
+                Op::GaussianBlur { sigma, p } => OpParams::GaussianBlur(
+                    (rng.random::<f32>() < p).then(|| rng.random_range(sigma.0..=sigma.1)),
+                ),
+                Op::HorizontalFlip { p } => OpParams::HorizontalFlip(rng.random::<f32>() < p),
+            });
+        }
+        Ok(ViewParams { region, ops })
+    }
+
+    /// Applies drawn parameters (from [`Augment::sample`], or built by hand, for example
+    /// from torchvision's) to `src` (`c x h x w` `u8`), writing the normalized
+    /// `c x size x size` view to `out`. Deterministic: no randomness.
+    pub fn apply_params(
+        &self,
+        src: &[u8],
+        c: usize,
+        h: usize,
+        w: usize,
+        params: &ViewParams,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.check_shapes(src.len(), c, h, w, out.len())?;
+        let (top, left, rh, rw) = params.region;
+        if rh == 0
+            || rw == 0
+            || top.checked_add(rh).is_none_or(|b| b > h)
+            || left.checked_add(rw).is_none_or(|r| r > w)
+        {
+            return Err(Error::invalid(format!(
+                "augment: crop region {:?} (top, left, height, width) leaves the {h}x{w} image",
+                params.region
+            )));
+        }
+        if params.ops.len() != self.ops.len() {
+            return Err(Error::invalid(format!(
+                "augment: {} drawn parameters for {} steps",
+                params.ops.len(),
+                self.ops.len()
+            )));
+        }
+        let s = self.size;
+        resized_crop(src, c, h, w, params.region, s, s, out);
+        let mut scratch = Vec::new();
+        for (op, drawn) in self.ops.iter().zip(&params.ops) {
+            match (op, drawn) {
+                (Op::ColorJitter { .. }, OpParams::ColorJitter(j)) => {
+                    if let Some(j) = j {
+                        j.check()?;
+                        j.apply(out, c, s, s);
                     }
                 }
-                Op::Grayscale { p } => {
-                    if rng.random::<f32>() < p {
+                (Op::Grayscale { .. }, OpParams::Grayscale(on)) => {
+                    if *on {
                         grayscale(out, c, s, s);
                     }
                 }
-                Op::GaussianBlur { sigma, p } => {
-                    if rng.random::<f32>() < p {
-                        let sg = rng.random_range(sigma.0..=sigma.1);
+                (Op::GaussianBlur { .. }, OpParams::GaussianBlur(sg)) => {
+                    if let Some(sg) = *sg {
+                        if !(sg.is_finite() && sg > 0.0) {
+                            return Err(Error::invalid(format!(
+                                "augment: blur sigma {sg} must be > 0"
+                            )));
+                        }
                         gaussian_blur(out, c, s, s, sg, blur_kernel_size(s), &mut scratch);
                     }
                 }
-                Op::HorizontalFlip { p } => {
-                    if rng.random::<f32>() < p {
+                (Op::HorizontalFlip { .. }, OpParams::HorizontalFlip(on)) => {
+                    if *on {
                         hflip(out, c, s, s);
                     }
+                }
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "augment: drawn parameters {drawn:?} do not belong to step {op:?}"
+                    )))
                 }
             }
         }
         normalize(out, c, s, s, &self.mean, &self.std);
         Ok(())
     }
+
+    /// The same transform with the random crop's smallest area fraction set to `min`
+    /// (torchvision's `RandomResizedCrop(scale=(min, 1))`); `min` must be finite and in
+    /// `(0, 1]`. A center crop (the eval preset) is left as it is.
+    pub fn with_crop_scale(mut self, min: f64) -> Result<Augment> {
+        if !(min.is_finite() && min > 0.0 && min <= 1.0) {
+            return Err(Error::invalid(format!(
+                "crop scale {min} must be a finite number in (0, 1]"
+            )));
+        }
+        if let Crop::RandomResized { scale, .. } = &mut self.crop {
+            *scale = (min as f32, scale.1.max(min as f32));
+        }
+        self.validate()?;
+        Ok(self)
+    }
+}
+
+/// The random parameters of one view, as [`Augment::sample`] draws them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ViewParams {
+    /// Crop region `(top, left, height, width)` in source pixels.
+    pub region: (usize, usize, usize, usize),
+    /// One entry per [`Op`] of the transform, in order.
+    pub ops: Vec<OpParams>,
+}
+
+/// What one [`Op`] drew.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpParams {
+    /// The jitter's factors and order, or `None` when it was not applied.
+    ColorJitter(Option<JitterParams>),
+    /// Whether the image was turned gray.
+    Grayscale(bool),
+    /// Blur sigma, or `None` when it was not applied.
+    GaussianBlur(Option<f32>),
+    /// Whether the image was mirrored.
+    HorizontalFlip(bool),
+}
+
+/// torchvision `ColorJitter.make_params`: the order of the four adjustments (a permutation
+/// of `0..4`: 0 brightness, 1 contrast, 2 saturation, 3 hue, as `torch.randperm(4)`) and
+/// each factor (`None`: that adjustment is disabled).
+#[derive(Clone, Debug, PartialEq)]
+pub struct JitterParams {
+    /// Order in which the adjustments run.
+    pub order: [usize; 4],
+    /// Brightness factor.
+    pub brightness: Option<f32>,
+    /// Contrast factor.
+    pub contrast: Option<f32>,
+    /// Saturation factor.
+    pub saturation: Option<f32>,
+    /// Hue shift in turns.
+    pub hue: Option<f32>,
+}
+
+impl JitterParams {
+    /// Draws the order, then brightness, contrast, saturation and hue (each only when its
+    /// range is > 0) from `ranges = [brightness, contrast, saturation, hue]`.
+    pub fn sample<R: Rng + ?Sized>(ranges: [f32; 4], rng: &mut R) -> JitterParams {
+        let mut order = [0usize, 1, 2, 3];
+        order.shuffle(rng);
+        let mut factor = |x: f32| -> Option<f32> {
+            (x > 0.0).then(|| rng.random_range((1.0 - x).max(0.0)..=1.0 + x))
+        };
+        let brightness = factor(ranges[0]);
+        let contrast = factor(ranges[1]);
+        let saturation = factor(ranges[2]);
+        let hue = (ranges[3] > 0.0).then(|| rng.random_range(-ranges[3]..=ranges[3]));
+        JitterParams {
+            order,
+            brightness,
+            contrast,
+            saturation,
+            hue,
+        }
+    }
+
+    /// Checks that `order` is a permutation of `0..4`, factors are finite and >= 0 and the
+    /// hue shift is in `[-0.5, 0.5]`.
+    pub fn check(&self) -> Result<()> {
+        let mut seen = [false; 4];
+        for &k in &self.order {
+            if k >= 4 || seen[k] {
+                return Err(Error::invalid(format!(
+                    "augment: jitter order {:?} is not a permutation of 0..4",
+                    self.order
+                )));
+            }
+            seen[k] = true;
+        }
+        let ok = |f: Option<f32>| f.is_none_or(|f| f.is_finite() && f >= 0.0);
+        let hue_ok = self.hue.is_none_or(|h| (-0.5..=0.5).contains(&h));
+        if !(ok(self.brightness) && ok(self.contrast) && ok(self.saturation) && hue_ok) {
+            return Err(Error::invalid(format!(
+                "augment: invalid jitter factors {self:?} (factors >= 0, hue in [-0.5, 0.5])"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs the adjustments on the `c x h x w` image in `order`.
+    pub fn apply(&self, img: &mut [f32], c: usize, h: usize, w: usize) {
+        for k in self.order {
+            match (k, self.brightness, self.contrast, self.saturation, self.hue) {
+                (0, Some(f), ..) => adjust_brightness(&mut img[..c * h * w], f),
+                (1, _, Some(f), ..) => adjust_contrast(img, c, h, w, f),
+                (2, _, _, Some(f), _) => adjust_saturation(img, c, h, w, f),
+                (3, .., Some(f)) => adjust_hue(img, c, h, w, f),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Python's `int(round(x))` for `x >= 0`: rounds half to even.
+#[inline]
+fn round_half_even(x: f64) -> usize {
+    x.round_ties_even().max(0.0) as usize
+}
+
+/// torchvision `CenterCrop` of a square of side `round(fraction * min(h, w))` (at least
+/// 1): `(top, left, side, side)` with the offsets rounded as torchvision's
+/// `int(round((h - side) / 2.0))` (half to even).
+pub fn center_crop_params(h: usize, w: usize, fraction: f32) -> (usize, usize, usize, usize) {
+    let side = round_half_even(h.min(w) as f64 * fraction as f64).clamp(1, h.min(w));
+    (
+        round_half_even((h - side) as f64 / 2.0),
+        round_half_even((w - side) as f64 / 2.0),
+        side,
+        side,
+    )
 }
 
 /// torchvision `RandomResizedCrop.get_params`: `(top, left, height, width)` of the region.
@@ -382,8 +616,9 @@ pub fn random_resized_crop_params<R: Rng + ?Sized>(
     for _ in 0..10 {
         let target = area * rng.random_range(scale.0 as f64..=scale.1 as f64);
         let ar = rng.random_range(lr0..=lr1).exp();
-        let cw = (target * ar).sqrt().round() as usize;
-        let ch = (target / ar).sqrt().round() as usize;
+        // Python's round: half to even.
+        let cw = round_half_even((target * ar).sqrt());
+        let ch = round_half_even((target / ar).sqrt());
         if cw > 0 && cw <= w && ch > 0 && ch <= h {
             let i = rng.random_range(0..=h - ch);
             let j = rng.random_range(0..=w - cw);
@@ -393,24 +628,64 @@ pub fn random_resized_crop_params<R: Rng + ?Sized>(
     // Fallback: center crop, aspect clamped to the ratio range.
     let in_ratio = w as f64 / h as f64;
     let (ch, cw) = if in_ratio < ratio.0 as f64 {
-        (
-            ((w as f64 / ratio.0 as f64).round() as usize).clamp(1, h),
-            w,
-        )
+        (round_half_even(w as f64 / ratio.0 as f64).clamp(1, h), w)
     } else if in_ratio > ratio.1 as f64 {
-        (
-            h,
-            ((h as f64 * ratio.1 as f64).round() as usize).clamp(1, w),
-        )
+        (h, round_half_even(h as f64 * ratio.1 as f64).clamp(1, w))
     } else {
         (h, w)
     };
     ((h - ch) / 2, (w - cw) / 2, ch, cw)
 }
 
+/// Resampling taps of one axis: for each output index, the first source index and the
+/// normalized weights of the consecutive source samples from there.
+///
+/// This is torchvision's / PIL's antialiased bilinear resize (`antialias=True`, the default
+/// of the v2 transforms; PyTorch's `_upsample_bilinear2d_aa`): output sample `i` is centred
+/// at `center = (i + 0.5) * scale` with `scale = n_in / n_out`, and source sample `j`
+/// (centred at `j + 0.5`) weighs `tri((j + 0.5 - center) / max(scale, 1))` with the triangle
+/// `tri(x) = max(0, 1 - |x|)`, over the window `[center - support, center + support)`
+/// clipped to the image, `support = max(scale, 1)`; the weights are renormalized to sum
+/// to one. Upscaling (`scale <= 1`) this is plain bilinear with half-pixel centres and edge
+/// clamping (`align_corners=False`); downscaling, the filter widens with the factor, so
+/// every source pixel contributes (no aliasing).
+pub fn resize_taps(n_in: usize, n_out: usize) -> Vec<(usize, Vec<f32>)> {
+    let scale = n_in as f64 / n_out as f64;
+    let (support, inv) = if scale >= 1.0 {
+        (scale, 1.0 / scale)
+    } else {
+        (1.0, 1.0)
+    };
+    (0..n_out)
+        .map(|i| {
+            let center = scale * (i as f64 + 0.5);
+            // C++ `(int64_t)` truncation, as PyTorch; both bounds are >= -0.5 here.
+            let lo = ((center - support + 0.5).trunc().max(0.0) as usize).min(n_in - 1);
+            let hi = ((center + support + 0.5).trunc() as usize).clamp(lo + 1, n_in);
+            let mut wts: Vec<f64> = (lo..hi)
+                .map(|j| (1.0 - ((j as f64 + 0.5 - center) * inv).abs()).max(0.0))
+                .collect();
+            let total: f64 = wts.iter().sum();
+            if total > 0.0 {
+                wts.iter_mut().for_each(|v| *v /= total);
+            } else {
+                wts.iter_mut().for_each(|v| *v = 0.0);
+                wts[0] = 1.0;
+            }
+            // Trailing zero weights cost time only.
+            while wts.len() > 1 && wts[wts.len() - 1] == 0.0 {
+                wts.pop();
+            }
+            let first = wts.iter().position(|&v| v != 0.0).unwrap_or(0);
+            (lo + first, wts[first..].iter().map(|&v| v as f32).collect())
+        })
+        .collect()
+}
+
 /// Cuts `region = (top, left, height, width)` out of the `u8` CHW image `src` (`c x h x w`)
-/// and resizes it bilinearly (half-pixel centres, clamped to the region) to `oh x ow`,
-/// writing values in [0, 1] to `out` (`c x oh x ow`).
+/// and resizes it to `oh x ow` with torchvision's antialiased bilinear filter
+/// ([`resize_taps`]; rows first, then columns), writing values in [0, 1] to `out`
+/// (`c x oh x ow`). A region of the output size is copied unchanged.
 ///
 /// A low-level step: panics if the region is empty or leaves the image, or a buffer is too
 /// short ([`Augment::apply`] checks everything before calling it).
@@ -426,27 +701,36 @@ pub fn resized_crop(
     out: &mut [f32],
 ) {
     let (top, left, rh, rw) = region;
-    debug_assert!(top + rh <= h && left + rw <= w && rh > 0 && rw > 0);
-    // Per output column: the two source columns and the weight of the second.
-    let taps = |o: usize, n_out: usize, n_in: usize| -> (usize, usize, f32) {
-        let s = ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).clamp(0.0, (n_in - 1) as f64);
-        let i0 = s.floor() as usize;
-        let i1 = (i0 + 1).min(n_in - 1);
-        (i0, i1, (s - i0 as f64) as f32)
-    };
-    let xs: Vec<(usize, usize, f32)> = (0..ow).map(|x| taps(x, ow, rw)).collect();
+    assert!(
+        top + rh <= h && left + rw <= w && rh > 0 && rw > 0,
+        "crop region leaves the image"
+    );
+    let xs = resize_taps(rw, ow);
+    let ys = resize_taps(rh, oh);
     const INV: f32 = 1.0 / 255.0;
+    // Horizontal pass of the region's rows (in [0, 1]), then the vertical pass.
+    let mut tmp = vec![0.0f32; rh * ow];
     for ch in 0..c {
         let plane = &src[ch * h * w..(ch + 1) * h * w];
-        for y in 0..oh {
-            let (y0, y1, wy) = taps(y, oh, rh);
-            let r0 = &plane[(top + y0) * w + left..(top + y0) * w + left + rw];
-            let r1 = &plane[(top + y1) * w + left..(top + y1) * w + left + rw];
-            let o = &mut out[ch * oh * ow + y * ow..ch * oh * ow + (y + 1) * ow];
-            for (ov, &(x0, x1, wx)) in o.iter_mut().zip(&xs) {
-                let a = r0[x0] as f32 * (1.0 - wx) + r0[x1] as f32 * wx;
-                let b = r1[x0] as f32 * (1.0 - wx) + r1[x1] as f32 * wx;
-                *ov = (a * (1.0 - wy) + b * wy) * INV;
+        for y in 0..rh {
+            let row = &plane[(top + y) * w + left..(top + y) * w + left + rw];
+            for (t, (x0, wx)) in tmp[y * ow..(y + 1) * ow].iter_mut().zip(&xs) {
+                let mut acc = 0.0f32;
+                for (k, &wk) in wx.iter().enumerate() {
+                    acc += wk * (row[x0 + k] as f32 * INV);
+                }
+                *t = acc;
+            }
+        }
+        let o = &mut out[ch * oh * ow..(ch + 1) * oh * ow];
+        for (y, (y0, wy)) in ys.iter().enumerate() {
+            let orow = &mut o[y * ow..(y + 1) * ow];
+            orow.iter_mut().for_each(|v| *v = 0.0);
+            for (k, &wk) in wy.iter().enumerate() {
+                let trow = &tmp[(y0 + k) * ow..(y0 + k + 1) * ow];
+                for (ov, &tv) in orow.iter_mut().zip(trow) {
+                    *ov += wk * tv;
+                }
             }
         }
     }
@@ -459,10 +743,11 @@ pub fn hflip(img: &mut [f32], c: usize, h: usize, w: usize) {
     }
 }
 
-/// Writes the ITU-R 601-2 luma of RGB pixel `i` of the plane.
+/// The ITU-R 601-2 luma of RGB pixel `i` of the plane, with torchvision's tensor
+/// coefficients `0.2989 R + 0.587 G + 0.114 B` (PIL uses 0.299 in integer arithmetic).
 #[inline]
 fn luma(img: &[f32], plane: usize, i: usize) -> f32 {
-    0.299 * img[i] + 0.587 * img[plane + i] + 0.114 * img[2 * plane + i]
+    0.2989 * img[i] + 0.587 * img[plane + i] + 0.114 * img[2 * plane + i]
 }
 
 /// Replaces every channel of an RGB image by its luma (no-op for other channel counts).
@@ -560,8 +845,9 @@ pub fn adjust_hue(img: &mut [f32], c: usize, h: usize, w: usize, shift: f32) {
     }
 }
 
-/// torchvision `ColorJitter` with ranges `[brightness, contrast, saturation, hue]`: factors
-/// drawn first, then applied in a random order. A range of 0 disables its adjustment.
+/// torchvision `ColorJitter` with ranges `[brightness, contrast, saturation, hue]`: the
+/// order and the factors drawn first ([`JitterParams::sample`]), then the adjustments
+/// applied in that order. A range of 0 disables its adjustment.
 pub fn color_jitter<R: Rng + ?Sized>(
     img: &mut [f32],
     c: usize,
@@ -570,24 +856,7 @@ pub fn color_jitter<R: Rng + ?Sized>(
     ranges: [f32; 4],
     rng: &mut R,
 ) {
-    let mut order = [0usize, 1, 2, 3];
-    order.shuffle(rng);
-    let factor = |x: f32, rng: &mut R| -> Option<f32> {
-        (x > 0.0).then(|| rng.random_range((1.0 - x).max(0.0)..=1.0 + x))
-    };
-    let b = factor(ranges[0], rng);
-    let ct = factor(ranges[1], rng);
-    let s = factor(ranges[2], rng);
-    let hu = (ranges[3] > 0.0).then(|| rng.random_range(-ranges[3]..=ranges[3]));
-    for k in order {
-        match (k, b, ct, s, hu) {
-            (0, Some(f), ..) => adjust_brightness(&mut img[..c * h * w], f),
-            (1, _, Some(f), ..) => adjust_contrast(img, c, h, w, f),
-            (2, _, _, Some(f), _) => adjust_saturation(img, c, h, w, f),
-            (3, .., Some(f)) => adjust_hue(img, c, h, w, f),
-            _ => {}
-        }
-    }
+    JitterParams::sample(ranges, rng).apply(img, c, h, w);
 }
 
 /// Odd blur kernel size of about 10% of the image side (23 at 224, 3 at 32), at least 3.
@@ -662,12 +931,13 @@ pub fn gaussian_blur(
     }
 }
 
-/// `(x - mean[c]) / std[c]` per channel.
+/// `(x - mean[c]) / std[c]` per channel (a subtraction, then a division, as torchvision's
+/// `normalize`).
 pub fn normalize(img: &mut [f32], c: usize, h: usize, w: usize, mean: &[f32], std: &[f32]) {
     for ch in 0..c {
-        let (m, inv) = (mean[ch], 1.0 / std[ch]);
+        let (m, sd) = (mean[ch], std[ch]);
         for v in &mut img[ch * h * w..(ch + 1) * h * w] {
-            *v = (*v - m) * inv;
+            *v = (*v - m) / sd;
         }
     }
 }

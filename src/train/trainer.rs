@@ -158,7 +158,10 @@ impl<B: MocoBackend> Trainer<B> {
         // otherwise).
         let (mean, std) = (train.mean.clone(), train.std.clone());
         let preset: Preset = cfg.augment.parse()?;
-        let aug = Augment::preset(preset, cfg.image_size, &mean, &std)?;
+        let mut aug = Augment::preset(preset, cfg.image_size, &mean, &std)?;
+        if let Some(min) = cfg.crop_scale {
+            aug = aug.with_crop_scale(min)?;
+        }
         let eval_aug = Augment::eval(cfg.image_size, &mean, &std)?;
         let train = Arc::new(train);
         let loader =

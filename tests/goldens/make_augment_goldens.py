@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Writes tests/goldens/augment.json: torchvision v2 augmentations on fixed images, for
+tests/augment_goldens.rs (CI has no PyTorch; the test reads this file).
+
+Two parts:
+
+* ``pixel_cases``: uint8 CHW images (1 and 3 channels, upscaling and antialiased
+  downscaling crops, a center crop with an odd margin) run through torchvision's own v2
+  transforms on float tensors: ``ToDtype(float32, scale=True)``, then
+  ``RandomResizedCrop(size, scale, antialias=True)``,
+  ``RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)``, ``RandomGrayscale(0.2)``,
+  ``RandomHorizontalFlip()``, ``Normalize(mean, std)`` (or ``CenterCrop`` + ``Resize`` for
+  the eval case). Each view records the parameters torchvision drew and its output, so the
+  Rust test applies the same parameters and compares pixels.
+* ``stats``: distributions of the parameters torchvision draws (crop area fraction, log
+  aspect ratio, crop centre, flip / jitter / grayscale rates, each jitter factor, the
+  position of each adjustment in the jitter order), over many draws, for the Rust test's
+  statistical comparison.
+
+Usage: python3 tests/goldens/make_augment_goldens.py  (PyTorch 2.x, torchvision >= 0.16)
+"""
+import json
+import math
+import os
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+JITTER = (0.4, 0.4, 0.4, 0.1)
+
+
+def image(c, h, w, seed):
+    """A smooth pattern plus noise, so resizing has something to do at every scale."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(h, dtype=torch.float64).view(1, h, 1)
+    x = torch.arange(w, dtype=torch.float64).view(1, 1, w)
+    ch = torch.arange(c, dtype=torch.float64).view(c, 1, 1)
+    base = 127.5 + 90 * torch.sin(0.45 * x + 0.3 * ch) * torch.cos(0.37 * y - 0.2 * ch)
+    noise = torch.randint(-40, 41, (c, h, w), generator=g).double()
+    return (base + noise).round().clamp(0, 255).to(torch.uint8)
+
+
+def train_view(img_u8, size, scale, mean, std):
+    """The recipe, one step at a time, recording what each random step drew."""
+    x = F.to_dtype(img_u8, torch.float32, scale=True)
+    rrc = v2.RandomResizedCrop(size, scale=scale, antialias=True)
+    p = rrc.make_params([x])
+    region = [p["top"], p["left"], p["height"], p["width"]]
+    x = rrc.transform(x, p)
+    jitter = None
+    if torch.rand(1).item() < 0.8:  # RandomApply(p=0.8) draws torch.rand(1) >= p to skip
+        cj = v2.ColorJitter(*JITTER)
+        jp = cj.make_params([x])
+        x = cj.transform(x, jp)
+        jitter = {
+            "order": [int(i) for i in jp["fn_idx"]],
+            "b": jp["brightness_factor"],
+            "c": jp["contrast_factor"],
+            "s": jp["saturation_factor"],
+            "h": jp["hue_factor"],
+        }
+    gray = torch.rand(1).item() < 0.2
+    if gray:
+        x = F.rgb_to_grayscale(x, num_output_channels=x.shape[0]) if x.shape[0] == 3 else x
+    flip = torch.rand(1).item() < 0.5
+    if flip:
+        x = F.horizontal_flip(x)
+    x = F.normalize(x, mean, std)
+    return {"region": region, "jitter": jitter, "gray": gray, "flip": flip, "out": [float(f"{v:.9g}") for v in x.flatten().tolist()]}
+
+
+def check_against_compose(img_u8, size, scale, mean, std, seed):
+    """The step-by-step view equals torchvision's own Compose with the same seed."""
+    torch.manual_seed(seed)
+    mine = train_view(img_u8, size, scale, mean, std)
+    torch.manual_seed(seed)
+    t = v2.Compose([
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomResizedCrop(size, scale=scale, antialias=True),
+        v2.RandomApply([v2.ColorJitter(*JITTER)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomHorizontalFlip(),
+        v2.Normalize(mean, std),
+    ])
+    ref = t(img_u8).flatten()
+    assert torch.equal(torch.tensor(mine["out"]), ref), "step-by-step differs from Compose"
+
+
+def pixel_cases():
+    cases = []
+    specs = [
+        # name, c, h, w, size, scale, seed
+        ("fmnist-1ch-28-to-28", 1, 28, 28, 28, (0.2, 1.0), 1),
+        ("rgb-32-to-32", 3, 32, 32, 32, (0.08, 1.0), 2),
+        ("rgb-56x40-to-16-downscale", 3, 40, 56, 16, (0.2, 1.0), 3),
+        ("gray-64x48-to-20-downscale", 1, 48, 64, 20, (0.2, 1.0), 4),
+    ]
+    for name, c, h, w, size, scale, seed in specs:
+        img = image(c, h, w, seed)
+        mean = [0.45, 0.5, 0.55][:c] if c == 3 else [0.286]
+        std = [0.25, 0.24, 0.26][:c] if c == 3 else [0.353]
+        check_against_compose(img, size, scale, mean, std, 100 + seed)
+        torch.manual_seed(seed)
+        views = [train_view(img, size, scale, mean, std) for _ in range(5)]
+        cases.append({"name": name, "kind": "train", "c": c, "h": h, "w": w, "size": size,
+                      "scale": list(scale), "mean": mean, "std": std,
+                      "image": img.flatten().tolist(), "views": views})
+    # Eval: CenterCrop(min side) with an odd margin (rounded offset), then an antialiased resize.
+    c, h, w, size = 3, 31, 38, 20
+    img = image(c, h, w, 5)
+    mean, std = [0.45, 0.5, 0.55], [0.25, 0.24, 0.26]
+    x = F.to_dtype(img, torch.float32, scale=True)
+    x = F.center_crop(x, [min(h, w)])
+    x = F.resize(x, [size, size], antialias=True)
+    x = F.normalize(x, mean, std)
+    top = int(round((h - min(h, w)) / 2.0))
+    left = int(round((w - min(h, w)) / 2.0))
+    cases.append({"name": "eval-center-31x38-to-20", "kind": "eval", "c": c, "h": h, "w": w,
+                  "size": size, "scale": None, "mean": mean, "std": std,
+                  "image": img.flatten().tolist(),
+                  "views": [{"region": [top, left, min(h, w), min(h, w)], "jitter": None,
+                             "gray": False, "flip": False, "out": [float(f"{v:.9g}") for v in x.flatten().tolist()]}]})
+    return cases
+
+
+def hist(values, lo, hi, bins):
+    counts = [0] * bins
+    for v in values:
+        k = int((v - lo) / (hi - lo) * bins)
+        counts[min(max(k, 0), bins - 1)] += 1
+    return counts
+
+
+def stats(name, h, w, scale, n, seed):
+    torch.manual_seed(seed)
+    rrc = v2.RandomResizedCrop(8, scale=scale, antialias=True)
+    cj = v2.ColorJitter(*JITTER)
+    dummy = torch.zeros(1, h, w)
+    area, logr, cy, cx = [], [], [], []
+    flips = jit = grays = 0
+    factors = {k: [] for k in "bcsh"}
+    pos = [[0] * 4 for _ in range(4)]  # pos[op][position]
+    for _ in range(n):
+        p = rrc.make_params([dummy])
+        area.append(p["height"] * p["width"] / (h * w))
+        logr.append(math.log(p["width"] / p["height"]))
+        cy.append((p["top"] + p["height"] / 2) / h)
+        cx.append((p["left"] + p["width"] / 2) / w)
+        if torch.rand(1).item() < 0.8:
+            jit += 1
+            jp = cj.make_params([dummy])
+            for position, op in enumerate(jp["fn_idx"].tolist()):
+                pos[op][position] += 1
+            for k, key in zip("bcsh", ["brightness_factor", "contrast_factor",
+                                       "saturation_factor", "hue_factor"]):
+                factors[k].append(jp[key])
+        grays += torch.rand(1).item() < 0.2
+        flips += torch.rand(1).item() < 0.5
+    lr = math.log(4 / 3)
+    return {
+        "name": name, "h": h, "w": w, "scale": list(scale), "n": n, "bins": 10,
+        "area_hist": hist(area, 0.0, 1.0, 10),
+        "logratio_hist": hist(logr, -lr - 0.15, lr + 0.15, 10),
+        "cy_hist": hist(cy, 0.0, 1.0, 10),
+        "cx_hist": hist(cx, 0.0, 1.0, 10),
+        "area_mean": sum(area) / n,
+        "jitter": jit, "gray": grays, "flip": flips,
+        "factor_hist": {k: hist(v, (-0.1 if k == "h" else 0.6), (0.1 if k == "h" else 1.4), 10)
+                        for k, v in factors.items()},
+        "order_pos": pos,
+    }
+
+
+def main():
+    out = {
+        "torch": torch.__version__,
+        "pixel_cases": pixel_cases(),
+        "stats": [
+            stats("fmnist-28-scale0.2", 28, 28, (0.2, 1.0), 20000, 7),
+            stats("cifar-32-scale0.08", 32, 32, (0.08, 1.0), 20000, 8),
+            stats("rect-60x80-scale0.2", 60, 80, (0.2, 1.0), 20000, 9),
+        ],
+    }
+    path = os.path.join(HERE, "augment.json")
+    with open(path, "w") as f:
+        json.dump(out, f, separators=(",", ":"))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
