@@ -352,7 +352,7 @@ fn rendezvous_missing_rank_times_out_clearly_on_every_rank() {
                 rendezvous(
                     &env(r, 3, port),
                     || Ok(vec![1]),
-                    Duration::from_millis(1500),
+                    Duration::from_millis(3000),
                 )
             })
         })
@@ -362,8 +362,10 @@ fn rendezvous_missing_rank_times_out_clearly_on_every_rank() {
         .map(|h| h.join().unwrap().unwrap_err().to_string())
         .collect();
     assert!(errs[0].contains("rank(s) 2 did not join"), "{}", errs[0]);
+    // Rank 1 is told by rank 0 ("rank 0 ended the rendezvous: ..."), or, on a loaded
+    // machine where rank 0 gave up before accepting it, notices rank 0 has gone.
     assert!(
-        errs[1].contains("rank 0 ended the rendezvous"),
+        errs[1].contains("rank 0 ended the rendezvous") || errs[1].contains("no answer"),
         "{}",
         errs[1]
     );
