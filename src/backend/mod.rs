@@ -2,8 +2,8 @@
 //! over f32/f64) and, with a GPU, [`Cuda`].
 //!
 //! Every operation takes whole buffers plus element offsets into them, so the model keeps
-//! its parameters (and gradients) in one flat buffer each (see `DESIGN.md`, "Flat
-//! parameters") and hands a layer's slice to the backend by offset. Activations are NCHW.
+//! its parameters (and gradients) in one flat buffer each (see `docs/resnet.md`) and hands
+//! a layer's slice to the backend by offset. Activations are NCHW.
 //!
 //! Conventions shared by every implementation:
 //! * outputs named `y`/`dx` are overwritten; parameter gradients (`dw`, `dgamma`, ...) are
