@@ -70,6 +70,20 @@ pub struct StateCounters {
     pub num_batches_tracked: (u64, u64),
 }
 
+/// Two views of `shape.n >= 1` images each.
+fn check_views(x_q: &[f32], x_k: &[f32], shape: InputShape) -> Result<()> {
+    if shape.n == 0 || x_q.len() != shape.len() || x_k.len() != shape.len() {
+        return Err(Error::invalid(format!(
+            "a training step needs two views of N >= 1 images of {} values each, got {} and {} for N = {}",
+            shape.c * shape.h * shape.w,
+            x_q.len(),
+            x_k.len(),
+            shape.n
+        )));
+    }
+    Ok(())
+}
+
 /// The MoCo state and step on backend `B` (see the module docs).
 pub struct Moco<B: MocoBackend> {
     cfg: TrainConfig,
@@ -344,15 +358,7 @@ impl<B: MocoBackend> Moco<B> {
         perms: &[Vec<usize>],
     ) -> Result<StepStats> {
         let want = if self.cfg.symmetric { 2 } else { 1 };
-        if shape.n == 0 || x_q.len() != shape.len() || x_k.len() != shape.len() {
-            return Err(Error::invalid(format!(
-                "a training step needs two views of N >= 1 images of {} values each, got {} and {} for N = {}",
-                shape.c * shape.h * shape.w,
-                x_q.len(),
-                x_k.len(),
-                shape.n
-            )));
-        }
+        check_views(x_q, x_k, shape)?;
         if perms.len() != want {
             return Err(Error::invalid(format!(
                 "this step needs {want} permutation(s) ({}), got {}",
@@ -487,15 +493,7 @@ impl<B: MocoBackend> Moco<B> {
         let (rank, world) = (comm.rank(), comm.world());
         crate::dist::check_rank(rank, world)?;
         let want = if self.cfg.symmetric { 2 } else { 1 };
-        if shape.n == 0 || x_q.len() != shape.len() || x_k.len() != shape.len() {
-            return Err(Error::invalid(format!(
-                "a training step needs two views of N >= 1 images of {} values each, got {} and {} for N = {}",
-                shape.c * shape.h * shape.w,
-                x_q.len(),
-                x_k.len(),
-                shape.n
-            )));
-        }
+        check_views(x_q, x_k, shape)?;
         if !self.cfg.bn_splits.is_multiple_of(world) {
             return Err(Error::invalid(format!(
                 "--bn-splits ({}) counts BatchNorm groups over the global batch and must be a multiple of the world size ({world})",
