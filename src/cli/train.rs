@@ -771,10 +771,7 @@ fn launch(gpus: usize) -> Result<Outcome> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     match failed {
-        Some((r, st)) if st.code() == Some(130) => {
-            let _ = r;
-            Ok(Outcome::Interrupted)
-        }
+        Some((_, st)) if st.code() == Some(130) => Ok(Outcome::Interrupted),
         Some((r, st)) => Err(Error::Comm(format!(
             "rank {r} of {gpus} failed ({st}); the others were stopped"
         ))),
