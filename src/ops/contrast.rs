@@ -409,15 +409,22 @@ pub(crate) fn infonce_gemm_f64(
                 let li = &mut l[i * kk..(i + 1) * kk];
                 let max_neg = li.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let mx = lpos.max(max_neg);
-                let sum: f64 = (lpos - mx).exp() + li.iter().map(|v| (v - mx).exp()).sum::<f64>();
+                // One exp per logit: e_j = exp(l_j - max) is kept, p_j = e_j / sum.
+                let epos = (lpos - mx).exp();
+                let mut sum = epos;
+                for v in li.iter_mut() {
+                    *v = (*v - mx).exp();
+                    sum += *v;
+                }
                 let lse = mx + sum.ln();
                 loss += lse - lpos;
                 correct += (lpos >= max_neg) as usize;
                 // dloss_i/dl_j = (p_j - [j == 0]) / N, times 1/T for dl_j/dqn.
                 let scale = inv_t / n as f64;
-                wpos[i] = ((lpos - lse).exp() - 1.0) * scale;
+                wpos[i] = (epos / sum - 1.0) * scale;
+                let ps = scale / sum;
                 for v in li.iter_mut() {
-                    *v = (*v - lse).exp() * scale;
+                    *v *= ps;
                 }
             }
             // g (m x C) = w (m x K) . queue (K x C) + wpos kn

@@ -1,9 +1,11 @@
-//! Convolutions: im2col + GEMM per group of samples, col2im for the input gradient.
+//! Convolutions: the direct f32 kernels of [`super::direct`] where the CPU has AVX2 or
+//! AVX-512, else (and for f64) im2col + GEMM per group of samples, col2im for the input
+//! gradient.
 
 use rayon::prelude::*;
 
 use super::{
-    gemm, Cpu, Scalar, CONV_MAX_PARTIALS, CONV_MIN_CHUNK, CONV_MIN_ITEMS, CONV_TARGET_COLS,
+    direct, gemm, Cpu, Scalar, CONV_MAX_PARTIALS, CONV_MIN_CHUNK, CONV_MIN_ITEMS, CONV_TARGET_COLS,
     ELEM_CHUNK,
 };
 use crate::backend::{check_len, ConvShape};
@@ -172,13 +174,25 @@ impl<T: Scalar> Cpu<T> {
         check_len("conv2d x", x.len(), 0, s.x_len())?;
         check_len("conv2d weight", w.len(), w_off, s.w_len())?;
         check_len("conv2d y", y.len(), 0, s.y_len())?;
+        let wm = &w[w_off..w_off + s.w_len()];
+        if let (Some(isa), Some(x), Some(wm)) = (direct::isa(), T::as_f32(x), T::as_f32(wm)) {
+            if let Some(y) = T::as_f32_mut(y) {
+                direct::forward(isa, s, x, wm, y);
+                return Ok(());
+            }
+        }
+        self.forward_im2col(s, x, wm, y);
+        Ok(())
+    }
+
+    /// The im2col + GEMM forward pass (`wm`: the layer's weight; shapes checked).
+    pub(super) fn forward_im2col(&self, s: &ConvShape, x: &[T], wm: &[T], y: &mut [T]) {
         let (xs, ys, hwo, ckk) = (
             s.cin * s.h * s.w,
             s.cout * s.ho * s.wo,
             s.ho * s.wo,
             s.cin * s.k * s.k,
         );
-        let wm = &w[w_off..w_off + s.w_len()];
         let nb = conv_group(s);
         let pointwise = s.k == 1 && s.stride == 1 && s.pad == 0;
         y[..s.y_len()]
@@ -234,7 +248,6 @@ impl<T: Scalar> Cpu<T> {
                     }
                 }
             });
-        Ok(())
     }
 
     // Fixed chunks of samples (by batch size) each own a dW partial; inside a chunk, per
@@ -259,13 +272,36 @@ impl<T: Scalar> Cpu<T> {
         if let Some(dx) = &dx {
             check_len("conv2d dx", dx.len(), 0, s.x_len())?;
         }
+        let wm = &w[w_off..w_off + s.w_len()];
+        let dwm = &mut dw[dw_off..dw_off + s.w_len()];
+        if let (Some(isa), Some(x32), Some(w32), Some(dy32)) =
+            (direct::isa(), T::as_f32(x), T::as_f32(wm), T::as_f32(dy))
+        {
+            let dx32 = dx.map(|d| T::as_f32_mut(d).expect("T is f32"));
+            let dw32 = T::as_f32_mut(dwm).expect("T is f32");
+            direct::backward(isa, s, x32, w32, dy32, dx32, dw32);
+            return Ok(());
+        }
+        self.backward_im2col(s, x, wm, dy, dx, dwm);
+        Ok(())
+    }
+
+    /// The im2col + GEMM backward pass (`wm`, `dwm`: the layer's weight and gradient).
+    pub(super) fn backward_im2col(
+        &self,
+        s: &ConvShape,
+        x: &[T],
+        wm: &[T],
+        dy: &[T],
+        dx: Option<&mut [T]>,
+        dwm: &mut [T],
+    ) {
         let (xs, ys, hwo, ckk) = (
             s.cin * s.h * s.w,
             s.cout * s.ho * s.wo,
             s.ho * s.wo,
             s.cin * s.k * s.k,
         );
-        let wm = &w[w_off..w_off + s.w_len()];
         let chunk = conv_chunk(s.n);
         let nchunks = s.n.div_ceil(chunk);
         let nb = conv_group(s).min(chunk);
@@ -349,8 +385,7 @@ impl<T: Scalar> Cpu<T> {
                 .enumerate()
                 .for_each(|(ci, p)| work(ci, p, None)),
         }
-        dw[dw_off..dw_off + s.w_len()]
-            .par_chunks_mut(ELEM_CHUNK)
+        dwm.par_chunks_mut(ELEM_CHUNK)
             .enumerate()
             .for_each(|(c, d)| {
                 let base = c * ELEM_CHUNK;
@@ -362,6 +397,5 @@ impl<T: Scalar> Cpu<T> {
                     *d = acc;
                 }
             });
-        Ok(())
     }
 }

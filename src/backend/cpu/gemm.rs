@@ -28,6 +28,10 @@ pub trait Scalar:
     fn is_nan(self) -> bool;
     /// Name for messages ("f32"/"f64").
     const NAME: &'static str;
+    /// The slice as f32, when `Self` is f32 (the direct convolutions' fast path).
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// The slice as mutable f32, when `Self` is f32.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
     /// `C = alpha A B + beta C` on raw strided matrices (A: m x k, B: k x n, C: m x n).
     ///
     /// # Safety
@@ -65,6 +69,12 @@ impl Scalar for f32 {
     fn is_nan(self) -> bool {
         f32::is_nan(self)
     }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
+    }
     unsafe fn gemm_raw(
         m: usize,
         k: usize,
@@ -100,6 +110,12 @@ impl Scalar for f64 {
     }
     fn is_nan(self) -> bool {
         f64::is_nan(self)
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
     }
     unsafe fn gemm_raw(
         m: usize,

@@ -16,6 +16,7 @@ use crate::error::Result;
 use rayon::prelude::*;
 
 mod conv;
+mod direct;
 pub(crate) mod gemm;
 mod layers;
 mod norm;

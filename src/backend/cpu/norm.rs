@@ -41,18 +41,30 @@ impl<T: Scalar> Cpu<T> {
         let group_sum = |part: &[f64], b: usize, ch: usize| -> f64 {
             (b..s.n).step_by(g).map(|n| part[n * c + ch]).sum::<f64>()
         };
-        let sums: Vec<f64> = x.par_chunks(hw).map(plane_sum).collect();
+        let pp = planes_per_item(hw);
+        let planes = s.n * c;
+        let mut sums = vec![0.0f64; planes];
+        sums.par_chunks_mut(pp)
+            .zip(x.par_chunks(pp * hw))
+            .for_each(|(sc, xc)| {
+                for (sv, xp) in sc.iter_mut().zip(xc.chunks(hw)) {
+                    *sv = plane_sum(xp);
+                }
+            });
         let mu: Vec<f64> = (0..g * c)
             .map(|bc| group_sum(&sums, bc / c, bc % c) / m)
             .collect();
-        let sq: Vec<f64> = x
-            .par_chunks(hw)
+        let mut sq = vec![0.0f64; planes];
+        sq.par_chunks_mut(pp)
+            .zip(x.par_chunks(pp * hw))
             .enumerate()
-            .map(|(p, xp)| {
-                let (n, ch) = (p / c, p % c);
-                plane_sq(xp, mu[(n % g) * c + ch])
-            })
-            .collect();
+            .for_each(|(i, (sc, xc))| {
+                for (j, (sv, xp)) in sc.iter_mut().zip(xc.chunks(hw)).enumerate() {
+                    let p = i * pp + j;
+                    let (n, ch) = (p / c, p % c);
+                    *sv = plane_sq(xp, mu[(n % g) * c + ch]);
+                }
+            });
         for ch in 0..c {
             let (mut am, mut av) = (0.0, 0.0);
             for b in 0..g {
@@ -70,19 +82,22 @@ impl<T: Scalar> Cpu<T> {
         let mean = &*mean;
         let invstd = &*invstd;
         y[..s.len()]
-            .par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
+            .par_chunks_mut(pp * hw)
+            .zip(x.par_chunks(pp * hw))
             .enumerate()
-            .for_each(|(p, (yp, xp))| {
-                let (n, ch) = (p / c, p % c);
-                let b = n % g;
-                // y = (x - mean) scale + beta: centering first keeps the precision of values
-                // near the mean (x scale + shift would cancel there).
-                let scale =
-                    T::from_f64(params[off.gamma + ch].to_f64() * invstd[b * c + ch].to_f64());
-                let (mu, beta) = (mean[b * c + ch], params[off.beta + ch]);
-                let res = residual.map(|r| &r[p * hw..(p + 1) * hw]);
-                epilogue(yp, xp, res, relu, |xv| (xv - mu) * scale + beta);
+            .for_each(|(i, (yc, xc))| {
+                for (j, (yp, xp)) in yc.chunks_mut(hw).zip(xc.chunks(hw)).enumerate() {
+                    let p = i * pp + j;
+                    let (n, ch) = (p / c, p % c);
+                    let b = n % g;
+                    // y = (x - mean) scale + beta: centering first keeps the precision of
+                    // values near the mean (x scale + shift would cancel there).
+                    let scale =
+                        T::from_f64(params[off.gamma + ch].to_f64() * invstd[b * c + ch].to_f64());
+                    let (mu, beta) = (mean[b * c + ch], params[off.beta + ch]);
+                    let res = residual.map(|r| &r[p * hw..(p + 1) * hw]);
+                    epilogue(yp, xp, res, relu, |xv| (xv - mu) * scale + beta);
+                }
             });
         Ok(())
     }
@@ -148,20 +163,22 @@ impl<T: Scalar> Cpu<T> {
         }
         let m = s.count() as f64;
         let plane = |p: usize| p * hw..(p + 1) * hw;
+        let pp = planes_per_item(hw);
         // Per plane: (sum dy, sum dy (x - mean)).
-        let parts: Vec<(f64, f64)> = (0..s.n * c)
-            .into_par_iter()
-            .map(|p| {
+        let mut parts = vec![(0.0f64, 0.0f64); s.n * c];
+        parts.par_chunks_mut(pp).enumerate().for_each(|(i, pc)| {
+            for (j, pv) in pc.iter_mut().enumerate() {
+                let p = i * pp + j;
                 let (n, ch) = (p / c, p % c);
                 let mu = mean[(n % g) * c + ch].to_f64();
-                plane_dy_dx(
+                *pv = plane_dy_dx(
                     &x[plane(p)],
                     &dy[plane(p)],
                     relu_out.map(|r| &r[plane(p)]),
                     mu,
-                )
-            })
-            .collect();
+                );
+            }
+        });
         // sums[b * c + ch] = (sdy, sdx) of group b, channel ch, planes in sample order.
         let sums: Vec<(f64, f64)> = (0..g * c)
             .map(|bc| {
@@ -184,31 +201,34 @@ impl<T: Scalar> Cpu<T> {
             *gb = T::from_f64(gb.to_f64() + sdy);
         }
         dx[..s.len()]
-            .par_chunks_mut(hw)
+            .par_chunks_mut(pp * hw)
             .enumerate()
-            .for_each(|(p, dxp)| {
-                let (n, ch) = (p / c, p % c);
-                let b = n % g;
-                let (sdy, sdx) = sums[b * c + ch];
-                let is = invstd[b * c + ch].to_f64();
-                let a = params[off.gamma + ch].to_f64() * is;
-                // dx = a (dy - sdy / M) + k (x - mean), with x - mean formed first.
-                let k = T::from_f64(-a * is * sdx / m);
-                let c0 = T::from_f64(-a * sdy / m);
-                let (a, mu) = (T::from_f64(a), mean[b * c + ch]);
-                let (xp, dyp) = (&x[plane(p)], &dy[plane(p)]);
-                match relu_out {
-                    Some(r) => {
-                        for (((d, &xv), &dv), &rv) in
-                            dxp.iter_mut().zip(xp).zip(dyp).zip(&r[plane(p)])
-                        {
-                            let dv = if rv > T::ZERO { dv } else { T::ZERO };
-                            *d = a * dv + c0 + k * (xv - mu);
+            .for_each(|(i, dxc)| {
+                for (j, dxp) in dxc.chunks_mut(hw).enumerate() {
+                    let p = i * pp + j;
+                    let (n, ch) = (p / c, p % c);
+                    let b = n % g;
+                    let (sdy, sdx) = sums[b * c + ch];
+                    let is = invstd[b * c + ch].to_f64();
+                    let a = params[off.gamma + ch].to_f64() * is;
+                    // dx = a (dy - sdy / M) + k (x - mean), with x - mean formed first.
+                    let k = T::from_f64(-a * is * sdx / m);
+                    let c0 = T::from_f64(-a * sdy / m);
+                    let (a, mu) = (T::from_f64(a), mean[b * c + ch]);
+                    let (xp, dyp) = (&x[plane(p)], &dy[plane(p)]);
+                    match relu_out {
+                        Some(r) => {
+                            for (((d, &xv), &dv), &rv) in
+                                dxp.iter_mut().zip(xp).zip(dyp).zip(&r[plane(p)])
+                            {
+                                let dv = if rv > T::ZERO { dv } else { T::ZERO };
+                                *d = a * dv + c0 + k * (xv - mu);
+                            }
                         }
-                    }
-                    None => {
-                        for ((d, &xv), &dv) in dxp.iter_mut().zip(xp).zip(dyp) {
-                            *d = a * dv + c0 + k * (xv - mu);
+                        None => {
+                            for ((d, &xv), &dv) in dxp.iter_mut().zip(xp).zip(dyp) {
+                                *d = a * dv + c0 + k * (xv - mu);
+                            }
                         }
                     }
                 }
@@ -285,6 +305,12 @@ pub(crate) fn bn_checks(
     check_len("batchnorm running_mean", running, off.mean, s.c)?;
     check_len("batchnorm running_var", running, off.var, s.c)?;
     Ok(())
+}
+
+/// Planes per work item of the plane-wise passes: about 4096 elements, so small feature
+/// maps (7x7) do not pay rayon's per-item cost per plane. Depends on the shape only.
+fn planes_per_item(hw: usize) -> usize {
+    (4096 / hw.max(1)).max(1)
 }
 
 /// Independent f64 accumulators of the plane reductions: a fixed order (lane `i` takes the

@@ -1,0 +1,1111 @@
+//! Direct f32 convolutions with AVX-512 and AVX2 micro-kernels, chosen at run time.
+//!
+//! No im2col matrix is built. Each sample's input is copied once into zero-padded "phase
+//! planes": for stride `s`, plane `(r, c)` holds the padded input's pixels `(a s + r,
+//! b s + c)`, so every kernel tap `(ky, kx)` reads one plane shifted by a constant. With
+//! the output flattened over the planes' row stride `Wq` (`q = oy Wq + ox`, the columns
+//! `ox >= Wo` computed and thrown away), a tap is one offset into a flat buffer and a
+//! convolution is
+//!
+//! ```text
+//! out[co][q] = sum over j = (ci, ky, kx) of w[co][j] * planes[offs[j] + q]
+//! ```
+//!
+//! which kernel A computes in register tiles of `R` output channels x `P` vectors of
+//! output pixels (the weight broadcast, the input loaded contiguously). The input gradient
+//! is the same computation: each phase `(r, c)` of `dx` (its pixels `(a s + r, b s + c)`)
+//! is a stride-1 correlation of the padded `dy` with the taps whose parity matches, so one
+//! kernel serves the forward pass and `dx` for every stride. The weight gradient
+//! `dw[co][j] = sum_q dy[co][q] planes[offs[j] + q]` is kernel B: tiles of `R` output
+//! channels x `T` taps with the pixels in the vector lanes, summed over the samples of a
+//! chunk, then across the lanes once.
+//!
+//! Every reduction runs in an order fixed by the shapes (samples in fixed chunks, taps in
+//! order, lanes summed by one instruction sequence), so results do not depend on the
+//! thread count. They differ from the im2col path's by rounding only (another summation
+//! order); `MOCO_CPU_CONV=im2col` selects that path instead.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::backend::ConvShape;
+
+/// The vector instruction set a direct convolution runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// 16 f32 lanes, 32 registers.
+    Avx512,
+    /// 8 f32 lanes (AVX2 + FMA), 16 registers.
+    Avx2,
+}
+
+impl Isa {
+    /// f32 lanes per vector.
+    fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+        }
+    }
+    /// Output channels per kernel-A tile.
+    fn a_rows(self) -> usize {
+        match self {
+            Isa::Avx512 => A_R512,
+            Isa::Avx2 => A_R256,
+        }
+    }
+    /// (output channels, taps) per kernel-B tile.
+    fn b_tile(self) -> (usize, usize) {
+        match self {
+            Isa::Avx512 => (B_R512, B_T512),
+            Isa::Avx2 => (B_R256, B_T256),
+        }
+    }
+}
+
+const A_R512: usize = 8;
+const A_R256: usize = 4;
+const B_R512: usize = 4;
+const B_T512: usize = 6;
+const B_R256: usize = 3;
+const B_T256: usize = 4;
+/// Largest number of pixel vectors per kernel-A tile.
+const A_MAX_P: usize = 3;
+/// Kernel B sums this many bytes of samples (planes and `dy`) per pass, so that one
+/// pass's data stays in a core's L2 cache.
+const B_PASS_BYTES: usize = 1 << 20;
+
+/// The instruction set of the direct convolutions on this CPU, or `None` (no AVX2/FMA, not
+/// x86-64, or `MOCO_CPU_CONV=im2col` in the environment): then the im2col path runs.
+pub(crate) fn isa() -> Option<Isa> {
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var_os("MOCO_CPU_CONV").is_some_and(|v| v == "im2col") {
+            return None;
+        }
+        detect()
+    })
+}
+
+/// Every instruction set this CPU can run (for tests that compare them).
+#[cfg(test)]
+pub(crate) fn available() -> Vec<Isa> {
+    let mut v = Vec::new();
+    if let Some(i) = detect() {
+        v.push(i);
+        if i == Isa::Avx512 && detect_avx2() {
+            v.push(Isa::Avx2);
+        }
+    }
+    v
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Option<Isa> {
+    if is_x86_feature_detected!("avx512f") {
+        Some(Isa::Avx512)
+    } else if detect_avx2() {
+        Some(Isa::Avx2)
+    } else {
+        None
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx2() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Option<Isa> {
+    None
+}
+
+/// Pixel vectors per kernel-A tile (1 to [`A_MAX_P`]) for `q` outputs, and the padded
+/// length: the least padded length weighted by the tile's cost per vector (one vector per
+/// tile needs a broadcast per FMA and is load-bound, about 15% slower).
+fn pick_p(q: usize, lanes: usize) -> (usize, usize) {
+    const COST: [usize; A_MAX_P] = [115, 100, 98];
+    (1..=A_MAX_P)
+        .map(|p| (p, q.div_ceil(p * lanes) * p * lanes))
+        .min_by_key(|&(p, qv)| (qv * COST[p - 1], usize::MAX - p))
+        .expect("A_MAX_P >= 1")
+}
+
+/// The phase planes of one sample's input for the forward pass (and the weight gradient).
+struct Planes {
+    /// Rows and columns per plane: `Ho + (K-1)/s`, `Wo + (K-1)/s`.
+    hq: usize,
+    wq: usize,
+    /// Phases per dimension that a tap reads: `min(s, K)`.
+    pu: usize,
+    /// Elements per input channel: `pu^2 hq wq`.
+    cs: usize,
+    /// Flattened outputs `Ho wq`, padded to `qv` (a multiple of `p` vectors).
+    q: usize,
+    qv: usize,
+    p: usize,
+    /// Offset of tap `j = (ci K + ky) K + kx`.
+    offs: Vec<usize>,
+    /// Buffer length: every read of `offs[j] + q` for `q < qv` lands inside.
+    len: usize,
+}
+
+impl Planes {
+    fn new(s: &ConvShape, lanes: usize) -> Planes {
+        let (st, k) = (s.stride, s.k);
+        let e = (k - 1) / st;
+        let (hq, wq) = (s.ho + e, s.wo + e);
+        let plane = hq * wq;
+        let pu = st.min(k);
+        let cs = pu * pu * plane;
+        let q = s.ho * wq;
+        let (p, qv) = pick_p(q, lanes);
+        let mut offs = Vec::with_capacity(s.cin * k * k);
+        for ci in 0..s.cin {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let ph = (ky % st) * pu + kx % st;
+                    offs.push(ci * cs + ph * plane + (ky / st) * wq + kx / st);
+                }
+            }
+        }
+        let max_off = offs.iter().copied().max().unwrap_or(0);
+        let len = (max_off + qv).max(s.cin * cs);
+        Planes {
+            hq,
+            wq,
+            pu,
+            cs,
+            q,
+            qv,
+            p,
+            offs,
+            len,
+        }
+    }
+
+    /// Writes every plane element of one sample (`x`: Cin x H x W); `buf[cin cs..]` (the
+    /// slack) is left as it is (zero from allocation).
+    fn fill(&self, s: &ConvShape, x: &[f32], buf: &mut [f32]) {
+        let (st, pad) = (s.stride, s.pad);
+        let plane = self.hq * self.wq;
+        for ci in 0..s.cin {
+            let xc = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
+            for r in 0..self.pu {
+                for c in 0..self.pu {
+                    let base = ci * self.cs + (r * self.pu + c) * plane;
+                    // Columns b whose input column b st + c - pad is inside the image.
+                    let b_lo = pad.saturating_sub(c).div_ceil(st).min(self.wq);
+                    let b_hi = (s.w + pad)
+                        .saturating_sub(c)
+                        .div_ceil(st)
+                        .clamp(b_lo, self.wq);
+                    for a in 0..self.hq {
+                        let dst = &mut buf[base + a * self.wq..base + (a + 1) * self.wq];
+                        let iy = (a * st + r) as isize - pad as isize;
+                        if iy < 0 || iy >= s.h as isize || b_lo == b_hi {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let row = &xc[iy as usize * s.w..(iy as usize + 1) * s.w];
+                        dst[..b_lo].fill(0.0);
+                        dst[b_hi..].fill(0.0);
+                        let x0 = b_lo * st + c - pad;
+                        if st == 1 {
+                            dst[b_lo..b_hi].copy_from_slice(&row[x0..x0 + b_hi - b_lo]);
+                        } else {
+                            for (d, &v) in
+                                dst[b_lo..b_hi].iter_mut().zip(row[x0..].iter().step_by(st))
+                            {
+                                *d = v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One phase `(r, c)` of the input gradient: `dx[ci][a s + r][b s + c]` for `a < ha`,
+/// `b < wb`, computed at `q = a wd + b` from the padded `dy`.
+struct Phase {
+    r: usize,
+    c: usize,
+    ha: usize,
+    wb: usize,
+    /// `(ky, kx)` of the taps that reach this phase.
+    taps: Vec<(usize, usize)>,
+    /// Offset of `j = co ntaps + t` into the padded `dy`.
+    offs: Vec<usize>,
+    qv: usize,
+    p: usize,
+}
+
+/// The padded `dy` of one sample for the input gradient, and its phases.
+struct DyPad {
+    /// Zero rows above / columns left of `dy`.
+    ty: usize,
+    tx: usize,
+    hd: usize,
+    wd: usize,
+    phases: Vec<Phase>,
+    /// Buffer length (Cout hd wd plus the slack of the longest phase).
+    len: usize,
+}
+
+/// Tap offsets of one dimension: for phase `r`, the taps `kk` with `kk = r + pad (mod s)`
+/// and their shift `(r + pad - kk) / s` (the `dy` row read, relative to the phase row).
+fn phase_taps(k: usize, st: usize, pad: usize, r: usize) -> Vec<(usize, isize)> {
+    (0..k)
+        .filter(|&kk| (r + pad + st * k - kk).is_multiple_of(st))
+        .map(|kk| (kk, (r as isize + pad as isize - kk as isize) / st as isize))
+        .collect()
+}
+
+impl DyPad {
+    fn new(s: &ConvShape, lanes: usize) -> DyPad {
+        let (st, k, pad) = (s.stride, s.k, s.pad);
+        let count = |n: usize, r: usize| if r < n { (n - r).div_ceil(st) } else { 0 };
+        let mut ty = 0isize;
+        let mut tx = 0isize;
+        for r in 0..st {
+            for &(_, d) in &phase_taps(k, st, pad, r) {
+                ty = ty.max(-d);
+                tx = tx.max(-d);
+            }
+        }
+        let (ty, tx) = (ty as usize, tx as usize);
+        let mut hd = s.ho + ty;
+        let mut wd = s.wo + tx;
+        for r in 0..st {
+            if let Some(dmax) = phase_taps(k, st, pad, r).iter().map(|t| t.1).max() {
+                // Phase row a < ha reads padded row a + d + ty, d <= dmax (and d >= -ty).
+                let ha = count(s.h, r);
+                if ha > 0 {
+                    hd = hd.max((ha as isize + dmax + ty as isize) as usize);
+                }
+                let wb = count(s.w, r);
+                if wb > 0 {
+                    wd = wd.max((wb as isize + dmax + tx as isize) as usize);
+                }
+            }
+        }
+        let csd = hd * wd;
+        let mut phases = Vec::new();
+        let mut len = s.cout * csd;
+        for r in 0..st {
+            for c in 0..st {
+                let (ha, wb) = (count(s.h, r), count(s.w, c));
+                let ty_r = phase_taps(k, st, pad, r);
+                let tx_c = phase_taps(k, st, pad, c);
+                let mut taps = Vec::new();
+                let mut rel = Vec::new();
+                for &(ky, dy) in &ty_r {
+                    for &(kx, dx) in &tx_c {
+                        taps.push((ky, kx));
+                        rel.push((dy + ty as isize) as usize * wd + (dx + tx as isize) as usize);
+                    }
+                }
+                let mut offs = Vec::with_capacity(s.cout * taps.len());
+                for co in 0..s.cout {
+                    offs.extend(rel.iter().map(|o| co * csd + o));
+                }
+                let (p, qv) = pick_p(ha * wd, lanes);
+                if let Some(&m) = offs.iter().max() {
+                    len = len.max(m + qv);
+                }
+                phases.push(Phase {
+                    r,
+                    c,
+                    ha,
+                    wb,
+                    taps,
+                    offs,
+                    qv,
+                    p,
+                });
+            }
+        }
+        DyPad {
+            ty,
+            tx,
+            hd,
+            wd,
+            phases,
+            len,
+        }
+    }
+
+    /// Writes `dy` (Cout x Ho x Wo) into its place; the zero border is written too.
+    fn fill(&self, s: &ConvShape, dy: &[f32], buf: &mut [f32]) {
+        let csd = self.hd * self.wd;
+        for co in 0..s.cout {
+            let src = &dy[co * s.ho * s.wo..(co + 1) * s.ho * s.wo];
+            let dst = &mut buf[co * csd..(co + 1) * csd];
+            dst[..self.ty * self.wd].fill(0.0);
+            dst[(self.ty + s.ho) * self.wd..].fill(0.0);
+            for oy in 0..s.ho {
+                let row = &mut dst[(self.ty + oy) * self.wd..(self.ty + oy + 1) * self.wd];
+                row[..self.tx].fill(0.0);
+                row[self.tx..self.tx + s.wo].copy_from_slice(&src[oy * s.wo..(oy + 1) * s.wo]);
+                row[self.tx + s.wo..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// Packs `w(co, j)` for `co < cout`, `j < nj` as `[co block][j][R]`, zero rows past `cout`.
+fn pack_a(cout: usize, nj: usize, rows: usize, w: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    let nb = cout.div_ceil(rows);
+    let mut wp = vec![0.0f32; nb * nj * rows];
+    for b in 0..nb {
+        for j in 0..nj {
+            for r in 0..rows {
+                let co = b * rows + r;
+                if co < cout {
+                    wp[(b * nj + j) * rows + r] = w(co, j);
+                }
+            }
+        }
+    }
+    wp
+}
+
+/// Kernel A over one sample: `out[co][q] = sum_j wp(co, j) inp[offs[j] + q]` for every
+/// padded output channel and `q < qv` (`out`: `nb R x qv`).
+#[allow(clippy::too_many_arguments)]
+fn kernel_a(
+    isa: Isa,
+    inp: &[f32],
+    offs: &[usize],
+    wp: &[f32],
+    nb: usize,
+    out: &mut [f32],
+    qv: usize,
+    p: usize,
+) {
+    let rows = isa.a_rows();
+    let max_off = offs.iter().copied().max().unwrap_or(0);
+    assert!(
+        offs.is_empty() || max_off + qv <= inp.len(),
+        "kernel A: input"
+    );
+    assert!(wp.len() >= nb * offs.len() * rows, "kernel A: weights");
+    assert!(out.len() >= nb * rows * qv, "kernel A: output");
+    assert!(
+        (1..=A_MAX_P).contains(&p) && qv.is_multiple_of(p * isa.lanes()),
+        "kernel A: tile"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the asserts bound every read (offs[j] + q < inp.len() for q < qv, weights
+    // nb x J x R) and write (nb R rows of qv); `isa` came from run-time detection, so the
+    // CPU has its instructions.
+    unsafe {
+        match isa {
+            Isa::Avx512 => {
+                x86::a_avx512(inp.as_ptr(), offs, wp.as_ptr(), nb, out.as_mut_ptr(), qv, p)
+            }
+            Isa::Avx2 => x86::a_avx2(inp.as_ptr(), offs, wp.as_ptr(), nb, out.as_mut_ptr(), qv, p),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no direct convolution ISA off x86-64");
+}
+
+/// Kernel B over `m` samples: `part[co][j] += sum_i sum_{q < qb} dyp_i[co][q]
+/// inp_i[offs[j] + q]` for `co < cpad` (a multiple of R), `j < offs.len()` (a multiple of
+/// T). `inp` holds the samples `sx` apart, `dyp` `sd` apart (rows `qb` apart).
+#[allow(clippy::too_many_arguments)]
+fn kernel_b(
+    isa: Isa,
+    inp: &[f32],
+    sx: usize,
+    offs: &[usize],
+    dyp: &[f32],
+    sd: usize,
+    qb: usize,
+    cpad: usize,
+    m: usize,
+    part: &mut [f32],
+) {
+    let (rows, taps) = isa.b_tile();
+    let nj = offs.len();
+    assert!(
+        cpad.is_multiple_of(rows) && nj.is_multiple_of(taps) && qb.is_multiple_of(isa.lanes()),
+        "kernel B: tile"
+    );
+    let max_off = offs.iter().copied().max().unwrap_or(0);
+    assert!(
+        m == 0 || (m - 1) * sx + max_off + qb <= inp.len(),
+        "kernel B: input"
+    );
+    assert!(
+        m == 0 || (m - 1) * sd + cpad * qb <= dyp.len(),
+        "kernel B: dy"
+    );
+    assert!(part.len() >= cpad * nj, "kernel B: partial");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the asserts bound every read of the m samples (inputs at offs[j] + q,
+    // dy rows of qb) and every write (cpad x nj partial); `isa` came from run-time
+    // detection.
+    unsafe {
+        let args = x86::BArgs {
+            inp: inp.as_ptr(),
+            sx,
+            offs,
+            dyp: dyp.as_ptr(),
+            sd,
+            qb,
+            cpad,
+            m,
+            part: part.as_mut_ptr(),
+        };
+        match isa {
+            Isa::Avx512 => x86::b_avx512(&args),
+            Isa::Avx2 => x86::b_avx2(&args),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no direct convolution ISA off x86-64");
+}
+
+/// Samples per forward work item: about 32 items for the batch.
+fn fwd_group(n: usize) -> usize {
+    n.div_ceil(32).max(1)
+}
+
+/// `y = conv2d(x, w)` (shapes validated by the caller).
+pub(crate) fn forward(isa: Isa, s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let lanes = isa.lanes();
+    let pl = Planes::new(s, lanes);
+    let rows = isa.a_rows();
+    let nj = s.cin * s.k * s.k;
+    let nb = s.cout.div_ceil(rows);
+    let wp = pack_a(s.cout, nj, rows, |co, j| w[co * nj + j]);
+    let (xs, ys, hwo) = (s.cin * s.h * s.w, s.cout * s.ho * s.wo, s.ho * s.wo);
+    let g = fwd_group(s.n);
+    y[..s.n * ys]
+        .par_chunks_mut(g * ys)
+        .zip(x[..s.n * xs].par_chunks(g * xs))
+        .for_each(|(yc, xc)| {
+            let mut buf = vec![0.0f32; pl.len];
+            let mut out = vec![0.0f32; nb * rows * pl.qv];
+            for (yn, xn) in yc.chunks_mut(ys).zip(xc.chunks(xs)) {
+                pl.fill(s, xn, &mut buf);
+                kernel_a(isa, &buf, &pl.offs, &wp, nb, &mut out, pl.qv, pl.p);
+                for co in 0..s.cout {
+                    let o = &out[co * pl.qv..];
+                    let yr = &mut yn[co * hwo..(co + 1) * hwo];
+                    for oy in 0..s.ho {
+                        yr[oy * s.wo..(oy + 1) * s.wo]
+                            .copy_from_slice(&o[oy * pl.wq..oy * pl.wq + s.wo]);
+                    }
+                }
+            }
+        });
+}
+
+/// The packed weights of every input-gradient phase: `w[co][ci][ky][kx]` at
+/// `(ci, j = co ntaps + t)`.
+fn pack_phases(isa: Isa, s: &ConvShape, dp: &DyPad, w: &[f32]) -> Vec<Vec<f32>> {
+    let kk = s.k * s.k;
+    dp.phases
+        .iter()
+        .map(|ph| {
+            let nt = ph.taps.len();
+            pack_a(s.cin, s.cout * nt, isa.a_rows(), |ci, j| {
+                let (co, t) = (j / nt, j % nt);
+                let (ky, kx) = ph.taps[t];
+                w[(co * s.cin + ci) * kk + ky * s.k + kx]
+            })
+        })
+        .collect()
+}
+
+/// Samples per weight-gradient partial (the same chunks as the im2col path).
+fn bwd_chunk(n: usize) -> usize {
+    n.div_ceil(super::CONV_MAX_PARTIALS)
+        .max(super::CONV_MIN_CHUNK)
+}
+
+/// Backward of [`forward`]: `dw += dL/dw` and, when given, `dx = dL/dx`.
+pub(crate) fn backward(
+    isa: Isa,
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+) {
+    let lanes = isa.lanes();
+    let pl = Planes::new(s, lanes);
+    let (br, bt) = isa.b_tile();
+    let nj = s.cin * s.k * s.k;
+    let jpad = nj.div_ceil(bt) * bt;
+    let mut offs_b = pl.offs.clone();
+    offs_b.resize(jpad, 0);
+    let cpad = s.cout.div_ceil(br) * br;
+    // dy at q = oy wq + ox, zero in the thrown-away columns and past the last row.
+    let qb = pl.q.div_ceil(lanes) * lanes;
+    let sd = cpad * qb;
+    let per_sample = (pl.len + sd) * std::mem::size_of::<f32>();
+    let (xs, ys) = (s.cin * s.h * s.w, s.cout * s.ho * s.wo);
+    let chunk = bwd_chunk(s.n);
+    let pass = (B_PASS_BYTES / per_sample.max(1)).clamp(1, chunk);
+    let nchunks = s.n.div_ceil(chunk);
+    let want_dx = dx.is_some();
+    let dp = want_dx.then(|| DyPad::new(s, lanes));
+    let wph = dp.as_ref().map(|d| pack_phases(isa, s, d, w));
+    let rows = isa.a_rows();
+    let nbx = s.cin.div_ceil(rows);
+
+    let work = |ci: usize, part: &mut Vec<f32>, mut dxc: Option<&mut [f32]>| {
+        *part = vec![0.0f32; cpad * jpad];
+        let c0 = ci * chunk;
+        let c1 = (c0 + chunk).min(s.n);
+        let mut xbuf = vec![0.0f32; pass * pl.len];
+        let mut dybuf = vec![0.0f32; pass * sd];
+        let mut dpbuf = dp.as_ref().map(|d| vec![0.0f32; d.len]).unwrap_or_default();
+        let mut out = dp
+            .as_ref()
+            .map(|d| {
+                let q = d.phases.iter().map(|p| p.qv).max().unwrap_or(0);
+                vec![0.0f32; nbx * rows * q]
+            })
+            .unwrap_or_default();
+        for n0 in (c0..c1).step_by(pass) {
+            let m = pass.min(c1 - n0);
+            for i in 0..m {
+                let n = n0 + i;
+                pl.fill(
+                    s,
+                    &x[n * xs..(n + 1) * xs],
+                    &mut xbuf[i * pl.len..(i + 1) * pl.len],
+                );
+                let dyn_ = &dy[n * ys..(n + 1) * ys];
+                let db = &mut dybuf[i * sd..(i + 1) * sd];
+                for co in 0..s.cout {
+                    let row = &mut db[co * qb..(co + 1) * qb];
+                    for oy in 0..s.ho {
+                        let r = &mut row[oy * pl.wq..(oy + 1) * pl.wq];
+                        r[..s.wo].copy_from_slice(&dyn_[(co * s.ho + oy) * s.wo..][..s.wo]);
+                        r[s.wo..].fill(0.0);
+                    }
+                    row[s.ho * pl.wq..].fill(0.0);
+                }
+                if let (Some(dxc), Some(d), Some(wph)) = (dxc.as_deref_mut(), &dp, &wph) {
+                    let dxn = &mut dxc[(n - c0) * xs..(n - c0 + 1) * xs];
+                    d.fill(s, dyn_, &mut dpbuf);
+                    for (ph, wp) in d.phases.iter().zip(wph) {
+                        if ph.ha == 0 || ph.wb == 0 {
+                            continue;
+                        }
+                        if ph.taps.is_empty() {
+                            for c in 0..s.cin {
+                                for a in 0..ph.ha {
+                                    let iy = a * s.stride + ph.r;
+                                    for b in 0..ph.wb {
+                                        dxn[(c * s.h + iy) * s.w + b * s.stride + ph.c] = 0.0;
+                                    }
+                                }
+                            }
+                            continue;
+                        }
+                        kernel_a(isa, &dpbuf, &ph.offs, wp, nbx, &mut out, ph.qv, ph.p);
+                        for c in 0..s.cin {
+                            let o = &out[c * ph.qv..];
+                            for a in 0..ph.ha {
+                                let iy = a * s.stride + ph.r;
+                                let dr = &mut dxn[(c * s.h + iy) * s.w..(c * s.h + iy + 1) * s.w];
+                                let src = &o[a * d.wd..a * d.wd + ph.wb];
+                                if s.stride == 1 {
+                                    dr.copy_from_slice(src);
+                                } else {
+                                    for (b, &v) in src.iter().enumerate() {
+                                        dr[b * s.stride + ph.c] = v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            kernel_b(isa, &xbuf, pl.len, &offs_b, &dybuf, sd, qb, cpad, m, part);
+        }
+    };
+    let mut partials: Vec<Vec<f32>> = vec![Vec::new(); nchunks];
+    match dx {
+        Some(dx) => partials
+            .par_iter_mut()
+            .zip(dx[..s.n * xs].par_chunks_mut(chunk * xs))
+            .enumerate()
+            .for_each(|(ci, (p, dxc))| work(ci, p, Some(dxc))),
+        None => partials
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(ci, p)| work(ci, p, None)),
+    }
+    dw[..s.cout * nj]
+        .par_chunks_mut(nj)
+        .enumerate()
+        .for_each(|(co, d)| {
+            for (j, d) in d.iter_mut().enumerate() {
+                let mut acc = *d;
+                for p in &partials {
+                    acc += p[co * jpad + j];
+                }
+                *d = acc;
+            }
+        });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The micro-kernels, generic over the vector type, instantiated per instruction set
+    //! inside `#[target_feature]` entry points (everything below them is inlined).
+    use std::arch::x86_64::*;
+
+    /// The few vector operations the kernels use.
+    trait Simd {
+        type V: Copy;
+        const L: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn loadu(p: *const f32) -> Self::V;
+        unsafe fn splat(p: *const f32) -> Self::V;
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        unsafe fn storeu(p: *mut f32, v: Self::V);
+        unsafe fn hsum(v: Self::V) -> f32;
+    }
+
+    struct Avx512;
+    struct Avx2;
+
+    // SAFETY (all methods below): callers run inside a function compiled with the
+    // matching target features on a CPU that has them, and pass pointers valid for one
+    // vector (loads, stores) or one f32 (splat).
+    impl Simd for Avx512 {
+        type V = __m512;
+        const L: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            // SAFETY: see the impl.
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn loadu(p: *const f32) -> __m512 {
+            // SAFETY: see the impl.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> __m512 {
+            // SAFETY: see the impl.
+            unsafe { _mm512_set1_ps(*p) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            // SAFETY: see the impl.
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn storeu(p: *mut f32, v: __m512) {
+            // SAFETY: see the impl.
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn hsum(v: __m512) -> f32 {
+            // SAFETY: see the impl.
+            unsafe { _mm512_reduce_add_ps(v) }
+        }
+    }
+
+    impl Simd for Avx2 {
+        type V = __m256;
+        const L: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            // SAFETY: see the impl.
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn loadu(p: *const f32) -> __m256 {
+            // SAFETY: see the impl.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const f32) -> __m256 {
+            // SAFETY: see the impl.
+            unsafe { _mm256_broadcast_ss(&*p) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            // SAFETY: see the impl.
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn storeu(p: *mut f32, v: __m256) {
+            // SAFETY: see the impl.
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            // SAFETY: see the impl.
+            unsafe {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+                _mm_cvtss_f32(s)
+            }
+        }
+    }
+
+    /// One kernel-A tile: R output channels x P vectors at `out` (rows `ldo` apart).
+    #[inline(always)]
+    unsafe fn tile_a<S: Simd, const R: usize, const P: usize>(
+        inp: *const f32,
+        offs: &[usize],
+        wp: *const f32,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        // SAFETY: the caller (kernel_a's asserts) bounds every pointer used here.
+        unsafe {
+            let mut acc = [[S::zero(); P]; R];
+            for (j, &o) in offs.iter().enumerate() {
+                let src = inp.add(o);
+                let mut v = [S::zero(); P];
+                for (pi, vp) in v.iter_mut().enumerate() {
+                    *vp = S::loadu(src.add(pi * S::L));
+                }
+                let wj = wp.add(j * R);
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let wv = S::splat(wj.add(r));
+                    for (a, &vp) in ar.iter_mut().zip(&v) {
+                        *a = S::fma(wv, vp, *a);
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                for (pi, &a) in ar.iter().enumerate() {
+                    S::storeu(out.add(r * ldo + pi * S::L), a);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_a<S: Simd, const R: usize, const P: usize>(
+        inp: *const f32,
+        offs: &[usize],
+        wp: *const f32,
+        nb: usize,
+        out: *mut f32,
+        qv: usize,
+    ) {
+        let nj = offs.len();
+        // SAFETY: kernel_a's asserts: q0 + P L <= qv, blocks < nb.
+        unsafe {
+            for q0 in (0..qv).step_by(P * S::L) {
+                for b in 0..nb {
+                    tile_a::<S, R, P>(
+                        inp.add(q0),
+                        offs,
+                        wp.add(b * nj * R),
+                        out.add(b * R * qv + q0),
+                        qv,
+                    );
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dispatch_a<S: Simd, const R: usize>(
+        inp: *const f32,
+        offs: &[usize],
+        wp: *const f32,
+        nb: usize,
+        out: *mut f32,
+        qv: usize,
+        p: usize,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match p {
+                1 => run_a::<S, R, 1>(inp, offs, wp, nb, out, qv),
+                2 => run_a::<S, R, 2>(inp, offs, wp, nb, out, qv),
+                _ => run_a::<S, R, 3>(inp, offs, wp, nb, out, qv),
+            }
+        }
+    }
+
+    /// Kernel A with AVX-512.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; pointers as `kernel_a` asserts.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn a_avx512(
+        inp: *const f32,
+        offs: &[usize],
+        wp: *const f32,
+        nb: usize,
+        out: *mut f32,
+        qv: usize,
+        p: usize,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { dispatch_a::<Avx512, { super::A_R512 }>(inp, offs, wp, nb, out, qv, p) }
+    }
+
+    /// Kernel A with AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; pointers as `kernel_a` asserts.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn a_avx2(
+        inp: *const f32,
+        offs: &[usize],
+        wp: *const f32,
+        nb: usize,
+        out: *mut f32,
+        qv: usize,
+        p: usize,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { dispatch_a::<Avx2, { super::A_R256 }>(inp, offs, wp, nb, out, qv, p) }
+    }
+
+    /// Kernel B's operands (see `kernel_b`).
+    pub(super) struct BArgs<'a> {
+        pub inp: *const f32,
+        pub sx: usize,
+        pub offs: &'a [usize],
+        pub dyp: *const f32,
+        pub sd: usize,
+        pub qb: usize,
+        pub cpad: usize,
+        pub m: usize,
+        pub part: *mut f32,
+    }
+
+    #[inline(always)]
+    unsafe fn run_b<S: Simd, const R: usize, const T: usize>(a: &BArgs) {
+        let nj = a.offs.len();
+        let nv = a.qb / S::L;
+        // SAFETY: kernel_b's asserts bound every sample's reads and the partial's writes.
+        unsafe {
+            for co0 in (0..a.cpad).step_by(R) {
+                for j0 in (0..nj).step_by(T) {
+                    let mut acc = [[S::zero(); T]; R];
+                    for i in 0..a.m {
+                        let xb = a.inp.add(i * a.sx);
+                        let db = a.dyp.add(i * a.sd + co0 * a.qb);
+                        let mut xp = [xb; T];
+                        for (t, p) in xp.iter_mut().enumerate() {
+                            *p = xb.add(a.offs[j0 + t]);
+                        }
+                        for v in 0..nv {
+                            let q = v * S::L;
+                            let mut d = [S::zero(); R];
+                            for (r, dr) in d.iter_mut().enumerate() {
+                                *dr = S::loadu(db.add(r * a.qb + q));
+                            }
+                            for t in 0..T {
+                                let xv = S::loadu(xp[t].add(q));
+                                for r in 0..R {
+                                    acc[r][t] = S::fma(d[r], xv, acc[r][t]);
+                                }
+                            }
+                        }
+                    }
+                    for (r, ar) in acc.iter().enumerate() {
+                        for (t, &v) in ar.iter().enumerate() {
+                            *a.part.add((co0 + r) * nj + j0 + t) += S::hsum(v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kernel B with AVX-512.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; pointers as `kernel_b` asserts.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn b_avx512(a: &BArgs) {
+        // SAFETY: forwarded contract.
+        unsafe { run_b::<Avx512, { super::B_R512 }, { super::B_T512 }>(a) }
+    }
+
+    /// Kernel B with AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; pointers as `kernel_b` asserts.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn b_avx2(a: &BArgs) {
+        // SAFETY: forwarded contract.
+        unsafe { run_b::<Avx2, { super::B_R256 }, { super::B_T256 }>(a) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn f64s(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&x| x as f64).collect()
+    }
+
+    fn abs64(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&x| x.abs() as f64).collect()
+    }
+
+    /// `got` (f32) against the f64 im2col result `want`, each element within 1e-5 of the
+    /// sum of the magnitudes of its terms (`scale`, the f64 result on |inputs|).
+    fn close(what: &str, s: &ConvShape, isa: Isa, got: &[f32], want: &[f64], scale: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{what} {s:?}");
+        for (i, ((&g, &w), &sc)) in got.iter().zip(want).zip(scale).enumerate() {
+            let err = (g as f64 - w).abs();
+            assert!(
+                err <= 1e-5 * sc + 1e-7,
+                "{what} {isa:?} {s:?}: element {i} is {g}, the f64 reference {w} (scale {sc})"
+            );
+        }
+    }
+
+    /// (n, cin, (h, w), cout, k, stride, pad).
+    type Case = (usize, usize, (usize, usize), usize, usize, usize, usize);
+
+    const SHAPES: &[Case] = &[
+        // The resnet8 layers at 28x28.
+        (3, 3, (28, 28), 16, 3, 1, 1),
+        (2, 16, (28, 28), 16, 3, 1, 1),
+        (5, 16, (28, 28), 32, 3, 2, 1),
+        (5, 16, (28, 28), 32, 1, 2, 0),
+        (3, 32, (14, 14), 64, 3, 2, 1),
+        (2, 64, (7, 7), 64, 3, 1, 1),
+        // Odd sizes, valid and over-padded convolutions, strides 3 and 4 (phases no tap
+        // reaches), even kernels, channel counts off the tile sizes, many chunks.
+        (2, 5, (9, 11), 7, 3, 1, 0),
+        (3, 3, (10, 7), 5, 5, 2, 2),
+        (2, 4, (8, 8), 3, 1, 1, 0),
+        (2, 2, (7, 9), 6, 3, 3, 1),
+        (1, 3, (5, 5), 2, 4, 2, 1),
+        (2, 2, (9, 9), 3, 3, 4, 1),
+        (2, 3, (4, 4), 5, 3, 1, 3),
+        (3, 2, (7, 7), 9, 1, 2, 0),
+        (2, 1, (1, 1), 1, 1, 1, 0),
+        (37, 3, (6, 6), 9, 2, 1, 1),
+        (2, 3, (3, 3), 17, 3, 1, 1),
+    ];
+
+    #[test]
+    fn direct_convolutions_match_the_f64_im2col_path() {
+        let isas = available();
+        if isas.is_empty() {
+            eprintln!("no AVX2/AVX-512 here: the direct convolutions never run");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let c64 = Cpu::<f64>::new();
+        for &(n, cin, hw, cout, k, st, pad) in SHAPES {
+            let s = ConvShape::new(n, cin, hw, cout, k, st, pad).unwrap();
+            let x = rand_vec(&mut rng, s.x_len());
+            let w = rand_vec(&mut rng, s.w_len());
+            let dy = rand_vec(&mut rng, s.y_len());
+            let dw0 = rand_vec(&mut rng, s.w_len());
+            let mut want_y = vec![0.0; s.y_len()];
+            c64.forward_im2col(&s, &f64s(&x), &f64s(&w), &mut want_y);
+            let mut scale_y = vec![0.0; s.y_len()];
+            c64.forward_im2col(&s, &abs64(&x), &abs64(&w), &mut scale_y);
+            let mut want_dx = vec![0.0; s.x_len()];
+            let mut want_dw = f64s(&dw0);
+            c64.backward_im2col(
+                &s,
+                &f64s(&x),
+                &f64s(&w),
+                &f64s(&dy),
+                Some(&mut want_dx),
+                &mut want_dw,
+            );
+            let mut scale_dx = vec![0.0; s.x_len()];
+            let mut scale_dw = abs64(&dw0);
+            c64.backward_im2col(
+                &s,
+                &abs64(&x),
+                &abs64(&w),
+                &abs64(&dy),
+                Some(&mut scale_dx),
+                &mut scale_dw,
+            );
+            for &isa in &isas {
+                let mut y = vec![f32::NAN; s.y_len()];
+                forward(isa, &s, &x, &w, &mut y);
+                close("y", &s, isa, &y, &want_y, &scale_y);
+                let mut dx = vec![f32::NAN; s.x_len()];
+                let mut dw = dw0.clone();
+                backward(isa, &s, &x, &w, &dy, Some(&mut dx), &mut dw);
+                close("dx", &s, isa, &dx, &want_dx, &scale_dx);
+                close("dw", &s, isa, &dw, &want_dw, &scale_dw);
+                // Without dx, the same weight gradient bit for bit.
+                let mut dw2 = dw0.clone();
+                backward(isa, &s, &x, &w, &dy, None, &mut dw2);
+                assert_eq!(dw, dw2, "{isa:?} {s:?}: dw depends on whether dx is asked");
+            }
+        }
+    }
+
+    #[test]
+    fn direct_convolutions_do_not_depend_on_the_thread_count() {
+        let Some(isa) = isa() else { return };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let s = ConvShape::new(40, 16, (14, 14), 32, 3, 2, 1).unwrap();
+        let x = rand_vec(&mut rng, s.x_len());
+        let w = rand_vec(&mut rng, s.w_len());
+        let dy = rand_vec(&mut rng, s.y_len());
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut y = vec![0.0; s.y_len()];
+                forward(isa, &s, &x, &w, &mut y);
+                let mut dx = vec![0.0; s.x_len()];
+                let mut dw = vec![0.0; s.w_len()];
+                backward(isa, &s, &x, &w, &dy, Some(&mut dx), &mut dw);
+                (y, dx, dw)
+            })
+        };
+        let one = run(1);
+        for t in [2, 3, 7] {
+            assert!(run(t) == one, "{t} threads differ from 1");
+        }
+    }
+
+    #[test]
+    fn the_tile_height_pads_least() {
+        assert_eq!(pick_p(840, 16), (3, 864));
+        assert_eq!(pick_p(224, 16), (2, 224));
+        assert_eq!(pick_p(63, 16), (2, 64));
+        assert_eq!(pick_p(16, 16), (1, 16));
+        assert_eq!(pick_p(1, 8), (1, 8));
+    }
+}
