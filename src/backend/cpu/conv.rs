@@ -156,7 +156,7 @@ fn conv_group(s: &ConvShape) -> usize {
 }
 
 /// Samples per weight-gradient partial: depends on the batch size only.
-fn conv_chunk(n: usize) -> usize {
+pub(super) fn conv_chunk(n: usize) -> usize {
     n.div_ceil(CONV_MAX_PARTIALS).max(CONV_MIN_CHUNK)
 }
 impl<T: Scalar> Cpu<T> {

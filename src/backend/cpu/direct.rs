@@ -530,12 +530,6 @@ fn pack_phases(isa: Isa, s: &ConvShape, dp: &DyPad, w: &[f32]) -> Vec<Vec<f32>> 
         .collect()
 }
 
-/// Samples per weight-gradient partial (the same chunks as the im2col path).
-fn bwd_chunk(n: usize) -> usize {
-    n.div_ceil(super::CONV_MAX_PARTIALS)
-        .max(super::CONV_MIN_CHUNK)
-}
-
 /// Backward of [`forward`]: `dw += dL/dw` and, when given, `dx = dL/dx`.
 pub(crate) fn backward(
     isa: Isa,
@@ -559,7 +553,8 @@ pub(crate) fn backward(
     let sd = cpad * qb;
     let per_sample = (pl.len + sd) * std::mem::size_of::<f32>();
     let (xs, ys) = (s.cin * s.h * s.w, s.cout * s.ho * s.wo);
-    let chunk = bwd_chunk(s.n);
+    // The im2col path's chunks: the same partials, whatever the thread count.
+    let chunk = super::conv::conv_chunk(s.n);
     let pass = (B_PASS_BYTES / per_sample.max(1)).clamp(1, chunk);
     let nchunks = s.n.div_ceil(chunk);
     let want_dx = dx.is_some();
