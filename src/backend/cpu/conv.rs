@@ -175,7 +175,8 @@ impl<T: Scalar> Cpu<T> {
         check_len("conv2d weight", w.len(), w_off, s.w_len())?;
         check_len("conv2d y", y.len(), 0, s.y_len())?;
         let wm = &w[w_off..w_off + s.w_len()];
-        if let (Some(isa), Some(x), Some(wm)) = (direct::isa(), T::as_f32(x), T::as_f32(wm)) {
+        let isa = direct::isa().filter(|_| direct::pays(s, false));
+        if let (Some(isa), Some(x), Some(wm)) = (isa, T::as_f32(x), T::as_f32(wm)) {
             if let Some(y) = T::as_f32_mut(y) {
                 direct::forward(isa, s, x, wm, y);
                 return Ok(());
@@ -274,9 +275,12 @@ impl<T: Scalar> Cpu<T> {
         }
         let wm = &w[w_off..w_off + s.w_len()];
         let dwm = &mut dw[dw_off..dw_off + s.w_len()];
-        if let (Some(isa), Some(x32), Some(w32), Some(dy32)) =
-            (direct::isa(), T::as_f32(x), T::as_f32(wm), T::as_f32(dy))
-        {
+        if let (Some(isa), Some(x32), Some(w32), Some(dy32)) = (
+            direct::isa().filter(|_| direct::pays(s, true)),
+            T::as_f32(x),
+            T::as_f32(wm),
+            T::as_f32(dy),
+        ) {
             let dx32 = dx.map(|d| T::as_f32_mut(d).expect("T is f32"));
             let dw32 = T::as_f32_mut(dwm).expect("T is f32");
             direct::backward(isa, s, x32, w32, dy32, dx32, dw32);

@@ -88,6 +88,14 @@ pub(crate) fn isa() -> Option<Isa> {
     })
 }
 
+/// Whether the direct path beats im2col for this shape (measured on resnet8, 2 threads,
+/// an idle AVX-512 machine, `moco bench --profile`): not for 1x1 kernels (the phase copy
+/// costs more than it saves), nor for the backward pass of maps under 14x14 (kernel B sums
+/// a 7x7 map's 4 vectors across the lanes per tile, which im2col's GEMM does not pay).
+pub(crate) fn pays(s: &ConvShape, backward: bool) -> bool {
+    s.k > 1 && (!backward || s.ho * s.wo >= 196)
+}
+
 /// Every instruction set this CPU can run (for tests that compare them).
 #[cfg(test)]
 pub(crate) fn available() -> Vec<Isa> {
