@@ -581,3 +581,168 @@ fn bad_lengths_are_errors_not_panics() {
     assert!(ConvShape::new(1, 1, (2, 2), 1, 7, 2, 0).is_err());
     assert!(PoolShape::new(1, (1, 1), 3, 2, 0).is_err());
 }
+
+/// Runs `op` on outputs filled with `fill`, returning them.
+fn outputs_after<const K: usize>(
+    lens: [usize; K],
+    fill: f32,
+    op: impl Fn(&mut [Vec<f32>; K]),
+) -> [Vec<f32>; K] {
+    let mut outs = lens.map(|n| vec![fill; n]);
+    op(&mut outs);
+    outs
+}
+
+/// Asserts that `op`'s outputs do not depend on what they held: the CPU backend's
+/// `Backend::reuse` hands out buffers of earlier steps without zeroing them.
+fn check_overwrites<const K: usize>(what: &str, lens: [usize; K], op: impl Fn(&mut [Vec<f32>; K])) {
+    let zero = outputs_after(lens, 0.0, &op);
+    let nan = outputs_after(lens, f32::NAN, &op);
+    let big = outputs_after(lens, 1e30, &op);
+    for (i, z) in zero.iter().enumerate() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(z),
+            bits(&nan[i]),
+            "{what}: output {i} read its NaN fill"
+        );
+        assert_eq!(
+            bits(z),
+            bits(&big[i]),
+            "{what}: output {i} read its 1e30 fill"
+        );
+    }
+}
+
+#[test]
+fn every_output_is_written_whatever_it_held() {
+    let be = Cpu::<f32>::new();
+    // Convolutions: both CPU paths (direct where the CPU has AVX2/AVX-512, im2col).
+    for &(n, cin, hw, cout, k, st, p) in &[
+        (4, 16, (28, 28), 16, 3, 1, 1),
+        (4, 16, (28, 28), 32, 3, 2, 1),
+        (4, 16, (28, 28), 32, 1, 2, 0),
+        (8, 64, (7, 7), 64, 3, 1, 1),
+        (3, 3, (9, 7), 5, 3, 2, 1),
+        (2, 3, (13, 11), 4, 7, 2, 3),
+    ] {
+        let s = ConvShape::new(n, cin, hw, cout, k, st, p).unwrap();
+        let x = normal(s.x_len(), 1);
+        let w = normal(s.w_len(), 2);
+        let dy = normal(s.y_len(), 3);
+        check_overwrites("conv y", [s.y_len()], |[y]| {
+            be.conv2d_forward(&s, &x, &w, 0, y).unwrap()
+        });
+        check_overwrites("conv dx", [s.x_len()], |[dx]| {
+            let mut dw = vec![0.0; s.w_len()];
+            be.conv2d_backward(&s, &x, &w, 0, &dy, Some(dx), &mut dw, 0)
+                .unwrap()
+        });
+    }
+    // BatchNorm: training (fused epilogues, split groups, 1x1 maps) and inference.
+    for &(n, c, hw, g) in &[(16, 4, 16, 8), (8, 5, 1, 4), (6, 3, 5, 3), (32, 16, 49, 8)] {
+        let s = BnShape::new(n, c, hw, g, true).unwrap();
+        let x: Vec<f32> = normal(s.len(), 4).iter().map(|v| 2.0 * v + 0.7).collect();
+        let res = normal(s.len(), 5);
+        let dy = normal(s.len(), 6);
+        let (params, off, running0) = bn_setup(c, 7);
+        let hp = BnParams::default();
+        for (residual, relu) in [(None, false), (Some(&res), true)] {
+            check_overwrites(
+                "bn train y, mean, invstd",
+                [s.len(), g * c, g * c],
+                |[y, m, i]| {
+                    let mut running = running0.clone();
+                    be.bn_forward_train_fused(
+                        &s,
+                        hp,
+                        &x,
+                        &params,
+                        off,
+                        &mut running,
+                        residual,
+                        relu,
+                        y,
+                        m,
+                        i,
+                    )
+                    .unwrap()
+                },
+            );
+        }
+        let (mut y, mut mean, mut invstd) =
+            (vec![0.0; s.len()], vec![0.0; g * c], vec![0.0; g * c]);
+        let mut running = running0.clone();
+        be.bn_forward_train_fused(
+            &s,
+            hp,
+            &x,
+            &params,
+            off,
+            &mut running,
+            None,
+            true,
+            &mut y,
+            &mut mean,
+            &mut invstd,
+        )
+        .unwrap();
+        check_overwrites("bn train dx", [s.len()], |[dx]| {
+            let mut grads = vec![0.0; params.len()];
+            be.bn_backward_train(&s, &x, &params, off, &mean, &invstd, &dy, dx, &mut grads)
+                .unwrap()
+        });
+        check_overwrites("relu + bn train dx", [s.len()], |[dx]| {
+            let mut grads = vec![0.0; params.len()];
+            be.relu_bn_backward_train(
+                &s, &x, &params, off, &mean, &invstd, &y, &dy, dx, &mut grads,
+            )
+            .unwrap()
+        });
+        let se = BnShape::new(n, c, hw, 1, false).unwrap();
+        check_overwrites("bn eval y", [s.len()], |[y]| {
+            be.bn_forward_eval(&se, hp, &x, &params, off, &running0, y)
+                .unwrap()
+        });
+        check_overwrites("bn eval dx", [s.len()], |[dx]| {
+            let mut grads = vec![0.0; params.len()];
+            be.bn_backward_eval(&se, hp, &x, &params, off, &running0, &dy, dx, &mut grads)
+                .unwrap()
+        });
+    }
+    // Pools and the linear layer.
+    let ps = PoolShape::new(6, (9, 8), 3, 2, 1).unwrap();
+    let x = normal(6 * 9 * 8, 8);
+    let dy = normal(6 * ps.ho * ps.wo, 9);
+    let mut idx = vec![0u32; dy.len()];
+    let mut y = vec![0.0; dy.len()];
+    be.maxpool_forward(&ps, &x, &mut y, &mut idx).unwrap();
+    check_overwrites("maxpool dx", [x.len()], |[dx]| {
+        be.maxpool_backward(&ps, &dy, &idx, dx).unwrap()
+    });
+    check_overwrites("avgpool dx", [x.len()], |[dx]| {
+        be.avgpool_backward(6, 72, &normal(6, 10), dx).unwrap()
+    });
+    let s = LinearShape {
+        n: 40,
+        fin: 33,
+        fout: 65,
+    };
+    let xl = normal(s.n * s.fin, 11);
+    let params = normal(s.fout * s.fin + s.fout, 12);
+    let dyl = normal(s.n * s.fout, 13);
+    check_overwrites("linear y", [s.n * s.fout], |[y]| {
+        be.linear_forward(&s, &xl, &params, 0, s.fout * s.fin, y)
+            .unwrap()
+    });
+    check_overwrites("linear dx", [s.n * s.fin], |[dx]| {
+        let mut g = vec![0.0; params.len()];
+        be.linear_backward(&s, &xl, &params, 0, s.fout * s.fin, &dyl, Some(dx), &mut g)
+            .unwrap()
+    });
+    check_overwrites("copy_into", [x.len()], |[d]| {
+        let mut v = d.to_vec();
+        be.copy_into(&x, &mut v).unwrap();
+        d.copy_from_slice(&v)
+    });
+}

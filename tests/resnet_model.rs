@@ -409,3 +409,51 @@ fn f32_encoders_match_f64() {
         moco::testing::assert_close(&format!("{arch} features"), &f32s, &to32(&f64s), 1e-4, 1e-2);
     }
 }
+
+/// The encoder keeps its buffers from one pass to the next (and the CPU backend does not
+/// zero them): a pass after others, of the same or another shape, must give bitwise what
+/// a fresh encoder gives.
+#[test]
+fn reused_buffers_change_nothing() {
+    for arch in [Arch::Resnet8, Arch::Resnet18] {
+        let c = cfg(arch, 3, 16, true);
+        let shape = InputShape::new(8, 3, 16, 16);
+        let other = InputShape::new(4, 3, 12, 12);
+        let x = normal(shape.len(), 4);
+        let r = normal(8 * 16, 5);
+        let fresh = || Encoder::new(Cpu::<f32>::new(), c, 3).unwrap();
+        let mut want = fresh();
+        let y0 = want.forward(&x, shape, true, 2).unwrap();
+        let dx0 = want.backward(&r).unwrap();
+
+        let mut enc = fresh();
+        // Earlier passes fill the pool: a training step, a key-encoder pass, features of
+        // another shape, a forward without its backward.
+        let x1 = normal(shape.len(), 6);
+        enc.forward(&x1, shape, true, 2).unwrap();
+        enc.backward_params(&normal(8 * 16, 7)).unwrap();
+        enc.forward_no_grad(&x1, shape, true, 2).unwrap();
+        enc.features(&normal(other.len(), 8), other).unwrap();
+        enc.forward(&x1, shape, true, 4).unwrap();
+        enc.forward(&x1, shape, true, 2).unwrap();
+        enc.backward_params(&normal(8 * 16, 9)).unwrap();
+        enc.zero_grad().unwrap();
+        let y = enc.forward(&x, shape, true, 2).unwrap();
+        let dx = enc.backward(&r).unwrap();
+        assert!(y == y0, "{arch}: forward differs after reuse");
+        assert!(dx == dx0, "{arch}: input gradient differs after reuse");
+        assert!(
+            enc.grads() == want.grads(),
+            "{arch}: gradients differ after reuse"
+        );
+        // Running statistics differ (more training passes); features use them, so compare
+        // them with the running statistics copied over.
+        let running = enc.running_stats().clone();
+        *want.running_stats_mut() = running;
+        let f = want.features(&x, shape).unwrap();
+        assert!(
+            enc.features(&x, shape).unwrap() == f,
+            "{arch}: features differ"
+        );
+    }
+}

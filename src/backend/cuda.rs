@@ -358,6 +358,20 @@ impl Backend for Cuda {
         self.gpu.stream().clone_dtod(buf).call("cuMemcpyDtoDAsync")
     }
 
+    fn copy_into(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(Error::invalid(format!(
+                "copy_into: source has {} elements, destination {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        self.gpu
+            .stream()
+            .memcpy_dtod(src, dst)
+            .call("cuMemcpyDtoDAsync")
+    }
+
     fn conv2d_forward(
         &self,
         s: &ConvShape,

@@ -285,6 +285,26 @@ pub trait Backend: Clone + Send + Sync {
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// A copy of the buffer.
     fn copy(&self, buf: &Self::Buf) -> Result<Self::Buf>;
+    /// Overwrites `dst` with `src` (same length). The default allocates a copy.
+    fn copy_into(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()> {
+        if self.len(src) != self.len(dst) {
+            return Err(Error::invalid(format!(
+                "copy_into: source has {} elements, destination {}",
+                self.len(src),
+                self.len(dst)
+            )));
+        }
+        *dst = self.copy(src)?;
+        Ok(())
+    }
+    /// Readies a buffer that held earlier values to stand in for a fresh
+    /// [`Backend::zeros`] as the output of an operation (the encoder keeps its buffers
+    /// from one step to the next). The default zeroes it, which is always correct. A
+    /// backend whose operations write every element of the outputs they are given and
+    /// never read what was there before may leave the buffer as it is.
+    fn reuse(&self, buf: &mut Self::Buf) -> Result<()> {
+        self.fill_zero(buf)
+    }
 
     /// `y = conv2d(x, w[w_off..])`. `x`: N x Cin x H x W, `y`: N x Cout x Ho x Wo.
     fn conv2d_forward(

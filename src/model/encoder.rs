@@ -1,4 +1,5 @@
 //! The encoder: ResNet backbone + MoCo head on one backend, with flat buffers.
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rand::Rng;
@@ -340,6 +341,120 @@ struct Cache<B: Backend> {
     hidden: Option<Arc<B::Buf>>,
 }
 
+/// The encoder's buffers between uses, by length, so that a step allocates nothing after
+/// the first one of its shape. Only buffers the pool handed out come back, and it is
+/// emptied when the input shape changes, so it never holds more than one pass of one
+/// shape needs.
+struct Pool<B: Backend> {
+    shape: Option<InputShape>,
+    free: HashMap<usize, Vec<B::Buf>>,
+    /// Elements the pool allocated since it was last emptied, and elements it holds.
+    made: usize,
+    held: usize,
+}
+
+impl<B: Backend> Pool<B> {
+    fn new() -> Self {
+        Pool {
+            shape: None,
+            free: HashMap::new(),
+            made: 0,
+            held: 0,
+        }
+    }
+
+    /// Empties the pool when `shape` is not the shape of its buffers.
+    fn set_shape(&mut self, shape: InputShape) {
+        if self.shape != Some(shape) {
+            self.free.clear();
+            self.shape = Some(shape);
+            self.made = 0;
+            self.held = 0;
+        }
+    }
+
+    /// A buffer of `n` elements for an operation to write (zeroed unless the backend's
+    /// [`Backend::reuse`] says its operations overwrite their outputs).
+    fn take(&mut self, be: &B, n: usize) -> Result<B::Buf> {
+        match self.free.get_mut(&n).and_then(Vec::pop) {
+            Some(mut b) => {
+                self.held -= n;
+                be.reuse(&mut b)?;
+                Ok(b)
+            }
+            None => {
+                self.made = self.made.saturating_add(n);
+                be.zeros(n)
+            }
+        }
+    }
+
+    /// Keeps `b` for a later [`Pool::take`].
+    fn give(&mut self, be: &B, b: B::Buf) {
+        let n = be.len(&b);
+        // Never more than the pool allocated: a safety net, as only its own buffers return.
+        if self.held + n <= self.made {
+            self.held += n;
+            self.free.entry(n).or_default().push(b);
+        }
+    }
+
+    /// Keeps the buffers no one else refers to; the others are left to their owners.
+    fn give_shared(&mut self, be: &B, bufs: Vec<Arc<B::Buf>>) {
+        for a in bufs {
+            if let Ok(b) = Arc::try_unwrap(a) {
+                self.give(be, b);
+            }
+        }
+    }
+}
+
+impl<B: Backend> ConvCache<B> {
+    fn collect(self, shared: &mut Vec<Arc<B::Buf>>) {
+        shared.push(self.x);
+    }
+}
+
+impl<B: Backend> BnCache<B> {
+    fn collect(self, shared: &mut Vec<Arc<B::Buf>>, owned: &mut Vec<B::Buf>) {
+        shared.push(self.x);
+        if let Some((m, i)) = self.stats {
+            owned.push(m);
+            owned.push(i);
+        }
+    }
+}
+
+impl<B: Backend> BlockCache<B> {
+    fn collect(self, shared: &mut Vec<Arc<B::Buf>>, owned: &mut Vec<B::Buf>) {
+        for (cc, bc, relu) in self.stages {
+            cc.collect(shared);
+            bc.collect(shared, owned);
+            shared.extend(relu);
+        }
+        if let Some((cc, bc)) = self.down {
+            cc.collect(shared);
+            bc.collect(shared, owned);
+        }
+        shared.push(self.out);
+    }
+}
+
+impl<B: Backend> Cache<B> {
+    /// Every buffer of the cache: shared ones (an activation several layers keep) and
+    /// owned ones.
+    fn collect(self, shared: &mut Vec<Arc<B::Buf>>, owned: &mut Vec<B::Buf>) {
+        self.conv1.collect(shared);
+        self.bn1.collect(shared, owned);
+        shared.push(self.relu1);
+        for bc in self.blocks {
+            bc.collect(shared, owned);
+        }
+        shared.push(self.feats);
+        shared.extend(self.hidden);
+    }
+}
+
 /// A MoCo encoder (ResNet backbone + head) on backend `B`.
 ///
 /// Parameters, gradients and BatchNorm running statistics each live in one flat buffer laid
@@ -356,6 +471,7 @@ pub struct Encoder<B: Backend> {
     num_batches_tracked: u64,
     bn: BnParams,
     cache: Option<Cache<B>>,
+    pool: Pool<B>,
 }
 
 impl<B: Backend> Encoder<B> {
@@ -379,6 +495,7 @@ impl<B: Backend> Encoder<B> {
             num_batches_tracked: 0,
             bn: BnParams::default(),
             cache: None,
+            pool: Pool::new(),
         })
     }
 
@@ -469,7 +586,7 @@ impl<B: Backend> Encoder<B> {
         train: bool,
         bn_splits: usize,
     ) -> Result<B::Buf> {
-        self.cache = None;
+        self.drop_cache();
         let (out, cache) = self.run(x, shape, train, bn_splits, true, true)?;
         self.cache = cache;
         Ok(out)
@@ -484,40 +601,63 @@ impl<B: Backend> Encoder<B> {
         train: bool,
         bn_splits: usize,
     ) -> Result<B::Buf> {
-        self.cache = None;
+        self.drop_cache();
         Ok(self.run(x, shape, train, bn_splits, true, false)?.0)
     }
 
     /// Backbone features (N x [`Encoder::feature_dim`]) in inference mode, for kNN monitors
     /// and linear evaluation. Keeps nothing, changes nothing.
     pub fn features(&mut self, x: &B::Buf, shape: InputShape) -> Result<B::Buf> {
-        self.cache = None;
+        self.drop_cache();
         Ok(self.run(x, shape, false, 1, false, false)?.0)
     }
 
     /// Backward pass of the last [`Encoder::forward`]: adds the parameter gradients into
     /// [`Encoder::grads`] and returns the gradient with respect to the input.
     pub fn backward(&mut self, grad_out: &B::Buf) -> Result<B::Buf> {
+        self.backward_impl(grad_out, true)?
+            .ok_or_else(|| Error::Other("internal: no input gradient".into()))
+    }
+
+    /// [`Encoder::backward`] without the gradient with respect to the input (what a
+    /// training step needs: the stem convolution's input gradient is not computed).
+    pub fn backward_params(&mut self, grad_out: &B::Buf) -> Result<()> {
+        self.backward_impl(grad_out, false).map(|_| ())
+    }
+
+    fn backward_impl(&mut self, grad_out: &B::Buf, want_dx: bool) -> Result<Option<B::Buf>> {
         let cache = self.cache.take().ok_or_else(|| {
             Error::invalid("backward called without a preceding forward (or twice)")
         })?;
         let n = cache.input.n;
         if self.backend.len(grad_out) != n * self.cfg.dim {
+            let got = self.backend.len(grad_out);
+            // Keep the forward pass: the caller may retry with the right gradient.
+            self.cache = Some(cache);
             return Err(Error::invalid(format!(
-                "backward: gradient has {} elements, expected {} x {}",
-                self.backend.len(grad_out),
-                n,
+                "backward: gradient has {got} elements, expected {n} x {}",
                 self.cfg.dim
             )));
         }
+        let Cache {
+            input,
+            conv1,
+            bn1,
+            relu1,
+            pool,
+            blocks,
+            avg,
+            feats,
+            hidden,
+        } = cache;
         let be = self.backend.clone();
         // Head.
-        let feats_grad = match (&self.net.head, &cache.hidden) {
+        let feats_grad = match (&self.net.head, &hidden) {
             (Head::Linear(l), _) => {
-                let mut d = be.zeros(n * l.fin)?;
+                let mut d = self.pool.take(&be, n * l.fin)?;
                 be.linear_backward(
                     &lin_shape(n, l),
-                    &cache.feats,
+                    &feats,
                     &self.params,
                     l.w,
                     l.b,
@@ -528,7 +668,7 @@ impl<B: Backend> Encoder<B> {
                 d
             }
             (Head::Mlp(l1, l2), Some(hidden)) => {
-                let mut dh = be.zeros(n * l2.fin)?;
+                let mut dh = self.pool.take(&be, n * l2.fin)?;
                 be.linear_backward(
                     &lin_shape(n, l2),
                     hidden,
@@ -540,10 +680,10 @@ impl<B: Backend> Encoder<B> {
                     &mut self.grads,
                 )?;
                 be.relu_backward(hidden, &mut dh)?;
-                let mut d = be.zeros(n * l1.fin)?;
+                let mut d = self.pool.take(&be, n * l1.fin)?;
                 be.linear_backward(
                     &lin_shape(n, l1),
-                    &cache.feats,
+                    &feats,
                     &self.params,
                     l1.w,
                     l1.b,
@@ -551,6 +691,7 @@ impl<B: Backend> Encoder<B> {
                     Some(&mut d),
                     &mut self.grads,
                 )?;
+                self.pool.give(&be, dh);
                 d
             }
             (Head::Mlp(..), None) => {
@@ -558,22 +699,38 @@ impl<B: Backend> Encoder<B> {
             }
         };
         // Global average pool.
-        let (planes, hw) = cache.avg;
-        let mut d = be.zeros(planes * hw)?;
+        let (planes, hw) = avg;
+        let mut d = self.pool.take(&be, planes * hw)?;
         be.avgpool_backward(planes, hw, &feats_grad, &mut d)?;
+        self.pool.give(&be, feats_grad);
         // Blocks, last first.
-        for bc in cache.blocks.into_iter().rev() {
+        for bc in blocks.into_iter().rev() {
             d = self.block_backward(bc, d)?;
         }
         // Stem.
-        if let Some((ps, idx, in_len)) = &cache.pool {
-            let mut dx = be.zeros(*in_len)?;
+        if let Some((ps, idx, in_len)) = &pool {
+            let mut dx = self.pool.take(&be, *in_len)?;
             be.maxpool_backward(ps, &d, idx, &mut dx)?;
-            d = dx;
+            self.pool.give(&be, std::mem::replace(&mut d, dx));
         }
-        let d = self.bn_backward(&cache.bn1, &d, Some(&cache.relu1))?;
-        let mut dx = be.zeros(cache.input.len())?;
-        self.conv_backward(&cache.conv1, &d, Some(&mut dx))?;
+        let dh = self.bn_backward(&bn1, &d, Some(&relu1))?;
+        self.pool.give(&be, d);
+        let dx = if want_dx {
+            let mut dx = self.pool.take(&be, input.len())?;
+            self.conv_backward(&conv1, &dh, Some(&mut dx))?;
+            Some(dx)
+        } else {
+            self.conv_backward(&conv1, &dh, None)?;
+            None
+        };
+        self.pool.give(&be, dh);
+        let (mut shared, mut owned) = (Vec::new(), Vec::new());
+        conv1.collect(&mut shared);
+        bn1.collect(&mut shared, &mut owned);
+        shared.push(relu1);
+        shared.push(feats);
+        shared.extend(hidden);
+        self.recycle(shared, owned);
         Ok(dx)
     }
 
@@ -665,10 +822,13 @@ impl<B: Backend> Encoder<B> {
         // Validate every layer's shape first, so a bad input changes nothing (no running
         // statistics updated by the layers before the one that fails).
         self.check_shapes(shape, train, groups)?;
+        self.pool.set_shape(shape);
         let be = self.backend.clone();
         let n = shape.n;
+        let mut inp = self.pool.take(&be, shape.len())?;
+        be.copy_into(x, &mut inp)?;
         let input = Act::<B> {
-            buf: Arc::new(be.copy(x)?),
+            buf: Arc::new(inp),
             c: shape.c,
             h: shape.h,
             w: shape.w,
@@ -687,7 +847,7 @@ impl<B: Backend> Encoder<B> {
         let mut pool = None;
         if self.net.maxpool {
             let ps = PoolShape::new(n * cur.c, (cur.h, cur.w), 3, 2, 1)?;
-            let mut y = be.zeros(ps.planes * ps.ho * ps.wo)?;
+            let mut y = self.pool.take(&be, ps.planes * ps.ho * ps.wo)?;
             let mut idx = be.zeros_idx(ps.planes * ps.ho * ps.wo)?;
             be.maxpool_forward(&ps, &cur.buf, &mut y, &mut idx)?;
             pool = Some((ps, idx, n * cur.c * cur.h * cur.w));
@@ -703,27 +863,41 @@ impl<B: Backend> Encoder<B> {
             let (out, bc) = self.block_forward(n, bi, cur, train, groups)?;
             if keep {
                 blocks.push(bc);
+            } else {
+                // Its buffers serve the next blocks.
+                let (mut shared, mut owned) = (Vec::new(), Vec::new());
+                bc.collect(&mut shared, &mut owned);
+                self.recycle(shared, owned);
             }
             cur = out;
         }
         let (planes, hw) = (n * cur.c, cur.h * cur.w);
-        let mut feats = be.zeros(planes)?;
+        let mut feats = self.pool.take(&be, planes)?;
         be.avgpool_forward(planes, hw, &cur.buf, &mut feats)?;
+        drop(cur);
         if train {
             self.num_batches_tracked += 1;
         }
         if !head {
+            let (mut shared, mut owned) = (Vec::new(), Vec::new());
+            c1.collect(&mut shared);
+            b1.collect(&mut shared, &mut owned);
+            shared.push(relu1);
+            for bc in blocks {
+                bc.collect(&mut shared, &mut owned);
+            }
+            self.recycle(shared, owned);
             return Ok((feats, None));
         }
         let feats = Arc::new(feats);
         let (out, hidden) = match &self.net.head {
             Head::Linear(l) => {
-                let mut y = be.zeros(n * l.fout)?;
+                let mut y = self.pool.take(&be, n * l.fout)?;
                 be.linear_forward(&lin_shape(n, l), &feats, &self.params, l.w, l.b, &mut y)?;
                 (y, None)
             }
             Head::Mlp(l1, l2) => {
-                let mut hid = be.zeros(n * l1.fout)?;
+                let mut hid = self.pool.take(&be, n * l1.fout)?;
                 be.linear_forward(
                     &lin_shape(n, l1),
                     &feats,
@@ -733,12 +907,12 @@ impl<B: Backend> Encoder<B> {
                     &mut hid,
                 )?;
                 be.relu_forward(&mut hid)?;
-                let mut y = be.zeros(n * l2.fout)?;
+                let mut y = self.pool.take(&be, n * l2.fout)?;
                 be.linear_forward(&lin_shape(n, l2), &hid, &self.params, l2.w, l2.b, &mut y)?;
                 (y, Some(Arc::new(hid)))
             }
         };
-        let cache = keep.then(|| Cache {
+        let cache = Cache {
             input: shape,
             conv1: c1,
             bn1: b1,
@@ -748,8 +922,14 @@ impl<B: Backend> Encoder<B> {
             avg: (planes, hw),
             feats,
             hidden,
-        });
-        Ok((out, cache))
+        };
+        if keep {
+            return Ok((out, Some(cache)));
+        }
+        let (mut shared, mut owned) = (Vec::new(), Vec::new());
+        cache.collect(&mut shared, &mut owned);
+        self.recycle(shared, owned);
+        Ok((out, None))
     }
 
     /// Walks the network's shapes without computing anything.
@@ -781,7 +961,28 @@ impl<B: Backend> Encoder<B> {
         Ok(())
     }
 
-    fn conv_forward(&self, n: usize, conv: &Conv, x: &Act<B>) -> Result<(Act<B>, ConvCache<B>)> {
+    /// Gives the kept forward pass's buffers (if any) back to the pool.
+    fn drop_cache(&mut self) {
+        if let Some(c) = self.cache.take() {
+            let (mut shared, mut owned) = (Vec::new(), Vec::new());
+            c.collect(&mut shared, &mut owned);
+            self.recycle(shared, owned);
+        }
+    }
+
+    fn recycle(&mut self, shared: Vec<Arc<B::Buf>>, owned: Vec<B::Buf>) {
+        self.pool.give_shared(&self.backend, shared);
+        for b in owned {
+            self.pool.give(&self.backend, b);
+        }
+    }
+
+    fn conv_forward(
+        &mut self,
+        n: usize,
+        conv: &Conv,
+        x: &Act<B>,
+    ) -> Result<(Act<B>, ConvCache<B>)> {
         if x.c != conv.cin {
             return Err(Error::Other(format!(
                 "internal: conv expects {} channels, got {}",
@@ -797,7 +998,7 @@ impl<B: Backend> Encoder<B> {
             conv.stride,
             conv.pad,
         )?;
-        let mut y = self.backend.zeros(s.y_len())?;
+        let mut y = self.pool.take(&self.backend, s.y_len())?;
         self.backend
             .conv2d_forward(&s, &x.buf, &self.params, conv.w, &mut y)?;
         Ok((
@@ -832,10 +1033,10 @@ impl<B: Backend> Encoder<B> {
     ) -> Result<((B::Buf, usize, usize, usize), BnCache<B>)> {
         let s = BnShape::new(n, bn.c, x.h * x.w, groups, train)?;
         let be = &self.backend;
-        let mut y = be.zeros(s.len())?;
+        let mut y = self.pool.take(be, s.len())?;
         let stats = if train {
-            let mut mean = be.zeros(groups * bn.c)?;
-            let mut invstd = be.zeros(groups * bn.c)?;
+            let mut mean = self.pool.take(be, groups * bn.c)?;
+            let mut invstd = self.pool.take(be, groups * bn.c)?;
             be.bn_forward_train_fused(
                 &s,
                 self.bn,
@@ -965,7 +1166,7 @@ impl<B: Backend> Encoder<B> {
         relu_out: Option<&B::Buf>,
     ) -> Result<B::Buf> {
         let be = &self.backend;
-        let mut dx = be.zeros(bc.s.len())?;
+        let mut dx = self.pool.take(be, bc.s.len())?;
         match (&bc.stats, relu_out) {
             (Some((mean, invstd)), Some(r)) => be.relu_bn_backward_train(
                 &bc.s,
@@ -1020,27 +1221,40 @@ impl<B: Backend> Encoder<B> {
     fn block_backward(&mut self, bc: BlockCache<B>, mut dout: B::Buf) -> Result<B::Buf> {
         let be = self.backend.clone();
         be.relu_backward(&bc.out, &mut dout)?;
-        // Shortcut branch.
-        let mut dx = match &bc.down {
+        // Shortcut branch (an identity shortcut passes `dout` itself).
+        let short = match &bc.down {
             Some((cc, nc)) => {
                 let d = self.bn_backward(nc, &dout, None)?;
-                let mut dx = be.zeros(bc.in_len)?;
+                let mut dx = self.pool.take(&be, bc.in_len)?;
                 self.conv_backward(cc, &d, Some(&mut dx))?;
-                dx
+                self.pool.give(&be, d);
+                Some(dx)
             }
-            None => be.copy(&dout)?,
+            None => None,
         };
-        // Main branch, last stage first.
-        let mut d = dout;
-        for (si, (cc, nc, relu)) in bc.stages.iter().enumerate().rev() {
-            let dh = self.bn_backward(nc, &d, relu.as_deref())?;
-            let mut dxs = be.zeros(cc.s.x_len())?;
+        // Main branch, last stage first; `d` None stands for `dout`.
+        let mut d: Option<B::Buf> = None;
+        for (cc, nc, relu) in bc.stages.iter().rev() {
+            let dh = self.bn_backward(nc, d.as_ref().unwrap_or(&dout), relu.as_deref())?;
+            let mut dxs = self.pool.take(&be, cc.s.x_len())?;
             self.conv_backward(cc, &dh, Some(&mut dxs))?;
-            if si == 0 {
-                be.add_assign(&mut dx, &dxs)?;
+            self.pool.give(&be, dh);
+            if let Some(old) = d.replace(dxs) {
+                self.pool.give(&be, old);
             }
-            d = dxs;
         }
+        let mut dx = d.ok_or_else(|| Error::Other("internal: empty block".into()))?;
+        match short {
+            Some(sc) => {
+                be.add_assign(&mut dx, &sc)?;
+                self.pool.give(&be, sc);
+            }
+            None => be.add_assign(&mut dx, &dout)?,
+        }
+        self.pool.give(&be, dout);
+        let (mut shared, mut owned) = (Vec::new(), Vec::new());
+        bc.collect(&mut shared, &mut owned);
+        self.recycle(shared, owned);
         Ok(dx)
     }
 }

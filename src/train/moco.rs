@@ -658,7 +658,7 @@ impl<B: MocoBackend> Moco<B> {
                 self.global_step + 1
             )));
         }
-        self.enc_q.backward(&grad)?;
+        self.enc_q.backward_params(&grad)?;
         Ok(stats)
     }
 

@@ -1,5 +1,6 @@
-//! The CPU backend: im2col + a tuned GEMM (`matrixmultiply`) for convolutions and linear
-//! layers, rayon over independent outputs, f64 accumulation for statistics.
+//! The CPU backend: direct AVX-512/AVX2 convolutions where they pay (`direct`), im2col + a
+//! tuned GEMM (`matrixmultiply`) for the rest and for f64, rayon over independent outputs,
+//! f64 accumulation for statistics.
 //!
 //! Generic over the scalar ([`Scalar`]: f32 for training, f64 for finite-difference
 //! gradient checks). Deterministic whatever the thread count: work is split into chunks
@@ -7,7 +8,7 @@
 //! fixed order, and each GEMM call is single-threaded.
 //!
 //! Layout: `gemm` (the scalar type and the strided GEMM), `conv` (im2col/col2im
-//! convolutions), `norm` (BatchNorm), `layers` (ReLU, add, pooling, linear), `optim` (SGD).
+//! convolutions and the dispatch), `direct` (the direct f32 kernels), `norm` (BatchNorm), `layers` (ReLU, add, pooling, linear), `optim` (SGD).
 //! The [`Backend`] implementation here delegates each operation to its module.
 use std::marker::PhantomData;
 
@@ -112,6 +113,28 @@ impl<T: Scalar> Backend for Cpu<T> {
     fn copy(&self, buf: &Vec<T>) -> Result<Vec<T>> {
         let _p = profile::scope(|| "copy".into());
         Ok(buf.clone())
+    }
+
+    fn copy_into(&self, src: &Vec<T>, dst: &mut Vec<T>) -> Result<()> {
+        let _p = profile::scope(|| "copy".into());
+        if src.len() != dst.len() {
+            return Err(crate::error::Error::invalid(format!(
+                "copy_into: source has {} elements, destination {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        dst.par_chunks_mut(ELEM_CHUNK)
+            .zip(src.par_chunks(ELEM_CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        Ok(())
+    }
+
+    /// Leaves the buffer as it is: every CPU operation writes all of the outputs it is
+    /// given without reading them (tested with NaN-filled outputs in
+    /// `tests/resnet_layers.rs`), so a reused buffer needs no zeroing.
+    fn reuse(&self, _buf: &mut Vec<T>) -> Result<()> {
+        Ok(())
     }
 
     fn conv2d_forward(
