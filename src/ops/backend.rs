@@ -149,6 +149,17 @@ impl<S: Scalar> MocoBackend for Cpu<S> {
         _imp: InfoNceImpl,
     ) -> Result<(InfoNceStats, Vec<S>)> {
         let _p = crate::backend::cpu::profile::scope(|| "infonce".into());
+        if let (Some(q), Some(k), Some(queue)) = (S::as_f32(q), S::as_f32(k), S::as_f32(queue)) {
+            // f32: GEMMs and exp in f32, sums and the loss in f64.
+            let s = s.rounded_to_f32();
+            let (loss, grad, correct) = ops::contrast::infonce_gemm_f32(q, k, queue, s)?;
+            let grad = grad.into_iter().map(|v| S::from_f64(v as f64)).collect();
+            let stats = InfoNceStats {
+                loss,
+                accuracy: correct as f64 / s.n as f64,
+            };
+            return Ok((stats, grad));
+        }
         ops::contrast::infonce_host(q, k, queue, s)
     }
     fn enqueue(

@@ -353,7 +353,8 @@ const INFONCE_ROWS: usize = 16;
 /// [`infonce_f64`] with the two products over the queue as f64 GEMMs (the logits
 /// `qn queue^T`, N x K, and the gradient `P queue`, N x C), over fixed blocks of
 /// [`INFONCE_ROWS`] rows in parallel. Equal to [`infonce_f64`] up to the order of the f64
-/// sums (about 1e-15 relative). The CPU backend's InfoNCE.
+/// sums (about 1e-15 relative). The f64 CPU backend's InfoNCE (f32 takes
+/// [`infonce_gemm_f32`]).
 pub(crate) fn infonce_gemm_f64(
     q: &[f64],
     k: &[f64],
@@ -449,6 +450,180 @@ pub(crate) fn infonce_gemm_f64(
                 } else {
                     for gc in g.iter_mut() {
                         *gc /= eps;
+                    }
+                }
+            }
+            (loss, correct)
+        })
+        .collect();
+    let mut loss = 0.0;
+    let mut correct = 0;
+    for (l, ok) in rows {
+        loss += l;
+        correct += ok;
+    }
+    Ok((loss / n as f64, grad, correct))
+}
+
+/// `exp(x)` in f32 for `x <= 0` (InfoNCE's `l - max`), branch-free so that loops over it
+/// vectorize: `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `exp(r)` by its degree-7 Taylor
+/// polynomial (truncation error under 1e-8 relative), times `2^n` built in the exponent
+/// bits. Below `-87` (where `exp` leaves f32's normal range) it returns 0. Within 2 ulp
+/// of `f64::exp` rounded to f32 (tested).
+#[inline(always)]
+pub(crate) fn exp_nonpos_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n * LN2_HI is exact for |n| < 2^8.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.max(-87.0);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// [`infonce_gemm_f64`] in f32 for the f32 CPU backend: the normalized rows are rounded to
+/// f32, both products over the queue are f32 GEMMs, `exp` is [`exp_nonpos_f32`], while the
+/// norms, the positive logit, the softmax sums, the loss and the gradient through the
+/// normalization stay in f64. Within about 1e-6 relative of [`infonce_f64`] (tested); the
+/// same row blocks, so the result does not depend on the thread count.
+pub(crate) fn infonce_gemm_f32(
+    q: &[f32],
+    k: &[f32],
+    queue: &[f32],
+    s: ContrastShape,
+) -> Result<(f64, Vec<f32>, usize)> {
+    s.check_inputs(q.len(), k.len(), queue.len())?;
+    let (n, c, kk) = (s.n, s.c, s.k);
+    let inv_t = 1.0 / s.t;
+    let eps = NORMALIZE_EPS as f64;
+    let queue = &queue[..kk * c];
+    let mut grad = vec![0.0f32; n * c];
+    let rows: Vec<(f64, usize)> = grad
+        .par_chunks_mut(INFONCE_ROWS * c)
+        .enumerate()
+        .map(|(bi, gblk)| {
+            let r0 = bi * INFONCE_ROWS;
+            let m = gblk.len() / c;
+            let mut qn = vec![0.0f64; m * c];
+            let mut kn = vec![0.0f64; m * c];
+            let mut qnorm = vec![0.0f64; m];
+            for i in 0..m {
+                let row = |x: &[f32]| -> Vec<f64> {
+                    x[(r0 + i) * c..(r0 + i + 1) * c]
+                        .iter()
+                        .map(|&v| v as f64)
+                        .collect()
+                };
+                let (a, na) = normalize_f64(&row(q));
+                qn[i * c..(i + 1) * c].copy_from_slice(&a);
+                qnorm[i] = na;
+                let (b, _) = normalize_f64(&row(k));
+                kn[i * c..(i + 1) * c].copy_from_slice(&b);
+            }
+            let qn32: Vec<f32> = qn.iter().map(|&v| v as f32).collect();
+            // l (m x K) = qn (m x C) . queue^T (C x K) / T
+            let mut l = vec![0.0f32; m * kk];
+            gemm(
+                m,
+                c,
+                kk,
+                inv_t as f32,
+                &qn32,
+                (c, 1),
+                queue,
+                (1, c),
+                0.0,
+                &mut l,
+                (kk, 1),
+            );
+            let (mut loss, mut correct) = (0.0, 0);
+            let mut wpos = vec![0.0f64; m];
+            let scale = inv_t / n as f64;
+            for i in 0..m {
+                let lpos = qn[i * c..(i + 1) * c]
+                    .iter()
+                    .zip(&kn[i * c..(i + 1) * c])
+                    .map(|(a, b)| a * b)
+                    .sum::<f64>()
+                    * inv_t;
+                let li = &mut l[i * kk..(i + 1) * kk];
+                let max_neg = li.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                let mx = lpos.max(max_neg);
+                let mx32 = mx as f32;
+                let epos = (lpos - mx).exp();
+                // e_j = exp(l_j - max), summed in 8 f64 lanes (fixed order).
+                let mut acc = [0.0f64; 8];
+                let mut chunks = li.chunks_exact_mut(8);
+                for ch in &mut chunks {
+                    for (a, v) in acc.iter_mut().zip(ch.iter_mut()) {
+                        *v = exp_nonpos_f32(*v - mx32);
+                        *a += *v as f64;
+                    }
+                }
+                let mut sum = epos;
+                for v in chunks.into_remainder() {
+                    *v = exp_nonpos_f32(*v - mx32);
+                    sum += *v as f64;
+                }
+                sum += ((acc[0] + acc[1]) + (acc[2] + acc[3]))
+                    + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+                loss += mx + sum.ln() - lpos;
+                correct += (lpos >= max_neg) as usize;
+                // dloss_i/dl_j = (p_j - [j == 0]) / N, times 1/T for dl_j/dqn.
+                wpos[i] = (epos / sum - 1.0) * scale;
+                let ps = (scale / sum) as f32;
+                for v in li.iter_mut() {
+                    *v *= ps;
+                }
+            }
+            // g (m x C) = w (m x K) . queue (K x C), plus wpos kn, then through the
+            // normalization, in f64.
+            let mut g32 = vec![0.0f32; m * c];
+            gemm(
+                m,
+                kk,
+                c,
+                1.0,
+                &l,
+                (kk, 1),
+                queue,
+                (c, 1),
+                0.0,
+                &mut g32,
+                (c, 1),
+            );
+            for i in 0..m {
+                let qi = &qn[i * c..(i + 1) * c];
+                let g: Vec<f64> = g32[i * c..(i + 1) * c]
+                    .iter()
+                    .zip(&kn[i * c..(i + 1) * c])
+                    .map(|(&gv, &kv)| gv as f64 + wpos[i] * kv)
+                    .collect();
+                let out = &mut gblk[i * c..(i + 1) * c];
+                if qnorm[i] > eps {
+                    let qg: f64 = qi.iter().zip(&g).map(|(a, b)| a * b).sum();
+                    for ((o, gc), qc) in out.iter_mut().zip(&g).zip(qi) {
+                        *o = ((gc - qc * qg) / qnorm[i]) as f32;
+                    }
+                } else {
+                    for (o, gc) in out.iter_mut().zip(&g) {
+                        *o = (gc / eps) as f32;
                     }
                 }
             }
@@ -1141,6 +1316,66 @@ mod tests {
             .into_iter()
             .map(|v| v as f64)
             .collect()
+    }
+
+    #[test]
+    fn exp_nonpos_f32_is_within_two_ulp() {
+        for i in 0..=200_000 {
+            let x = -90.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp() as f32;
+            let got = exp_nonpos_f32(x);
+            if x < -87.0 {
+                assert!(
+                    got == 0.0 && want < 1.7e-38,
+                    "exp({x}) = {got}, not flushed"
+                );
+                continue;
+            }
+            let ulp = (got.to_bits() as i64 - want.to_bits() as i64).abs();
+            assert!(ulp <= 2, "exp({x}) = {got}, want {want} ({ulp} ulp)");
+        }
+        assert_eq!(exp_nonpos_f32(0.0), 1.0);
+        assert_eq!(exp_nonpos_f32(f32::NEG_INFINITY), 0.0);
+    }
+
+    /// The f32 GEMM form is within f32 rounding of the f64 reference.
+    #[test]
+    fn infonce_gemm_f32_matches_reference() {
+        for &(n, c, kk, t) in &[
+            (1, 3, 5, 0.07),
+            (16, 8, 32, 0.2),
+            (37, 16, 100, 0.07),
+            (64, 128, 4096, 0.1),
+        ] {
+            let s = ContrastShape::new(n, c, kk, t).unwrap();
+            let mut q = f64s(n * c, 1 + n as u64);
+            q[..c].fill(0.0);
+            let k = f64s(n * c, 2);
+            let queue: Vec<f64> = {
+                // Unit rows, as the queue holds normalized keys.
+                let raw = f64s(kk * c, 3);
+                raw.chunks(c).flat_map(|r| normalize_f64(r).0).collect()
+            };
+            let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            let (q32, k32, queue32) = (f32s(&q), f32s(&k), f32s(&queue));
+            let back = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+            let s64 = s.rounded_to_f32();
+            let (l0, g0, c0) = infonce_f64(&back(&q32), &back(&k32), &back(&queue32), s64).unwrap();
+            let (l1, g1, c1) = infonce_gemm_f32(&q32, &k32, &queue32, s64).unwrap();
+            assert_eq!(c0, c1, "{n} {c} {kk}: accuracy");
+            assert!((l0 - l1).abs() <= 2e-6 * l0.abs(), "loss {l0} vs {l1}");
+            let num: f64 = g0
+                .iter()
+                .zip(&g1)
+                .map(|(a, &b)| (a - b as f64) * (a - b as f64))
+                .sum();
+            let den: f64 = g0.iter().map(|a| a * a).sum();
+            assert!(
+                num.sqrt() <= 1e-5 * den.sqrt(),
+                "{n} {c} {kk}: grad rel {}",
+                (num / den).sqrt()
+            );
+        }
     }
 
     /// The GEMM form equals the per-row reference to f64 rounding, on shapes that are and
