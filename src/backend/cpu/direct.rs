@@ -90,8 +90,9 @@ pub(crate) fn isa() -> Option<Isa> {
 
 /// Whether the direct path beats im2col for this shape (measured on resnet8, 2 threads,
 /// an idle AVX-512 machine, `moco bench --profile`): not for 1x1 kernels (the phase copy
-/// costs more than it saves), nor for the backward pass of maps under 14x14 (kernel B sums
-/// a 7x7 map's 4 vectors across the lanes per tile, which im2col's GEMM does not pay).
+/// costs more than it saves), nor for the backward pass of maps under 14x14 (a 7x7 map is
+/// 4 vectors per channel: the 64->64 7x7 backward took 19 ms direct against 12.7 ms by
+/// im2col, measured again after kernel B went samples-outer).
 pub(crate) fn pays(s: &ConvShape, backward: bool) -> bool {
     s.k > 1 && (!backward || s.ho * s.wo >= 196)
 }
@@ -201,7 +202,7 @@ impl Planes {
 
     /// Writes every plane element of one sample (`x`: Cin x H x W); `buf[cin cs..]` (the
     /// slack) is left as it is (zero from allocation).
-    fn fill(&self, s: &ConvShape, x: &[f32], buf: &mut [f32]) {
+    fn fill(&self, isa: Isa, s: &ConvShape, x: &[f32], buf: &mut [f32]) {
         let (st, pad) = (s.stride, s.pad);
         let plane = self.hq * self.wq;
         for ci in 0..s.cin {
@@ -219,16 +220,16 @@ impl Planes {
                         let dst = &mut buf[base + a * self.wq..base + (a + 1) * self.wq];
                         let iy = (a * st + r) as isize - pad as isize;
                         if iy < 0 || iy >= s.h as isize || b_lo == b_hi {
-                            dst.fill(0.0);
+                            put_row(isa, dst, 0, &[]);
                             continue;
                         }
                         let row = &xc[iy as usize * s.w..(iy as usize + 1) * s.w];
-                        dst[..b_lo].fill(0.0);
-                        dst[b_hi..].fill(0.0);
                         let x0 = b_lo * st + c - pad;
                         if st == 1 {
-                            dst[b_lo..b_hi].copy_from_slice(&row[x0..x0 + b_hi - b_lo]);
+                            put_row(isa, dst, b_lo, &row[x0..x0 + b_hi - b_lo]);
                         } else {
+                            dst[..b_lo].fill(0.0);
+                            dst[b_hi..].fill(0.0);
                             for (d, &v) in
                                 dst[b_lo..b_hi].iter_mut().zip(row[x0..].iter().step_by(st))
                             {
@@ -353,7 +354,7 @@ impl DyPad {
     }
 
     /// Writes `dy` (Cout x Ho x Wo) into its place; the zero border is written too.
-    fn fill(&self, s: &ConvShape, dy: &[f32], buf: &mut [f32]) {
+    fn fill(&self, isa: Isa, s: &ConvShape, dy: &[f32], buf: &mut [f32]) {
         let csd = self.hd * self.wd;
         for co in 0..s.cout {
             let src = &dy[co * s.ho * s.wo..(co + 1) * s.ho * s.wo];
@@ -362,9 +363,7 @@ impl DyPad {
             dst[(self.ty + s.ho) * self.wd..].fill(0.0);
             for oy in 0..s.ho {
                 let row = &mut dst[(self.ty + oy) * self.wd..(self.ty + oy + 1) * self.wd];
-                row[..self.tx].fill(0.0);
-                row[self.tx..self.tx + s.wo].copy_from_slice(&src[oy * s.wo..(oy + 1) * s.wo]);
-                row[self.tx + s.wo..].fill(0.0);
+                put_row(isa, row, self.tx, &src[oy * s.wo..(oy + 1) * s.wo]);
             }
         }
     }
@@ -485,6 +484,34 @@ fn kernel_b(
     unreachable!("no direct convolution ISA off x86-64");
 }
 
+/// `dst = [0; lead] ++ src ++ [0; ..]` with vector (masked) loads and stores: the rows
+/// here are 7-60 floats, where a `memcpy`/`memset` call per row cost more than the copy
+/// (10% of a resnet8 step went to them).
+fn put_row(isa: Isa, dst: &mut [f32], lead: usize, src: &[f32]) {
+    assert!(
+        lead.checked_add(src.len()).is_some_and(|e| e <= dst.len()),
+        "put_row: {lead} + {} > {}",
+        src.len(),
+        dst.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the assert keeps every enabled lane inside `dst` (stores) and `src` (loads:
+    // lane `i` of the chunk at `c0` reads `src[c0 + i - lead]` only when that index is in
+    // `0..src.len()`); `isa` came from run-time detection.
+    unsafe {
+        match isa {
+            Isa::Avx512 => {
+                x86::put_row_avx512(dst.as_mut_ptr(), dst.len(), lead, src.as_ptr(), src.len())
+            }
+            Isa::Avx2 => {
+                x86::put_row_avx2(dst.as_mut_ptr(), dst.len(), lead, src.as_ptr(), src.len())
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no direct convolution ISA off x86-64");
+}
+
 /// Samples per forward work item: about 32 items for the batch.
 fn fwd_group(n: usize) -> usize {
     n.div_ceil(32).max(1)
@@ -507,14 +534,14 @@ pub(crate) fn forward(isa: Isa, s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f3
             let mut buf = vec![0.0f32; pl.len];
             let mut out = vec![0.0f32; nb * rows * pl.qv];
             for (yn, xn) in yc.chunks_mut(ys).zip(xc.chunks(xs)) {
-                pl.fill(s, xn, &mut buf);
+                pl.fill(isa, s, xn, &mut buf);
                 kernel_a(isa, &buf, &pl.offs, &wp, nb, &mut out, pl.qv, pl.p);
                 for co in 0..s.cout {
                     let o = &out[co * pl.qv..];
                     let yr = &mut yn[co * hwo..(co + 1) * hwo];
                     for oy in 0..s.ho {
-                        yr[oy * s.wo..(oy + 1) * s.wo]
-                            .copy_from_slice(&o[oy * pl.wq..oy * pl.wq + s.wo]);
+                        let src = &o[oy * pl.wq..oy * pl.wq + s.wo];
+                        put_row(isa, &mut yr[oy * s.wo..(oy + 1) * s.wo], 0, src);
                     }
                 }
             }
@@ -590,6 +617,7 @@ pub(crate) fn backward(
             for i in 0..m {
                 let n = n0 + i;
                 pl.fill(
+                    isa,
                     s,
                     &x[n * xs..(n + 1) * xs],
                     &mut xbuf[i * pl.len..(i + 1) * pl.len],
@@ -600,14 +628,13 @@ pub(crate) fn backward(
                     let row = &mut db[co * qb..(co + 1) * qb];
                     for oy in 0..s.ho {
                         let r = &mut row[oy * pl.wq..(oy + 1) * pl.wq];
-                        r[..s.wo].copy_from_slice(&dyn_[(co * s.ho + oy) * s.wo..][..s.wo]);
-                        r[s.wo..].fill(0.0);
+                        put_row(isa, r, 0, &dyn_[(co * s.ho + oy) * s.wo..][..s.wo]);
                     }
                     row[s.ho * pl.wq..].fill(0.0);
                 }
                 if let (Some(dxc), Some(d), Some(wph)) = (dxc.as_deref_mut(), &dp, &wph) {
                     let dxn = &mut dxc[(n - c0) * xs..(n - c0 + 1) * xs];
-                    d.fill(s, dyn_, &mut dpbuf);
+                    d.fill(isa, s, dyn_, &mut dpbuf);
                     for (ph, wp) in d.phases.iter().zip(wph) {
                         if ph.ha == 0 || ph.wb == 0 {
                             continue;
@@ -631,7 +658,7 @@ pub(crate) fn backward(
                                 let dr = &mut dxn[(c * s.h + iy) * s.w..(c * s.h + iy + 1) * s.w];
                                 let src = &o[a * d.wd..a * d.wd + ph.wb];
                                 if s.stride == 1 {
-                                    dr.copy_from_slice(src);
+                                    put_row(isa, dr, 0, src);
                                 } else {
                                     for (b, &v) in src.iter().enumerate() {
                                         dr[b * s.stride + ph.c] = v;
@@ -888,6 +915,64 @@ mod x86 {
         unsafe { dispatch_a::<Avx2, { super::A_R256 }>(inp, offs, wp, nb, out, qv, p) }
     }
 
+    /// `put_row` with AVX-512: per 16-float chunk of `dst`, one masked load of the part of
+    /// `src` it holds (zero elsewhere) and one masked store.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; `dst` is valid for `w` floats, `src` for `len`, and
+    /// `lead + len <= w`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn put_row_avx512(
+        dst: *mut f32,
+        w: usize,
+        lead: usize,
+        src: *const f32,
+        len: usize,
+    ) {
+        let bits = |n: usize| if n >= 16 { 0xffffu16 } else { (1u16 << n) - 1 };
+        for c0 in (0..w).step_by(16) {
+            let store = bits(w - c0);
+            let lo = lead.saturating_sub(c0);
+            let hi = (lead + len).saturating_sub(c0);
+            let load = bits(hi) & !bits(lo);
+            // SAFETY: masked-off lanes are not accessed; enabled load lanes index
+            // `src[0..len]`, enabled store lanes `dst[0..w]` (the caller's contract).
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(load, src.wrapping_add(c0).wrapping_sub(lead));
+                _mm512_mask_storeu_ps(dst.add(c0), store, v);
+            }
+        }
+    }
+
+    /// `put_row` with AVX2 (8-float chunks, `vmaskmovps`).
+    ///
+    /// # Safety
+    /// The CPU supports AVX2; as [`put_row_avx512`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn put_row_avx2(
+        dst: *mut f32,
+        w: usize,
+        lead: usize,
+        src: *const f32,
+        len: usize,
+    ) {
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        // Lanes `i` with `i < n`, as an all-ones mask per lane.
+        let below = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), idx);
+        for c0 in (0..w).step_by(8) {
+            let store = below(w - c0);
+            let lo = below(lead.saturating_sub(c0));
+            let hi = below((lead + len).saturating_sub(c0));
+            // SAFETY: as in the AVX-512 version: `vmaskmovps` does not access masked-off
+            // lanes.
+            unsafe {
+                let load = _mm256_andnot_si256(lo, hi);
+                let v = _mm256_maskload_ps(src.wrapping_add(c0).wrapping_sub(lead), load);
+                _mm256_maskstore_ps(dst.add(c0), store, v);
+            }
+        }
+    }
+
     /// Kernel B's operands (see `kernel_b`).
     pub(super) struct BArgs<'a> {
         pub inp: *const f32,
@@ -901,18 +986,32 @@ mod x86 {
         pub part: *mut f32,
     }
 
+    /// Samples outermost: one sample's `dy` rows of a tile row (R x qb) stay in L1 while
+    /// every tap group of that row runs over them, and the tiles' vector accumulators live
+    /// in `acc` between samples (the same FMAs in the same order as keeping them in
+    /// registers across samples, so the same result).
     #[inline(always)]
     unsafe fn run_b<S: Simd, const R: usize, const T: usize>(a: &BArgs) {
         let nj = a.offs.len();
         let nv = a.qb / S::L;
-        // SAFETY: kernel_b's asserts bound every sample's reads and the partial's writes.
+        let (nrow, ncol) = (a.cpad / R, nj / T);
+        // SAFETY: kernel_b's asserts bound every sample's reads and the partial's writes;
+        // `acc` holds R T vectors per tile.
         unsafe {
-            for co0 in (0..a.cpad).step_by(R) {
-                for j0 in (0..nj).step_by(T) {
-                    let mut acc = [[S::zero(); T]; R];
-                    for i in 0..a.m {
-                        let xb = a.inp.add(i * a.sx);
-                        let db = a.dyp.add(i * a.sd + co0 * a.qb);
+            let mut acc = vec![S::zero(); nrow * ncol * R * T];
+            for i in 0..a.m {
+                let xb = a.inp.add(i * a.sx);
+                for tr in 0..nrow {
+                    let db = a.dyp.add(i * a.sd + tr * R * a.qb);
+                    for tc in 0..ncol {
+                        let j0 = tc * T;
+                        let ab = acc.as_mut_ptr().add((tr * ncol + tc) * R * T);
+                        let mut t_acc = [[S::zero(); T]; R];
+                        for (r, ar) in t_acc.iter_mut().enumerate() {
+                            for (t, v) in ar.iter_mut().enumerate() {
+                                *v = *ab.add(r * T + t);
+                            }
+                        }
                         let mut xp = [xb; T];
                         for (t, p) in xp.iter_mut().enumerate() {
                             *p = xb.add(a.offs[j0 + t]);
@@ -926,14 +1025,25 @@ mod x86 {
                             for t in 0..T {
                                 let xv = S::loadu(xp[t].add(q));
                                 for r in 0..R {
-                                    acc[r][t] = S::fma(d[r], xv, acc[r][t]);
+                                    t_acc[r][t] = S::fma(d[r], xv, t_acc[r][t]);
                                 }
                             }
                         }
+                        for (r, ar) in t_acc.iter().enumerate() {
+                            for (t, &v) in ar.iter().enumerate() {
+                                *ab.add(r * T + t) = v;
+                            }
+                        }
                     }
-                    for (r, ar) in acc.iter().enumerate() {
-                        for (t, &v) in ar.iter().enumerate() {
-                            *a.part.add((co0 + r) * nj + j0 + t) += S::hsum(v);
+                }
+            }
+            for tr in 0..nrow {
+                for tc in 0..ncol {
+                    let ab = acc.as_ptr().add((tr * ncol + tc) * R * T);
+                    for r in 0..R {
+                        for t in 0..T {
+                            let co = tr * R + r;
+                            *a.part.add(co * nj + tc * T + t) += S::hsum(*ab.add(r * T + t));
                         }
                     }
                 }
@@ -1100,6 +1210,29 @@ mod tests {
         let one = run(1);
         for t in [2, 3, 7] {
             assert!(run(t) == one, "{t} threads differ from 1");
+        }
+    }
+
+    #[test]
+    fn put_row_writes_the_row_and_zeros_only() {
+        for isa in available() {
+            for w in 0..70 {
+                for lead in 0..=w.min(20) {
+                    for len in [0, 1, 7, 8, 15, 16, 17, 33, w - lead] {
+                        if lead + len > w {
+                            continue;
+                        }
+                        let src: Vec<f32> = (0..len).map(|i| i as f32 + 1.0).collect();
+                        // A guard element past the row must stay untouched.
+                        let mut dst = vec![f32::NAN; w + 1];
+                        put_row(isa, &mut dst[..w], lead, &src);
+                        let mut want = vec![0.0; w];
+                        want[lead..lead + len].copy_from_slice(&src);
+                        assert_eq!(&dst[..w], &want[..], "{isa:?} w {w} lead {lead} len {len}");
+                        assert!(dst[w].is_nan(), "{isa:?} w {w}: wrote past the row");
+                    }
+                }
+            }
         }
     }
 

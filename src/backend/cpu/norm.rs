@@ -379,28 +379,52 @@ fn plane_sq<T: Scalar>(p: &[T], mu: f64) -> f64 {
 }
 
 /// `(sum dy, sum dy (x - mu))` over a plane in f64, `dy` masked by `relu_out > 0` if given.
+/// Lane `l` of the accumulators takes the elements `l mod LANES` (as `plane_sum`); the
+/// loops run over exact chunks so that they vectorize.
 fn plane_dy_dx<T: Scalar>(x: &[T], dy: &[T], relu_out: Option<&[T]>, mu: f64) -> (f64, f64) {
     let (mut sdy, mut sdx) = ([0.0f64; LANES], [0.0f64; LANES]);
     let mut tail = (0.0f64, 0.0f64);
-    let mask = |i: usize, d: T| match relu_out {
-        Some(r) if r[i] > T::ZERO => d,
-        Some(_) => T::ZERO,
-        None => d,
+    let add = |l: usize, d: f64, xv: T, acc: &mut ([f64; LANES], [f64; LANES])| {
+        acc.0[l] += d;
+        acc.1[l] += d * (xv.to_f64() - mu);
     };
     let full = x.len() / LANES * LANES;
-    for i0 in (0..full).step_by(LANES) {
-        for l in 0..LANES {
-            let i = i0 + l;
-            let d = mask(i, dy[i]).to_f64();
-            sdy[l] += d;
-            sdx[l] += d * (x[i].to_f64() - mu);
+    let (xc, xt) = x.split_at(full);
+    let (dc, dt) = dy[..x.len()].split_at(full);
+    let mut acc = (sdy, sdx);
+    match relu_out {
+        Some(r) => {
+            let (rc, rt) = r[..x.len()].split_at(full);
+            for ((xs, ds), rs) in xc
+                .chunks_exact(LANES)
+                .zip(dc.chunks_exact(LANES))
+                .zip(rc.chunks_exact(LANES))
+            {
+                for l in 0..LANES {
+                    let d = if rs[l] > T::ZERO { ds[l] } else { T::ZERO };
+                    add(l, d.to_f64(), xs[l], &mut acc);
+                }
+            }
+            for ((&xv, &d), &rv) in xt.iter().zip(dt).zip(rt) {
+                let d = if rv > T::ZERO { d } else { T::ZERO }.to_f64();
+                tail.0 += d;
+                tail.1 += d * (xv.to_f64() - mu);
+            }
+        }
+        None => {
+            for (xs, ds) in xc.chunks_exact(LANES).zip(dc.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    add(l, ds[l].to_f64(), xs[l], &mut acc);
+                }
+            }
+            for (&xv, &d) in xt.iter().zip(dt) {
+                let d = d.to_f64();
+                tail.0 += d;
+                tail.1 += d * (xv.to_f64() - mu);
+            }
         }
     }
-    for i in full..x.len() {
-        let d = mask(i, dy[i]).to_f64();
-        tail.0 += d;
-        tail.1 += d * (x[i].to_f64() - mu);
-    }
+    (sdy, sdx) = acc;
     (reduce_lanes(sdy) + tail.0, reduce_lanes(sdx) + tail.1)
 }
 
