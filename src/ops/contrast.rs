@@ -365,45 +365,98 @@ pub(crate) fn infonce_gemm_f64(
     queue: &[f64],
     s: ContrastShape,
 ) -> Result<(f64, Vec<f64>, usize)> {
+    infonce_gemm(q, k, queue, s, INFONCE_ROWS)
+}
+
+/// [`infonce_gemm_f64`] in f32 for the f32 CPU backend: the normalized rows are rounded to
+/// f32, both products over the queue are f32 GEMMs, `exp` is [`exp_nonpos_f32`], while the
+/// norms, the positive logit, the softmax sums, the loss and the gradient through the
+/// normalization stay in f64. Within about 1e-6 relative of [`infonce_f64`] (tested).
+pub(crate) fn infonce_gemm_f32(
+    q: &[f32],
+    k: &[f32],
+    queue: &[f32],
+    s: ContrastShape,
+) -> Result<(f64, Vec<f32>, usize)> {
+    infonce_gemm(q, k, queue, s, INFONCE_ROWS_F32)
+}
+
+/// The element type of the InfoNCE GEMMs and logits.
+trait LogitElem: Scalar {
+    /// `exp(x)` for `x <= 0`.
+    fn exp_nonpos(self) -> Self;
+}
+
+impl LogitElem for f64 {
+    fn exp_nonpos(self) -> f64 {
+        self.exp()
+    }
+}
+
+impl LogitElem for f32 {
+    fn exp_nonpos(self) -> f32 {
+        exp_nonpos_f32(self)
+    }
+}
+
+/// InfoNCE over fixed blocks of `rows` query rows in parallel (so the result does not depend
+/// on the thread count): the logits and the gradient's product over the queue as GEMMs in
+/// `S`, everything else in f64.
+fn infonce_gemm<S: LogitElem>(
+    q: &[S],
+    k: &[S],
+    queue: &[S],
+    s: ContrastShape,
+    rows: usize,
+) -> Result<(f64, Vec<S>, usize)> {
     s.check_inputs(q.len(), k.len(), queue.len())?;
     let (n, c, kk) = (s.n, s.c, s.k);
     let inv_t = 1.0 / s.t;
     let eps = NORMALIZE_EPS as f64;
-    let mut grad = vec![0.0f64; n * c];
-    let rows: Vec<(f64, usize)> = grad
-        .par_chunks_mut(INFONCE_ROWS * c)
+    let queue = &queue[..kk * c];
+    let mut grad = vec![S::ZERO; n * c];
+    let parts: Vec<(f64, usize)> = grad
+        .par_chunks_mut(rows * c)
         .enumerate()
         .map(|(bi, gblk)| {
-            let r0 = bi * INFONCE_ROWS;
+            let r0 = bi * rows;
             let m = gblk.len() / c;
-            // qn, kn: m x C; norms of q.
+            // qn, kn: m x C in f64; norms of q; qn rounded to S for the GEMM.
             let mut qn = vec![0.0f64; m * c];
             let mut kn = vec![0.0f64; m * c];
             let mut qnorm = vec![0.0f64; m];
             for i in 0..m {
-                let (a, na) = normalize_f64(&q[(r0 + i) * c..(r0 + i + 1) * c]);
+                let row = |x: &[S]| -> Vec<f64> {
+                    x[(r0 + i) * c..(r0 + i + 1) * c]
+                        .iter()
+                        .map(|v| v.to_f64())
+                        .collect()
+                };
+                let (a, na) = normalize_f64(&row(q));
                 qn[i * c..(i + 1) * c].copy_from_slice(&a);
                 qnorm[i] = na;
-                let (b, _) = normalize_f64(&k[(r0 + i) * c..(r0 + i + 1) * c]);
+                let (b, _) = normalize_f64(&row(k));
                 kn[i * c..(i + 1) * c].copy_from_slice(&b);
             }
+            let qs: Vec<S> = qn.iter().map(|&v| S::from_f64(v)).collect();
             // l (m x K) = qn (m x C) . queue^T (C x K) / T
-            let mut l = vec![0.0f64; m * kk];
+            let mut l = vec![S::ZERO; m * kk];
             gemm(
                 m,
                 c,
                 kk,
-                inv_t,
-                &qn,
+                S::from_f64(inv_t),
+                &qs,
                 (c, 1),
                 queue,
                 (1, c),
-                0.0,
+                S::ZERO,
                 &mut l,
                 (kk, 1),
             );
             let (mut loss, mut correct) = (0.0, 0);
             let mut wpos = vec![0.0f64; m];
+            let scale = inv_t / n as f64;
             for i in 0..m {
                 let lpos = qn[i * c..(i + 1) * c]
                     .iter()
@@ -412,48 +465,68 @@ pub(crate) fn infonce_gemm_f64(
                     .sum::<f64>()
                     * inv_t;
                 let li = &mut l[i * kk..(i + 1) * kk];
-                let max_neg = li.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let max_neg = li.iter().fold(f64::NEG_INFINITY, |a, b| a.max(b.to_f64()));
                 let mx = lpos.max(max_neg);
-                // One exp per logit: e_j = exp(l_j - max) is kept, p_j = e_j / sum.
+                let mx_s = S::from_f64(mx);
+                // One exp per logit: e_j = exp(l_j - max) is kept, p_j = e_j / sum; the
+                // sum in 8 f64 lanes (fixed order).
                 let epos = (lpos - mx).exp();
-                let mut sum = epos;
-                for v in li.iter_mut() {
-                    *v = (*v - mx).exp();
-                    sum += *v;
+                let mut acc = [0.0f64; 8];
+                let mut chunks = li.chunks_exact_mut(8);
+                for ch in &mut chunks {
+                    for (a, v) in acc.iter_mut().zip(ch.iter_mut()) {
+                        *v = (*v - mx_s).exp_nonpos();
+                        *a += v.to_f64();
+                    }
                 }
-                let lse = mx + sum.ln();
-                loss += lse - lpos;
+                let mut sum = epos;
+                for v in chunks.into_remainder() {
+                    *v = (*v - mx_s).exp_nonpos();
+                    sum += v.to_f64();
+                }
+                sum += ((acc[0] + acc[1]) + (acc[2] + acc[3]))
+                    + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+                loss += mx + sum.ln() - lpos;
                 correct += (lpos >= max_neg) as usize;
                 // dloss_i/dl_j = (p_j - [j == 0]) / N, times 1/T for dl_j/dqn.
-                let scale = inv_t / n as f64;
                 wpos[i] = (epos / sum - 1.0) * scale;
-                let ps = scale / sum;
+                let ps = S::from_f64(scale / sum);
                 for v in li.iter_mut() {
-                    *v *= ps;
+                    *v = *v * ps;
                 }
             }
-            // g (m x C) = w (m x K) . queue (K x C) + wpos kn
+            // g (m x C) = w (m x K) . queue (K x C), plus wpos kn, then through the
+            // normalization qn = q / max(||q||, eps), in f64.
+            let mut gs = vec![S::ZERO; m * c];
+            gemm(
+                m,
+                kk,
+                c,
+                S::from_f64(1.0),
+                &l,
+                (kk, 1),
+                queue,
+                (c, 1),
+                S::ZERO,
+                &mut gs,
+                (c, 1),
+            );
             for i in 0..m {
-                for (g, &kv) in gblk[i * c..(i + 1) * c]
-                    .iter_mut()
-                    .zip(&kn[i * c..(i + 1) * c])
-                {
-                    *g = wpos[i] * kv;
-                }
-            }
-            gemm(m, kk, c, 1.0, &l, (kk, 1), queue, (c, 1), 1.0, gblk, (c, 1));
-            // Through qn = q / max(||q||, eps).
-            for i in 0..m {
-                let g = &mut gblk[i * c..(i + 1) * c];
                 let qi = &qn[i * c..(i + 1) * c];
+                let g: Vec<f64> = gs[i * c..(i + 1) * c]
+                    .iter()
+                    .zip(&kn[i * c..(i + 1) * c])
+                    .map(|(gv, &kv)| gv.to_f64() + wpos[i] * kv)
+                    .collect();
+                let out = &mut gblk[i * c..(i + 1) * c];
                 if qnorm[i] > eps {
-                    let qg: f64 = qi.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
-                    for (gc, qc) in g.iter_mut().zip(qi) {
-                        *gc = (*gc - qc * qg) / qnorm[i];
+                    let qg: f64 = qi.iter().zip(&g).map(|(a, b)| a * b).sum();
+                    for ((o, gc), qc) in out.iter_mut().zip(&g).zip(qi) {
+                        *o = S::from_f64((gc - qc * qg) / qnorm[i]);
                     }
                 } else {
-                    for gc in g.iter_mut() {
-                        *gc /= eps;
+                    for (o, gc) in out.iter_mut().zip(&g) {
+                        *o = S::from_f64(gc / eps);
                     }
                 }
             }
@@ -462,7 +535,7 @@ pub(crate) fn infonce_gemm_f64(
         .collect();
     let mut loss = 0.0;
     let mut correct = 0;
-    for (l, ok) in rows {
+    for (l, ok) in parts {
         loss += l;
         correct += ok;
     }
@@ -499,148 +572,6 @@ pub(crate) fn exp_nonpos_f32(x: f32) -> f32 {
     } else {
         p * scale
     }
-}
-
-/// [`infonce_gemm_f64`] in f32 for the f32 CPU backend: the normalized rows are rounded to
-/// f32, both products over the queue are f32 GEMMs, `exp` is [`exp_nonpos_f32`], while the
-/// norms, the positive logit, the softmax sums, the loss and the gradient through the
-/// normalization stay in f64. Within about 1e-6 relative of [`infonce_f64`] (tested); the
-/// same row blocks, so the result does not depend on the thread count.
-pub(crate) fn infonce_gemm_f32(
-    q: &[f32],
-    k: &[f32],
-    queue: &[f32],
-    s: ContrastShape,
-) -> Result<(f64, Vec<f32>, usize)> {
-    s.check_inputs(q.len(), k.len(), queue.len())?;
-    let (n, c, kk) = (s.n, s.c, s.k);
-    let inv_t = 1.0 / s.t;
-    let eps = NORMALIZE_EPS as f64;
-    let queue = &queue[..kk * c];
-    let mut grad = vec![0.0f32; n * c];
-    let rows: Vec<(f64, usize)> = grad
-        .par_chunks_mut(INFONCE_ROWS_F32 * c)
-        .enumerate()
-        .map(|(bi, gblk)| {
-            let r0 = bi * INFONCE_ROWS_F32;
-            let m = gblk.len() / c;
-            let mut qn = vec![0.0f64; m * c];
-            let mut kn = vec![0.0f64; m * c];
-            let mut qnorm = vec![0.0f64; m];
-            for i in 0..m {
-                let row = |x: &[f32]| -> Vec<f64> {
-                    x[(r0 + i) * c..(r0 + i + 1) * c]
-                        .iter()
-                        .map(|&v| v as f64)
-                        .collect()
-                };
-                let (a, na) = normalize_f64(&row(q));
-                qn[i * c..(i + 1) * c].copy_from_slice(&a);
-                qnorm[i] = na;
-                let (b, _) = normalize_f64(&row(k));
-                kn[i * c..(i + 1) * c].copy_from_slice(&b);
-            }
-            let qn32: Vec<f32> = qn.iter().map(|&v| v as f32).collect();
-            // l (m x K) = qn (m x C) . queue^T (C x K) / T
-            let mut l = vec![0.0f32; m * kk];
-            gemm(
-                m,
-                c,
-                kk,
-                inv_t as f32,
-                &qn32,
-                (c, 1),
-                queue,
-                (1, c),
-                0.0,
-                &mut l,
-                (kk, 1),
-            );
-            let (mut loss, mut correct) = (0.0, 0);
-            let mut wpos = vec![0.0f64; m];
-            let scale = inv_t / n as f64;
-            for i in 0..m {
-                let lpos = qn[i * c..(i + 1) * c]
-                    .iter()
-                    .zip(&kn[i * c..(i + 1) * c])
-                    .map(|(a, b)| a * b)
-                    .sum::<f64>()
-                    * inv_t;
-                let li = &mut l[i * kk..(i + 1) * kk];
-                let max_neg = li.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let mx = lpos.max(max_neg);
-                let mx32 = mx as f32;
-                let epos = (lpos - mx).exp();
-                // e_j = exp(l_j - max), summed in 8 f64 lanes (fixed order).
-                let mut acc = [0.0f64; 8];
-                let mut chunks = li.chunks_exact_mut(8);
-                for ch in &mut chunks {
-                    for (a, v) in acc.iter_mut().zip(ch.iter_mut()) {
-                        *v = exp_nonpos_f32(*v - mx32);
-                        *a += *v as f64;
-                    }
-                }
-                let mut sum = epos;
-                for v in chunks.into_remainder() {
-                    *v = exp_nonpos_f32(*v - mx32);
-                    sum += *v as f64;
-                }
-                sum += ((acc[0] + acc[1]) + (acc[2] + acc[3]))
-                    + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-                loss += mx + sum.ln() - lpos;
-                correct += (lpos >= max_neg) as usize;
-                // dloss_i/dl_j = (p_j - [j == 0]) / N, times 1/T for dl_j/dqn.
-                wpos[i] = (epos / sum - 1.0) * scale;
-                let ps = (scale / sum) as f32;
-                for v in li.iter_mut() {
-                    *v *= ps;
-                }
-            }
-            // g (m x C) = w (m x K) . queue (K x C), plus wpos kn, then through the
-            // normalization, in f64.
-            let mut g32 = vec![0.0f32; m * c];
-            gemm(
-                m,
-                kk,
-                c,
-                1.0,
-                &l,
-                (kk, 1),
-                queue,
-                (c, 1),
-                0.0,
-                &mut g32,
-                (c, 1),
-            );
-            for i in 0..m {
-                let qi = &qn[i * c..(i + 1) * c];
-                let g: Vec<f64> = g32[i * c..(i + 1) * c]
-                    .iter()
-                    .zip(&kn[i * c..(i + 1) * c])
-                    .map(|(&gv, &kv)| gv as f64 + wpos[i] * kv)
-                    .collect();
-                let out = &mut gblk[i * c..(i + 1) * c];
-                if qnorm[i] > eps {
-                    let qg: f64 = qi.iter().zip(&g).map(|(a, b)| a * b).sum();
-                    for ((o, gc), qc) in out.iter_mut().zip(&g).zip(qi) {
-                        *o = ((gc - qc * qg) / qnorm[i]) as f32;
-                    }
-                } else {
-                    for (o, gc) in out.iter_mut().zip(&g) {
-                        *o = (gc / eps) as f32;
-                    }
-                }
-            }
-            (loss, correct)
-        })
-        .collect();
-    let mut loss = 0.0;
-    let mut correct = 0;
-    for (l, ok) in rows {
-        loss += l;
-        correct += ok;
-    }
-    Ok((loss / n as f64, grad, correct))
 }
 
 /// CPU reference: InfoNCE loss, gradient with respect to the unnormalized `q`, and accuracy.
