@@ -179,7 +179,7 @@ fn build(cfg: &EncoderConfig, seed: u64) -> (Net, ParamTable, Vec<f32>, Vec<f32>
         table: ParamTable::default(),
         init: Vec::new(),
         running_init: Vec::new(),
-        rng: crate::testing::rng(seed),
+        rng: crate::rng::rng(seed),
     };
     let cin = cfg.in_channels;
     let (conv1, maxpool, widths, depths, bottleneck) = match cfg.arch {
