@@ -547,8 +547,9 @@ fn infonce_gemm<S: LogitElem>(
 /// `exp(x)` in f32 for `x <= 0` (InfoNCE's `l - max`), branch-free so that loops over it
 /// vectorize: `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `exp(r)` by its degree-7 Taylor
 /// polynomial (truncation error under 1e-8 relative), times `2^n` built in the exponent
-/// bits. Below `-87` (where `exp` leaves f32's normal range) it returns 0. Within 2 ulp
-/// of `f64::exp` rounded to f32 (tested).
+/// bits. Below `-87` (where `exp` leaves f32's normal range) it returns 0; NaN stays NaN
+/// (a NaN logit must make the loss NaN, as in the f64 path). Within 2 ulp of `f64::exp`
+/// rounded to f32 (tested).
 #[inline(always)]
 pub(crate) fn exp_nonpos_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -557,7 +558,8 @@ pub(crate) fn exp_nonpos_f32(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    let xc = x.max(-87.0);
+    // Not `x.max(-87.0)`, which would turn NaN into -87.
+    let xc = if x < -87.0 { -87.0 } else { x };
     let n = (xc * LOG2E + ROUND) - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
@@ -1273,6 +1275,7 @@ mod tests {
         }
         assert_eq!(exp_nonpos_f32(0.0), 1.0);
         assert_eq!(exp_nonpos_f32(f32::NEG_INFINITY), 0.0);
+        assert!(exp_nonpos_f32(f32::NAN).is_nan());
     }
 
     /// The f32 GEMM form is within f32 rounding of the f64 reference.
@@ -1313,6 +1316,13 @@ mod tests {
                 (num / den).sqrt()
             );
         }
+        // A NaN key in the queue makes the loss NaN (the trainer's divergence check).
+        let s = ContrastShape::new(16, 8, 32, 0.1).unwrap();
+        let (q, k) = (vec![0.5f32; 16 * 8], vec![0.25f32; 16 * 8]);
+        let mut queue = vec![0.1f32; 32 * 8];
+        queue[5 * 8 + 3] = f32::NAN;
+        let (loss, ..) = infonce_gemm_f32(&q, &k, &queue, s).unwrap();
+        assert!(loss.is_nan(), "loss {loss} with a NaN key");
     }
 
     /// The GEMM form equals the per-row reference to f64 rounding, on shapes that are and
