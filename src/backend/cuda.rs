@@ -359,13 +359,7 @@ impl Backend for Cuda {
     }
 
     fn copy_into(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
-        if src.len() != dst.len() {
-            return Err(Error::invalid(format!(
-                "copy_into: source has {} elements, destination {}",
-                src.len(),
-                dst.len()
-            )));
-        }
+        super::check_copy_len(src.len(), dst.len())?;
         self.gpu
             .stream()
             .memcpy_dtod(src, dst)

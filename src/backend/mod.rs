@@ -287,13 +287,7 @@ pub trait Backend: Clone + Send + Sync {
     fn copy(&self, buf: &Self::Buf) -> Result<Self::Buf>;
     /// Overwrites `dst` with `src` (same length). The default allocates a copy.
     fn copy_into(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()> {
-        if self.len(src) != self.len(dst) {
-            return Err(Error::invalid(format!(
-                "copy_into: source has {} elements, destination {}",
-                self.len(src),
-                self.len(dst)
-            )));
-        }
+        check_copy_len(self.len(src), self.len(dst))?;
         *dst = self.copy(src)?;
         Ok(())
     }
@@ -516,6 +510,16 @@ pub trait Backend: Clone + Send + Sync {
         momentum: f64,
         weight_decay: f64,
     ) -> Result<()>;
+}
+
+/// Checks that a copy's source and destination have the same length.
+pub(crate) fn check_copy_len(src: usize, dst: usize) -> Result<()> {
+    if src != dst {
+        return Err(Error::invalid(format!(
+            "copy_into: source has {src} elements, destination {dst}"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks `len(buf) >= off + need`, naming the tensor in the error.

@@ -399,59 +399,61 @@ impl<B: Backend> Pool<B> {
         }
     }
 
-    /// Keeps the buffers no one else refers to; the others are left to their owners.
-    fn give_shared(&mut self, be: &B, bufs: Vec<Arc<B::Buf>>) {
-        for a in bufs {
-            if let Ok(b) = Arc::try_unwrap(a) {
-                self.give(be, b);
-            }
+    /// Keeps the buffer if this is its last reference; otherwise drops the reference
+    /// (the last holder gives the buffer back, whatever order they come in).
+    fn give_shared(&mut self, be: &B, a: Arc<B::Buf>) {
+        if let Ok(b) = Arc::try_unwrap(a) {
+            self.give(be, b);
         }
     }
 }
 
 impl<B: Backend> ConvCache<B> {
-    fn collect(self, shared: &mut Vec<Arc<B::Buf>>) {
-        shared.push(self.x);
+    fn recycle(self, pool: &mut Pool<B>, be: &B) {
+        pool.give_shared(be, self.x);
     }
 }
 
 impl<B: Backend> BnCache<B> {
-    fn collect(self, shared: &mut Vec<Arc<B::Buf>>, owned: &mut Vec<B::Buf>) {
-        shared.push(self.x);
+    fn recycle(self, pool: &mut Pool<B>, be: &B) {
+        pool.give_shared(be, self.x);
         if let Some((m, i)) = self.stats {
-            owned.push(m);
-            owned.push(i);
+            pool.give(be, m);
+            pool.give(be, i);
         }
     }
 }
 
 impl<B: Backend> BlockCache<B> {
-    fn collect(self, shared: &mut Vec<Arc<B::Buf>>, owned: &mut Vec<B::Buf>) {
+    fn recycle(self, pool: &mut Pool<B>, be: &B) {
         for (cc, bc, relu) in self.stages {
-            cc.collect(shared);
-            bc.collect(shared, owned);
-            shared.extend(relu);
+            cc.recycle(pool, be);
+            bc.recycle(pool, be);
+            if let Some(r) = relu {
+                pool.give_shared(be, r);
+            }
         }
         if let Some((cc, bc)) = self.down {
-            cc.collect(shared);
-            bc.collect(shared, owned);
+            cc.recycle(pool, be);
+            bc.recycle(pool, be);
         }
-        shared.push(self.out);
+        pool.give_shared(be, self.out);
     }
 }
 
 impl<B: Backend> Cache<B> {
-    /// Every buffer of the cache: shared ones (an activation several layers keep) and
-    /// owned ones.
-    fn collect(self, shared: &mut Vec<Arc<B::Buf>>, owned: &mut Vec<B::Buf>) {
-        self.conv1.collect(shared);
-        self.bn1.collect(shared, owned);
-        shared.push(self.relu1);
+    /// Gives every buffer of the cache back to the pool.
+    fn recycle(self, pool: &mut Pool<B>, be: &B) {
+        self.conv1.recycle(pool, be);
+        self.bn1.recycle(pool, be);
+        pool.give_shared(be, self.relu1);
         for bc in self.blocks {
-            bc.collect(shared, owned);
+            bc.recycle(pool, be);
         }
-        shared.push(self.feats);
-        shared.extend(self.hidden);
+        pool.give_shared(be, self.feats);
+        if let Some(h) = self.hidden {
+            pool.give_shared(be, h);
+        }
     }
 }
 
@@ -724,13 +726,13 @@ impl<B: Backend> Encoder<B> {
             None
         };
         self.pool.give(&be, dh);
-        let (mut shared, mut owned) = (Vec::new(), Vec::new());
-        conv1.collect(&mut shared);
-        bn1.collect(&mut shared, &mut owned);
-        shared.push(relu1);
-        shared.push(feats);
-        shared.extend(hidden);
-        self.recycle(shared, owned);
+        conv1.recycle(&mut self.pool, &be);
+        bn1.recycle(&mut self.pool, &be);
+        self.pool.give_shared(&be, relu1);
+        self.pool.give_shared(&be, feats);
+        if let Some(h) = hidden {
+            self.pool.give_shared(&be, h);
+        }
         Ok(dx)
     }
 
@@ -865,9 +867,7 @@ impl<B: Backend> Encoder<B> {
                 blocks.push(bc);
             } else {
                 // Its buffers serve the next blocks.
-                let (mut shared, mut owned) = (Vec::new(), Vec::new());
-                bc.collect(&mut shared, &mut owned);
-                self.recycle(shared, owned);
+                bc.recycle(&mut self.pool, &be);
             }
             cur = out;
         }
@@ -879,14 +879,12 @@ impl<B: Backend> Encoder<B> {
             self.num_batches_tracked += 1;
         }
         if !head {
-            let (mut shared, mut owned) = (Vec::new(), Vec::new());
-            c1.collect(&mut shared);
-            b1.collect(&mut shared, &mut owned);
-            shared.push(relu1);
+            c1.recycle(&mut self.pool, &be);
+            b1.recycle(&mut self.pool, &be);
+            self.pool.give_shared(&be, relu1);
             for bc in blocks {
-                bc.collect(&mut shared, &mut owned);
+                bc.recycle(&mut self.pool, &be);
             }
-            self.recycle(shared, owned);
             return Ok((feats, None));
         }
         let feats = Arc::new(feats);
@@ -926,9 +924,7 @@ impl<B: Backend> Encoder<B> {
         if keep {
             return Ok((out, Some(cache)));
         }
-        let (mut shared, mut owned) = (Vec::new(), Vec::new());
-        cache.collect(&mut shared, &mut owned);
-        self.recycle(shared, owned);
+        cache.recycle(&mut self.pool, &be);
         Ok((out, None))
     }
 
@@ -964,16 +960,7 @@ impl<B: Backend> Encoder<B> {
     /// Gives the kept forward pass's buffers (if any) back to the pool.
     fn drop_cache(&mut self) {
         if let Some(c) = self.cache.take() {
-            let (mut shared, mut owned) = (Vec::new(), Vec::new());
-            c.collect(&mut shared, &mut owned);
-            self.recycle(shared, owned);
-        }
-    }
-
-    fn recycle(&mut self, shared: Vec<Arc<B::Buf>>, owned: Vec<B::Buf>) {
-        self.pool.give_shared(&self.backend, shared);
-        for b in owned {
-            self.pool.give(&self.backend, b);
+            c.recycle(&mut self.pool, &self.backend);
         }
     }
 
@@ -1252,9 +1239,7 @@ impl<B: Backend> Encoder<B> {
             None => be.add_assign(&mut dx, &dout)?,
         }
         self.pool.give(&be, dout);
-        let (mut shared, mut owned) = (Vec::new(), Vec::new());
-        bc.collect(&mut shared, &mut owned);
-        self.recycle(shared, owned);
+        bc.recycle(&mut self.pool, &be);
         Ok(dx)
     }
 }

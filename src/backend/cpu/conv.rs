@@ -159,6 +159,30 @@ fn conv_group(s: &ConvShape) -> usize {
 pub(super) fn conv_chunk(n: usize) -> usize {
     n.div_ceil(CONV_MAX_PARTIALS).max(CONV_MIN_CHUNK)
 }
+
+/// Runs `work(ci, partial, dx_chunk)` for the `nchunks` sample chunks of a backward pass in
+/// parallel (`dx_chunk` the chunk's `chunk_len` elements of `dx`, when given) and returns
+/// the chunks' weight-gradient partials in chunk order.
+pub(super) fn per_chunk<T: Send + Sync + Clone>(
+    nchunks: usize,
+    dx: Option<&mut [T]>,
+    chunk_len: usize,
+    work: impl Fn(usize, &mut Vec<T>, Option<&mut [T]>) + Sync,
+) -> Vec<Vec<T>> {
+    let mut partials: Vec<Vec<T>> = vec![Vec::new(); nchunks];
+    match dx {
+        Some(dx) => partials
+            .par_iter_mut()
+            .zip(dx.par_chunks_mut(chunk_len))
+            .enumerate()
+            .for_each(|(ci, (p, dxc))| work(ci, p, Some(dxc))),
+        None => partials
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(ci, p)| work(ci, p, None)),
+    }
+    partials
+}
 impl<T: Scalar> Cpu<T> {
     // x: N x Cin x H x W, w: Cout x (Cin K K), y: N x Cout x (Ho Wo).
     // Per group of m samples: col = im2col (CinKK x m HoWo), Yt = w col (Cout x m HoWo),
@@ -377,18 +401,7 @@ impl<T: Scalar> Cpu<T> {
                 }
             }
         };
-        let mut partials: Vec<Vec<T>> = vec![Vec::new(); nchunks];
-        match dx {
-            Some(dx) => partials
-                .par_iter_mut()
-                .zip(dx[..s.x_len()].par_chunks_mut(chunk * xs))
-                .enumerate()
-                .for_each(|(ci, (p, dxc))| work(ci, p, Some(dxc))),
-            None => partials
-                .par_iter_mut()
-                .enumerate()
-                .for_each(|(ci, p)| work(ci, p, None)),
-        }
+        let partials = per_chunk(nchunks, dx.map(|d| &mut d[..s.x_len()]), chunk * xs, work);
         dwm.par_chunks_mut(ELEM_CHUNK)
             .enumerate()
             .for_each(|(c, d)| {

@@ -672,18 +672,8 @@ pub(crate) fn backward(
             kernel_b(isa, &xbuf, pl.len, &offs_b, &dybuf, sd, qb, cpad, m, part);
         }
     };
-    let mut partials: Vec<Vec<f32>> = vec![Vec::new(); nchunks];
-    match dx {
-        Some(dx) => partials
-            .par_iter_mut()
-            .zip(dx[..s.n * xs].par_chunks_mut(chunk * xs))
-            .enumerate()
-            .for_each(|(ci, (p, dxc))| work(ci, p, Some(dxc))),
-        None => partials
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(ci, p)| work(ci, p, None)),
-    }
+    let partials =
+        super::conv::per_chunk(nchunks, dx.map(|d| &mut d[..s.n * xs]), chunk * xs, work);
     dw[..s.cout * nj]
         .par_chunks_mut(nj)
         .enumerate()

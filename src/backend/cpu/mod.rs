@@ -117,13 +117,7 @@ impl<T: Scalar> Backend for Cpu<T> {
 
     fn copy_into(&self, src: &Vec<T>, dst: &mut Vec<T>) -> Result<()> {
         let _p = profile::scope(|| "copy".into());
-        if src.len() != dst.len() {
-            return Err(crate::error::Error::invalid(format!(
-                "copy_into: source has {} elements, destination {}",
-                src.len(),
-                dst.len()
-            )));
-        }
+        super::check_copy_len(src.len(), dst.len())?;
         dst.par_chunks_mut(ELEM_CHUNK)
             .zip(src.par_chunks(ELEM_CHUNK))
             .for_each(|(d, s)| d.copy_from_slice(s));
