@@ -1,4 +1,5 @@
-//! The scalar type of the CPU backend and its strided GEMM (`matrixmultiply`).
+//! The scalar type of the CPU backend and its strided GEMM (the `gemm` crate: AVX-512,
+//! AVX2 or SSE kernels chosen at run time, called single-threaded).
 use std::ops::{Add, AddAssign, Mul, Neg, Sub};
 
 /// A floating-point type the CPU backend computes in (f32 or f64).
@@ -92,9 +93,7 @@ impl Scalar for f32 {
         csc: isize,
     ) {
         // SAFETY: forwarded contract of gemm_raw.
-        unsafe {
-            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
-        }
+        unsafe { gemm_crate(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
     }
 }
 
@@ -134,9 +133,58 @@ impl Scalar for f64 {
         csc: isize,
     ) {
         // SAFETY: forwarded contract of gemm_raw.
-        unsafe {
-            matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
-        }
+        unsafe { gemm_crate(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+    }
+}
+
+/// `C = alpha A B + beta C` through the `gemm` crate, single-threaded (its `dst` is
+/// `alpha dst + beta lhs rhs`: the coefficients swap). With `beta == 0`, `C` is not read
+/// (a NaN in it does not survive), as BLAS does.
+///
+/// # Safety
+/// As [`Scalar::gemm_raw`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_crate<T: 'static + Copy + PartialEq + Default>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    b: *const T,
+    rsb: isize,
+    csb: isize,
+    beta: T,
+    c: *mut T,
+    rsc: isize,
+    csc: isize,
+) {
+    let read_c = beta != T::default();
+    // SAFETY: forwarded contract of gemm_raw (every strided matrix inside its allocation,
+    // `c` aliasing neither operand); `gemm` takes (column stride, row stride) pairs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            csc,
+            rsc,
+            read_c,
+            a,
+            csa,
+            rsa,
+            b,
+            csb,
+            rsb,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
 }
 
