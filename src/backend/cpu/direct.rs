@@ -216,20 +216,30 @@ impl Planes {
                         .saturating_sub(c)
                         .div_ceil(st)
                         .clamp(b_lo, self.wq);
-                    for a in 0..self.hq {
-                        let dst = &mut buf[base + a * self.wq..base + (a + 1) * self.wq];
-                        let iy = (a * st + r) as isize - pad as isize;
-                        if iy < 0 || iy >= s.h as isize || b_lo == b_hi {
-                            put_row(isa, dst, 0, &[]);
-                            continue;
-                        }
-                        let row = &xc[iy as usize * s.w..(iy as usize + 1) * s.w];
-                        let x0 = b_lo * st + c - pad;
-                        if st == 1 {
-                            put_row(isa, dst, b_lo, &row[x0..x0 + b_hi - b_lo]);
-                        } else {
-                            put_strided(isa, dst, b_lo, &row[x0..], st, b_hi - b_lo);
-                        }
+                    // Rows a whose input row a st + r - pad is inside the image.
+                    let a_lo = pad.saturating_sub(r).div_ceil(st).min(self.hq);
+                    let a_hi = (s.h + pad)
+                        .saturating_sub(r)
+                        .div_ceil(st)
+                        .clamp(a_lo, self.hq);
+                    let pl = &mut buf[base..base + plane];
+                    if b_lo == b_hi || a_lo == a_hi {
+                        pl.fill(0.0);
+                        continue;
+                    }
+                    pl[..a_lo * self.wq].fill(0.0);
+                    pl[a_hi * self.wq..].fill(0.0);
+                    let (iy0, x0) = (a_lo * st + r - pad, b_lo * st + c - pad);
+                    let rows = &mut pl[a_lo * self.wq..a_hi * self.wq];
+                    if st == 1 {
+                        let src = &xc[iy0 * s.w + x0..];
+                        put_rows(isa, rows, self.wq, b_lo, src, s.w, b_hi - b_lo);
+                        continue;
+                    }
+                    for (a, dst) in rows.chunks_exact_mut(self.wq).enumerate() {
+                        let iy = iy0 + a * st;
+                        let row = &xc[iy * s.w..(iy + 1) * s.w];
+                        put_strided(isa, dst, b_lo, &row[x0..], st, b_hi - b_lo);
                     }
                 }
             }
@@ -355,10 +365,8 @@ impl DyPad {
             let dst = &mut buf[co * csd..(co + 1) * csd];
             dst[..self.ty * self.wd].fill(0.0);
             dst[(self.ty + s.ho) * self.wd..].fill(0.0);
-            for oy in 0..s.ho {
-                let row = &mut dst[(self.ty + oy) * self.wd..(self.ty + oy + 1) * self.wd];
-                put_row(isa, row, self.tx, &src[oy * s.wo..(oy + 1) * s.wo]);
-            }
+            let rows = &mut dst[self.ty * self.wd..(self.ty + s.ho) * self.wd];
+            put_rows(isa, rows, self.wd, self.tx, src, s.wo, s.wo);
         }
     }
 }
@@ -478,27 +486,57 @@ fn kernel_b(
     unreachable!("no direct convolution ISA off x86-64");
 }
 
-/// `dst = [0; lead] ++ src ++ [0; ..]` with vector (masked) loads and stores: the rows
-/// here are 7-60 floats, where a `memcpy`/`memset` call per row cost more than the copy
-/// (10% of a resnet8 step went to them).
+/// `dst = [0; lead] ++ src ++ [0; ..]` (one row; see [`put_rows`]).
+#[cfg(test)]
 fn put_row(isa: Isa, dst: &mut [f32], lead: usize, src: &[f32]) {
+    let w = dst.len();
     assert!(
-        lead.checked_add(src.len()).is_some_and(|e| e <= dst.len()),
-        "put_row: {lead} + {} > {}",
-        src.len(),
+        lead.checked_add(src.len()).is_some_and(|e| e <= w),
+        "put_row: {lead} + {} > {w}",
+        src.len()
+    );
+    if w > 0 {
+        put_rows(isa, dst, w, lead, src, src.len(), src.len());
+    }
+}
+
+/// Row `i` of `dst` (rows `ds` apart, `dst.len() / ds` of them, each `ds` long) becomes
+/// `[0; lead] ++ src[i ss..i ss + len] ++ [0; ..]`, with vector (masked) loads and stores
+/// whose masks are computed once for all rows: the rows here are 7-60 floats, where a
+/// `memcpy`/`memset` call per row cost more than the copy (10% of a resnet8 step went to
+/// them), and a call per row still cost a quarter of a convolution.
+fn put_rows(isa: Isa, dst: &mut [f32], ds: usize, lead: usize, src: &[f32], ss: usize, len: usize) {
+    assert!(
+        ds > 0 && dst.len().is_multiple_of(ds),
+        "put_rows: {} is not whole rows of {ds}",
         dst.len()
     );
+    let rows = dst.len() / ds;
+    assert!(
+        lead.checked_add(len).is_some_and(|e| e <= ds),
+        "put_rows: {lead} + {len} > {ds}"
+    );
+    assert!(
+        rows == 0
+            || (rows - 1)
+                .checked_mul(ss)
+                .and_then(|o| o.checked_add(len))
+                .is_some_and(|e| e <= src.len()),
+        "put_rows: {rows} rows of {len}, {ss} apart, overrun {}",
+        src.len()
+    );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the assert keeps every enabled lane inside `dst` (stores) and `src` (loads:
-    // lane `i` of the chunk at `c0` reads `src[c0 + i - lead]` only when that index is in
-    // `0..src.len()`); `isa` came from run-time detection.
+    // SAFETY: the asserts keep every enabled lane inside `dst` (stores: row `i`'s
+    // `ds` floats) and `src` (loads: lane `l` of the chunk at `c0` of row `i` reads
+    // `src[i ss + c0 + l - lead]` only when `c0 + l - lead` is in `0..len`); `isa` came
+    // from run-time detection.
     unsafe {
         match isa {
             Isa::Avx512 => {
-                x86::put_row_avx512(dst.as_mut_ptr(), dst.len(), lead, src.as_ptr(), src.len())
+                x86::put_rows_avx512(dst.as_mut_ptr(), ds, rows, lead, src.as_ptr(), ss, len)
             }
             Isa::Avx2 => {
-                x86::put_row_avx2(dst.as_mut_ptr(), dst.len(), lead, src.as_ptr(), src.len())
+                x86::put_rows_avx2(dst.as_mut_ptr(), ds, rows, lead, src.as_ptr(), ss, len)
             }
         }
     }
@@ -591,10 +629,7 @@ pub(crate) fn forward(isa: Isa, s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f3
                 for co in 0..s.cout {
                     let o = &out[co * pl.qv..];
                     let yr = &mut yn[co * hwo..(co + 1) * hwo];
-                    for oy in 0..s.ho {
-                        let src = &o[oy * pl.wq..oy * pl.wq + s.wo];
-                        put_row(isa, &mut yr[oy * s.wo..(oy + 1) * s.wo], 0, src);
-                    }
+                    put_rows(isa, yr, s.wo, 0, o, pl.wq, s.wo);
                 }
             }
         });
@@ -678,10 +713,8 @@ pub(crate) fn backward(
                 let db = &mut dybuf[i * sd..(i + 1) * sd];
                 for co in 0..s.cout {
                     let row = &mut db[co * qb..(co + 1) * qb];
-                    for oy in 0..s.ho {
-                        let r = &mut row[oy * pl.wq..(oy + 1) * pl.wq];
-                        put_row(isa, r, 0, &dyn_[(co * s.ho + oy) * s.wo..][..s.wo]);
-                    }
+                    let src = &dyn_[co * s.ho * s.wo..(co + 1) * s.ho * s.wo];
+                    put_rows(isa, &mut row[..s.ho * pl.wq], pl.wq, 0, src, s.wo, s.wo);
                     row[s.ho * pl.wq..].fill(0.0);
                 }
                 if let (Some(dxc), Some(d), Some(wph)) = (dxc.as_deref_mut(), &dp, &wph) {
@@ -705,15 +738,16 @@ pub(crate) fn backward(
                         kernel_a(isa, &dpbuf, &ph.offs, wp, nbx, &mut out, ph.qv, ph.p);
                         for c in 0..s.cin {
                             let o = &out[c * ph.qv..];
+                            if s.stride == 1 {
+                                let plane = &mut dxn[c * s.h * s.w..(c + 1) * s.h * s.w];
+                                put_rows(isa, plane, s.w, 0, o, d.wd, ph.wb);
+                                continue;
+                            }
                             for a in 0..ph.ha {
                                 let iy = a * s.stride + ph.r;
                                 let dr = &mut dxn[(c * s.h + iy) * s.w..(c * s.h + iy + 1) * s.w];
                                 let src = &o[a * d.wd..a * d.wd + ph.wb];
-                                if s.stride == 1 {
-                                    put_row(isa, dr, 0, src);
-                                } else {
-                                    scatter_row(isa, &mut dr[ph.c..], s.stride, src);
-                                }
+                                scatter_row(isa, &mut dr[ph.c..], s.stride, src);
                             }
                         }
                     }
@@ -955,18 +989,21 @@ mod x86 {
         unsafe { dispatch_a::<Avx2, { super::A_R256 }>(inp, offs, wp, nb, out, qv, p) }
     }
 
-    /// `put_row` with AVX-512: per 16-float chunk of `dst`, one masked load of the part of
-    /// `src` it holds (zero elsewhere) and one masked store.
+    /// `put_rows` with AVX-512: per 16-float chunk of a row, one masked load of the part
+    /// of `src` it holds (zero elsewhere) and one masked store; the masks of a chunk are
+    /// the same in every row.
     ///
     /// # Safety
-    /// The CPU supports AVX-512F; `dst` is valid for `w` floats, `src` for `len`, and
-    /// `lead + len <= w`.
+    /// The CPU supports AVX-512F; `dst` is valid for `rows` rows of `w` floats, `ds`
+    /// apart, `src` for `(rows - 1) ss + len`, and `lead + len <= w`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn put_row_avx512(
+    pub(super) unsafe fn put_rows_avx512(
         dst: *mut f32,
         w: usize,
+        rows: usize,
         lead: usize,
         src: *const f32,
+        ss: usize,
         len: usize,
     ) {
         let bits = |n: usize| if n >= 16 { 0xffffu16 } else { (1u16 << n) - 1 };
@@ -975,25 +1012,35 @@ mod x86 {
             let lo = lead.saturating_sub(c0);
             let hi = (lead + len).saturating_sub(c0);
             let load = bits(hi) & !bits(lo);
-            // SAFETY: masked-off lanes are not accessed; enabled load lanes index
-            // `src[0..len]`, enabled store lanes `dst[0..w]` (the caller's contract).
-            unsafe {
-                let v = _mm512_maskz_loadu_ps(load, src.wrapping_add(c0).wrapping_sub(lead));
-                _mm512_mask_storeu_ps(dst.add(c0), store, v);
+            let (mut d, mut s) = (
+                dst.wrapping_add(c0),
+                src.wrapping_add(c0).wrapping_sub(lead),
+            );
+            for _ in 0..rows {
+                // SAFETY: masked-off lanes are not accessed; enabled load lanes index
+                // `src[i ss..i ss + len]`, enabled store lanes row `i` of `dst`.
+                unsafe {
+                    let v = _mm512_maskz_loadu_ps(load, s);
+                    _mm512_mask_storeu_ps(d, store, v);
+                }
+                d = d.wrapping_add(w);
+                s = s.wrapping_add(ss);
             }
         }
     }
 
-    /// `put_row` with AVX2 (8-float chunks, `vmaskmovps`).
+    /// `put_rows` with AVX2 (8-float chunks, `vmaskmovps`).
     ///
     /// # Safety
-    /// The CPU supports AVX2; as [`put_row_avx512`].
+    /// The CPU supports AVX2; as [`put_rows_avx512`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn put_row_avx2(
+    pub(super) unsafe fn put_rows_avx2(
         dst: *mut f32,
         w: usize,
+        rows: usize,
         lead: usize,
         src: *const f32,
+        ss: usize,
         len: usize,
     ) {
         let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -1003,12 +1050,20 @@ mod x86 {
             let store = below(w - c0);
             let lo = below(lead.saturating_sub(c0));
             let hi = below((lead + len).saturating_sub(c0));
-            // SAFETY: as in the AVX-512 version: `vmaskmovps` does not access masked-off
-            // lanes.
-            unsafe {
-                let load = _mm256_andnot_si256(lo, hi);
-                let v = _mm256_maskload_ps(src.wrapping_add(c0).wrapping_sub(lead), load);
-                _mm256_maskstore_ps(dst.add(c0), store, v);
+            let load = _mm256_andnot_si256(lo, hi);
+            let (mut d, mut s) = (
+                dst.wrapping_add(c0),
+                src.wrapping_add(c0).wrapping_sub(lead),
+            );
+            for _ in 0..rows {
+                // SAFETY: as in the AVX-512 version: `vmaskmovps` does not access
+                // masked-off lanes.
+                unsafe {
+                    let v = _mm256_maskload_ps(s, load);
+                    _mm256_maskstore_ps(d, store, v);
+                }
+                d = d.wrapping_add(w);
+                s = s.wrapping_add(ss);
             }
         }
     }
@@ -1347,6 +1402,29 @@ mod tests {
                         assert!(dst[w].is_nan(), "{isa:?} w {w}: wrote past the row");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn put_rows_writes_every_row_at_its_stride() {
+        for isa in available() {
+            for (ds, lead, len, ss, rows) in
+                [(30, 1, 28, 28, 30), (9, 0, 7, 9, 7), (40, 3, 33, 50, 4)]
+            {
+                let src: Vec<f32> = (0..(rows - 1) * ss + len).map(|i| i as f32 + 1.0).collect();
+                let mut dst = vec![f32::NAN; rows * ds + 1];
+                put_rows(isa, &mut dst[..rows * ds], ds, lead, &src, ss, len);
+                for r in 0..rows {
+                    let mut want = vec![0.0; ds];
+                    want[lead..lead + len].copy_from_slice(&src[r * ss..r * ss + len]);
+                    assert_eq!(
+                        &dst[r * ds..(r + 1) * ds],
+                        &want[..],
+                        "{isa:?} row {r} of {ds}"
+                    );
+                }
+                assert!(dst[rows * ds].is_nan(), "{isa:?}: wrote past the rows");
             }
         }
     }
