@@ -236,11 +236,8 @@ impl Planes {
                         put_rows(isa, rows, self.wq, b_lo, src, s.w, b_hi - b_lo);
                         continue;
                     }
-                    for (a, dst) in rows.chunks_exact_mut(self.wq).enumerate() {
-                        let iy = iy0 + a * st;
-                        let row = &xc[iy * s.w..(iy + 1) * s.w];
-                        put_strided(isa, dst, b_lo, &row[x0..], st, b_hi - b_lo);
-                    }
+                    let src = &xc[iy0 * s.w + x0..];
+                    put_strided(isa, rows, self.wq, b_lo, src, st * s.w, st, b_hi - b_lo);
                 }
             }
         }
@@ -368,6 +365,36 @@ impl DyPad {
             let rows = &mut dst[self.ty * self.wd..(self.ty + s.ho) * self.wd];
             put_rows(isa, rows, self.wd, self.tx, src, s.wo, s.wo);
         }
+    }
+}
+
+/// A zeroed f32 buffer whose first element is 64-byte aligned (one cache line, one
+/// AVX-512 vector): the kernels' rows are whole vectors, so their stores and the dy loads
+/// of kernel B do not split cache lines.
+struct Scratch {
+    v: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl Scratch {
+    fn zeroed(len: usize) -> Scratch {
+        let v = vec![0.0f32; len + 15];
+        let off = v.as_ptr().align_offset(64).min(15);
+        Scratch { v, off, len }
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.v[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.v[self.off..self.off + self.len]
     }
 }
 
@@ -544,35 +571,63 @@ fn put_rows(isa: Isa, dst: &mut [f32], ds: usize, lead: usize, src: &[f32], ss: 
     unreachable!("no direct convolution ISA off x86-64");
 }
 
-/// `dst = [0; lead] ++ [src[0], src[st], .., src[(count - 1) st]] ++ [0; ..]`: the
-/// phase planes of a strided convolution take every `st`-th input column. Vector loads
-/// and permutes for stride 2 with AVX-512, a scalar loop otherwise.
-fn put_strided(isa: Isa, dst: &mut [f32], lead: usize, src: &[f32], st: usize, count: usize) {
+/// Row `i` of `dst` (rows `ds` apart, each `ds` long) becomes `[0; lead] ++ [s[0],
+/// s[st], .., s[(count - 1) st]] ++ [0; ..]` with `s = src[i ss..]`: the phase planes of a
+/// strided convolution take every `st`-th input column. Vector loads and permutes for
+/// stride 2 with AVX-512 (the masks computed once for all rows), a scalar loop otherwise.
+#[allow(clippy::too_many_arguments)]
+fn put_strided(
+    isa: Isa,
+    dst: &mut [f32],
+    ds: usize,
+    lead: usize,
+    src: &[f32],
+    ss: usize,
+    st: usize,
+    count: usize,
+) {
     assert!(
-        lead.checked_add(count).is_some_and(|e| e <= dst.len()),
-        "put_strided: {lead} + {count} > {}",
+        ds > 0 && dst.len().is_multiple_of(ds),
+        "put_strided: {} is not whole rows of {ds}",
         dst.len()
     );
+    let rows = dst.len() / ds;
     assert!(
-        count == 0 || (count - 1).checked_mul(st).is_some_and(|e| e < src.len()),
-        "put_strided: {count} columns {st} apart overrun {}",
+        lead.checked_add(count).is_some_and(|e| e <= ds),
+        "put_strided: {lead} + {count} > {ds}"
+    );
+    // One past the last element read.
+    let end = (count.max(1) - 1)
+        .checked_mul(st)
+        .and_then(|e| e.checked_add(1))
+        .and_then(|e| {
+            (rows.max(1) - 1)
+                .checked_mul(ss)
+                .and_then(|o| o.checked_add(e))
+        });
+    assert!(
+        rows == 0 || count == 0 || end.is_some_and(|e| e <= src.len()),
+        "put_strided: {rows} rows of {count} columns {st} apart overrun {}",
         src.len()
     );
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && st == 2 {
-        // SAFETY: the asserts are the function's contract (`dst` holds `lead + count`,
-        // `src` holds `2 (count - 1) + 1`); `isa` came from run-time detection.
-        unsafe { x86::put_stride2_avx512(dst.as_mut_ptr(), dst.len(), lead, src.as_ptr(), count) };
+        // SAFETY: the asserts are the function's contract (`dst` holds `rows` rows of
+        // `ds`, `lead + count <= ds`, row `i` of `src` holds `2 (count - 1) + 1` from
+        // `i ss`); `isa` came from run-time detection.
+        unsafe {
+            x86::put_stride2_avx512(dst.as_mut_ptr(), ds, rows, lead, src.as_ptr(), ss, count)
+        };
         return;
     }
     let _ = isa;
-    dst[..lead].fill(0.0);
-    dst[lead + count..].fill(0.0);
-    for (d, &v) in dst[lead..lead + count]
-        .iter_mut()
-        .zip(src.iter().step_by(st))
-    {
-        *d = v;
+    for (i, row) in dst.chunks_exact_mut(ds).enumerate() {
+        row[..lead].fill(0.0);
+        row[lead + count..].fill(0.0);
+        let s = src[i * ss..].iter().step_by(st);
+        for (d, &v) in row[lead..lead + count].iter_mut().zip(s) {
+            *d = v;
+        }
     }
 }
 
@@ -621,8 +676,8 @@ pub(crate) fn forward(isa: Isa, s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f3
         .par_chunks_mut(g * ys)
         .zip(x[..s.n * xs].par_chunks(g * xs))
         .for_each(|(yc, xc)| {
-            let mut buf = vec![0.0f32; pl.len];
-            let mut out = vec![0.0f32; nb * rows * pl.qv];
+            let mut buf = Scratch::zeroed(pl.len);
+            let mut out = Scratch::zeroed(nb * rows * pl.qv);
             for (yn, xn) in yc.chunks_mut(ys).zip(xc.chunks(xs)) {
                 pl.fill(isa, s, xn, &mut buf);
                 kernel_a(isa, &buf, &pl.offs, &wp, nb, &mut out, pl.qv, pl.p);
@@ -689,16 +744,13 @@ pub(crate) fn backward(
         *part = vec![0.0f32; cpad * jpad];
         let c0 = ci * chunk;
         let c1 = (c0 + chunk).min(s.n);
-        let mut xbuf = vec![0.0f32; pass * pl.len];
-        let mut dybuf = vec![0.0f32; pass * sd];
-        let mut dpbuf = dp.as_ref().map(|d| vec![0.0f32; d.len]).unwrap_or_default();
-        let mut out = dp
+        let mut xbuf = Scratch::zeroed(pass * pl.len);
+        let mut dybuf = Scratch::zeroed(pass * sd);
+        let mut dpbuf = Scratch::zeroed(dp.as_ref().map_or(0, |d| d.len));
+        let out_q = dp
             .as_ref()
-            .map(|d| {
-                let q = d.phases.iter().map(|p| p.qv).max().unwrap_or(0);
-                vec![0.0f32; nbx * rows * q]
-            })
-            .unwrap_or_default();
+            .map_or(0, |d| d.phases.iter().map(|p| p.qv).max().unwrap_or(0));
+        let mut out = Scratch::zeroed(nbx * rows * out_q);
         for n0 in (c0..c1).step_by(pass) {
             let m = pass.min(c1 - n0);
             for i in 0..m {
@@ -1068,20 +1120,23 @@ mod x86 {
         }
     }
 
-    /// `put_strided` for stride 2 with AVX-512: per 16-float chunk of `dst`, two masked
-    /// loads of the 32 `src` floats it draws from (zero outside `src`), one two-source
-    /// permute that keeps the even ones, and one masked store. (A gather is several times
-    /// slower on the CPUs measured.)
+    /// `put_strided` for stride 2 with AVX-512: per 16-float chunk of a row, two masked
+    /// loads of the 32 `src` floats it draws from (zero outside the row's `src`), one
+    /// two-source permute that keeps the even ones, and one masked store; the masks of a
+    /// chunk are the same in every row. (A gather is several times slower on the CPUs
+    /// measured.)
     ///
     /// # Safety
-    /// The CPU supports AVX-512F; `dst` is valid for `w` floats, `src` for
-    /// `2 (count - 1) + 1`, `lead + count <= w`.
+    /// The CPU supports AVX-512F; `dst` is valid for `rows` rows of `w` floats, `w` apart,
+    /// row `i` of `src` for `2 (count - 1) + 1` floats from `i ss`, `lead + count <= w`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn put_stride2_avx512(
         dst: *mut f32,
         w: usize,
+        rows: usize,
         lead: usize,
         src: *const f32,
+        ss: usize,
         count: usize,
     ) {
         let bits = |n: usize| if n >= 16 { 0xffffu16 } else { (1u16 << n) - 1 };
@@ -1101,13 +1156,19 @@ mod x86 {
             // Lane i takes src[2 (c0 + i - lead)]: the two loads start at that index of
             // lane 0 (possibly outside `src`; only in-range lanes are read).
             let base = 2 * (c0 as isize - lead as isize);
-            // SAFETY: masked-off lanes are not accessed: load lanes index `src[0..n]`,
-            // store lanes `dst[0..w]`.
-            unsafe {
-                let a = _mm512_maskz_loadu_ps(in_src(base), src.wrapping_offset(base));
-                let b = _mm512_maskz_loadu_ps(in_src(base + 16), src.wrapping_offset(base + 16));
-                let v = _mm512_maskz_mov_ps(keep, _mm512_permutex2var_ps(a, even, b));
-                _mm512_mask_storeu_ps(dst.add(c0), store, v);
+            let (ma, mb) = (in_src(base), in_src(base + 16));
+            let (mut d, mut s) = (dst.wrapping_add(c0), src.wrapping_offset(base));
+            for _ in 0..rows {
+                // SAFETY: masked-off lanes are not accessed: load lanes index the row's
+                // `src[0..n]`, store lanes row `i` of `dst`.
+                unsafe {
+                    let a = _mm512_maskz_loadu_ps(ma, s);
+                    let b = _mm512_maskz_loadu_ps(mb, s.wrapping_add(16));
+                    let v = _mm512_maskz_mov_ps(keep, _mm512_permutex2var_ps(a, even, b));
+                    _mm512_mask_storeu_ps(d, store, v);
+                }
+                d = d.wrapping_add(w);
+                s = s.wrapping_add(ss);
             }
         }
     }
@@ -1442,7 +1503,9 @@ mod tests {
                             let n = if count == 0 { 0 } else { (count - 1) * st + 1 };
                             let src: Vec<f32> = (0..n).map(|i| i as f32 + 1.0).collect();
                             let mut dst = vec![f32::NAN; w + 1];
-                            put_strided(isa, &mut dst[..w], lead, &src, st, count);
+                            if w > 0 {
+                                put_strided(isa, &mut dst[..w], w, lead, &src, 0, st, count);
+                            }
                             let mut want = vec![0.0; w];
                             for b in 0..count {
                                 want[lead + b] = src[b * st];
@@ -1450,6 +1513,24 @@ mod tests {
                             let at = format!("{isa:?} st {st} w {w} lead {lead} count {count}");
                             assert_eq!(&dst[..w], &want[..], "{at}");
                             assert!(dst[w].is_nan(), "{at}: wrote past the row");
+                            // Three rows, `n + 3` apart in `src`: each row its own.
+                            if w > 0 {
+                                let ss = n + 3;
+                                let src3: Vec<f32> = (0..2 * ss + n).map(|i| i as f32).collect();
+                                let mut dst3 = vec![f32::NAN; 3 * w];
+                                put_strided(isa, &mut dst3, w, lead, &src3, ss, st, count);
+                                for r in 0..3 {
+                                    let mut want = vec![0.0; w];
+                                    for b in 0..count {
+                                        want[lead + b] = src3[r * ss + b * st];
+                                    }
+                                    assert_eq!(
+                                        &dst3[r * w..(r + 1) * w],
+                                        &want[..],
+                                        "{at} row {r}"
+                                    );
+                                }
+                            }
                             // And back: scatter the taken columns into a NaN row.
                             let mut back = vec![f32::NAN; n + 1];
                             scatter_row(isa, &mut back[..n], st, &want[lead..lead + count]);
