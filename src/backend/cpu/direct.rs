@@ -88,6 +88,13 @@ pub(crate) fn isa() -> Option<Isa> {
     })
 }
 
+/// The widest vector instruction set of this CPU, whatever `MOCO_CPU_CONV` says: the
+/// plane-wise loops of BatchNorm are compiled once per set and this picks one.
+pub(crate) fn simd_level() -> Option<Isa> {
+    static LEVEL: OnceLock<Option<Isa>> = OnceLock::new();
+    *LEVEL.get_or_init(detect)
+}
+
 /// Whether the direct path beats im2col for this shape (measured on resnet8, 2 threads,
 /// an idle AVX-512 machine, `moco bench --profile`): not for 1x1 kernels (the phase copy
 /// costs more than it saves), nor for the backward pass of maps under 14x14 (a 7x7 map is

@@ -1,5 +1,5 @@
 //! The CPU backend: direct AVX-512/AVX2 convolutions where they pay (`direct`), im2col + a
-//! tuned GEMM (`matrixmultiply`) for the rest and for f64, rayon over independent outputs,
+//! tuned GEMM (the `gemm` crate) for the rest and for f64, rayon over independent outputs,
 //! f64 accumulation for statistics.
 //!
 //! Generic over the scalar ([`Scalar`]: f32 for training, f64 for finite-difference
@@ -15,6 +15,48 @@ use std::marker::PhantomData;
 use super::{check_len, Backend, BnOffsets, BnParams, BnShape, ConvShape, LinearShape, PoolShape};
 use crate::error::Result;
 use rayon::prelude::*;
+
+/// Defines `fn $name` over `Scalar` slices whose body is compiled three times: with
+/// AVX-512, with AVX2 + FMA, and for the baseline x86-64 (or other) target, the widest the
+/// CPU has chosen at run time ([`direct::simd_level`]). The crate is built for the
+/// baseline, so without this the plane loops of BatchNorm ran two f64 lanes wide. The
+/// versions compute the same IEEE operations in the same order (Rust never contracts
+/// `a * b + c` into an FMA), so their results are identical.
+macro_rules! multiversion {
+    (
+        $(#[$m:meta])*
+        $vis:vis fn $name:ident<T: Scalar>($($a:ident: $t:ty),* $(,)?) -> $r:ty $body:block
+    ) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<T: Scalar>($($a: $t),*) -> $r {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body<T: Scalar>($($a: $t),*) -> $r $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v512<T: Scalar>($($a: $t),*) -> $r {
+                    body($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v256<T: Scalar>($($a: $t),*) -> $r {
+                    body($($a),*)
+                }
+                match $crate::backend::cpu::direct::simd_level() {
+                    // SAFETY: simd_level detected AVX-512F on this CPU at run time.
+                    Some($crate::backend::cpu::direct::Isa::Avx512) => return unsafe { v512($($a),*) },
+                    // SAFETY: simd_level detected AVX2 and FMA on this CPU at run time.
+                    Some($crate::backend::cpu::direct::Isa::Avx2) => return unsafe { v256($($a),*) },
+                    None => {}
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
 
 mod conv;
 mod direct;

@@ -42,13 +42,22 @@ impl<T: Scalar> Cpu<T> {
         // memory once.
         let plane = |n: usize, ch: usize| &x[(n * c + ch) * hw..(n * c + ch + 1) * hw];
         let stats = per_group_channel(s, y, |b, ch, ys| {
-            let sum: f64 = (b..s.n).step_by(g).map(|n| plane_sum(plane(n, ch))).sum();
-            let mu = sum / m;
-            let sq: f64 = (b..s.n)
-                .step_by(g)
-                .map(|n| plane_sq(plane(n, ch), mu))
-                .sum();
-            let var = sq / m;
+            // One pass: sums of x - k and (x - k)^2 around k, the group's first value.
+            // Shifted by a value of the data, the variance sq / m - (s1 / m)^2 loses
+            // about (mean - k)^2 / var ulps of f64 to cancellation, nothing at f32
+            // scale, where the unshifted sums would lose mean^2 / var.
+            let k = x.get(b * c * hw + ch * hw).map_or(0.0, |v| v.to_f64());
+            let (mut s1, mut sq) = (0.0f64, 0.0f64);
+            for n in (b..s.n).step_by(g) {
+                let (a, q) = plane_sums(plane(n, ch), k);
+                s1 += a;
+                sq += q;
+            }
+            let d = s1 / m;
+            let mu = k + d;
+            let var = sq / m - d * d;
+            // Rounding can take a constant group's variance below zero; NaN stays NaN.
+            let var = if var < 0.0 { 0.0 } else { var };
             // y = (x - mean) scale + beta: centering first keeps the precision of values
             // near the mean (x scale + shift would cancel there).
             let mu_t = T::from_f64(mu);
@@ -58,7 +67,7 @@ impl<T: Scalar> Cpu<T> {
             for (yp, n) in ys.iter_mut().zip((b..s.n).step_by(g)) {
                 let p = n * c + ch;
                 let res = residual.map(|r| &r[p * hw..(p + 1) * hw]);
-                epilogue(yp, plane(n, ch), res, relu, |xv| (xv - mu_t) * scale + beta);
+                epilogue(yp, plane(n, ch), res, relu, mu_t, scale, beta);
             }
             (mu, var)
         });
@@ -168,20 +177,8 @@ impl<T: Scalar> Cpu<T> {
             let a = T::from_f64(a);
             for (dxp, n) in dxs.iter_mut().zip((b..s.n).step_by(g)) {
                 let r = plane(n, ch);
-                let (xp, dyp) = (&x[r.clone()], &dy[r.clone()]);
-                match relu_out {
-                    Some(ro) => {
-                        for (((d, &xv), &dv), &rv) in dxp.iter_mut().zip(xp).zip(dyp).zip(&ro[r]) {
-                            let dv = if rv > T::ZERO { dv } else { T::ZERO };
-                            *d = a * dv + c0 + kk * (xv - mu_t);
-                        }
-                    }
-                    None => {
-                        for ((d, &xv), &dv) in dxp.iter_mut().zip(xp).zip(dyp) {
-                            *d = a * dv + c0 + kk * (xv - mu_t);
-                        }
-                    }
-                }
+                let ro = relu_out.map(|ro| &ro[r.clone()]);
+                plane_dx(dxp, &x[r.clone()], &dy[r], ro, [a, c0, kk, mu_t]);
             }
             (sdy, sdx)
         });
@@ -321,6 +318,7 @@ fn reduce_lanes(a: [f64; LANES]) -> f64 {
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
+multiversion! {
 /// Sum of a plane in f64.
 pub(super) fn plane_sum<T: Scalar>(p: &[T]) -> f64 {
     let mut acc = [0.0f64; LANES];
@@ -332,42 +330,54 @@ pub(super) fn plane_sum<T: Scalar>(p: &[T]) -> f64 {
     }
     reduce_lanes(acc) + it.remainder().iter().map(|v| v.to_f64()).sum::<f64>()
 }
-
-/// Sum of `(x - mu)^2` over a plane in f64.
-fn plane_sq<T: Scalar>(p: &[T], mu: f64) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut it = p.chunks_exact(LANES);
-    for ch in &mut it {
-        for (a, &v) in acc.iter_mut().zip(ch) {
-            let d = v.to_f64() - mu;
-            *a += d * d;
-        }
-    }
-    let tail: f64 = it
-        .remainder()
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mu;
-            d * d
-        })
-        .sum();
-    reduce_lanes(acc) + tail
 }
 
+multiversion! {
+/// `(sum (x - k), sum (x - k)^2)` over a plane in f64 (the lanes of [`plane_sum`]).
+fn plane_sums<T: Scalar>(p: &[T], k: f64) -> (f64, f64) {
+    let (mut a1, mut a2) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let mut it = p.chunks_exact(LANES);
+    for ch in &mut it {
+        for l in 0..LANES {
+            let d = ch[l].to_f64() - k;
+            a1[l] += d;
+            a2[l] += d * d;
+        }
+    }
+    let (mut t1, mut t2) = (0.0f64, 0.0f64);
+    for v in it.remainder() {
+        let d = v.to_f64() - k;
+        t1 += d;
+        t2 += d * d;
+    }
+    (reduce_lanes(a1) + t1, reduce_lanes(a2) + t2)
+}
+}
+
+multiversion! {
 /// `(sum dy, sum dy (x - mu))` over a plane in f64, `dy` masked by `relu_out > 0` if given.
 /// Lane `l` of the accumulators takes the elements `l mod LANES` (as `plane_sum`); the
 /// loops run over exact chunks so that they vectorize.
 fn plane_dy_dx<T: Scalar>(x: &[T], dy: &[T], relu_out: Option<&[T]>, mu: f64) -> (f64, f64) {
     let (mut sdy, mut sdx) = ([0.0f64; LANES], [0.0f64; LANES]);
-    let mut tail = (0.0f64, 0.0f64);
-    let add = |l: usize, d: f64, xv: T, acc: &mut ([f64; LANES], [f64; LANES])| {
-        acc.0[l] += d;
-        acc.1[l] += d * (xv.to_f64() - mu);
+    // One chunk of LANES: whole arrays, so that the loops compile to vector code.
+    let mut add = |xs: &[T; LANES], ds: &[T; LANES]| {
+        for l in 0..LANES {
+            let d = ds[l].to_f64();
+            sdy[l] += d;
+            sdx[l] += d * (xs[l].to_f64() - mu);
+        }
     };
     let full = x.len() / LANES * LANES;
     let (xc, xt) = x.split_at(full);
     let (dc, dt) = dy[..x.len()].split_at(full);
-    let mut acc = (sdy, sdx);
+    let mask = |d: T, r: T| if r > T::ZERO { d } else { T::ZERO };
+    let (mut ty, mut tx) = (0.0f64, 0.0f64);
+    let mut tail = |xv: T, d: T| {
+        let d = d.to_f64();
+        ty += d;
+        tx += d * (xv.to_f64() - mu);
+    };
     match relu_out {
         Some(r) => {
             let (rc, rt) = r[..x.len()].split_at(full);
@@ -376,36 +386,41 @@ fn plane_dy_dx<T: Scalar>(x: &[T], dy: &[T], relu_out: Option<&[T]>, mu: f64) ->
                 .zip(dc.chunks_exact(LANES))
                 .zip(rc.chunks_exact(LANES))
             {
+                let mut dm = [T::ZERO; LANES];
                 for l in 0..LANES {
-                    let d = if rs[l] > T::ZERO { ds[l] } else { T::ZERO };
-                    add(l, d.to_f64(), xs[l], &mut acc);
+                    dm[l] = mask(ds[l], rs[l]);
                 }
+                add(xs.try_into().expect("LANES"), &dm);
             }
             for ((&xv, &d), &rv) in xt.iter().zip(dt).zip(rt) {
-                let d = if rv > T::ZERO { d } else { T::ZERO }.to_f64();
-                tail.0 += d;
-                tail.1 += d * (xv.to_f64() - mu);
+                tail(xv, mask(d, rv));
             }
         }
         None => {
             for (xs, ds) in xc.chunks_exact(LANES).zip(dc.chunks_exact(LANES)) {
-                for l in 0..LANES {
-                    add(l, ds[l].to_f64(), xs[l], &mut acc);
-                }
+                add(xs.try_into().expect("LANES"), ds.try_into().expect("LANES"));
             }
             for (&xv, &d) in xt.iter().zip(dt) {
-                let d = d.to_f64();
-                tail.0 += d;
-                tail.1 += d * (xv.to_f64() - mu);
+                tail(xv, d);
             }
         }
     }
-    (sdy, sdx) = acc;
-    (reduce_lanes(sdy) + tail.0, reduce_lanes(sdx) + tail.1)
+    (reduce_lanes(sdy) + ty, reduce_lanes(sdx) + tx)
+}
 }
 
-/// `y = f(x) (+ residual)`, then `max(., 0)` if `relu` (NaN propagates), over one plane.
-fn epilogue<T: Scalar>(y: &mut [T], x: &[T], res: Option<&[T]>, relu: bool, f: impl Fn(T) -> T) {
+multiversion! {
+/// `y = (x - mu) scale + beta (+ residual)`, then `max(., 0)` if `relu` (NaN propagates),
+/// over one plane.
+fn epilogue<T: Scalar>(
+    y: &mut [T],
+    x: &[T],
+    res: Option<&[T]>,
+    relu: bool,
+    mu: T,
+    scale: T,
+    beta: T,
+) -> () {
     let act = |v: T| {
         // `!(v <= 0)` keeps NaN, as PyTorch's ReLU.
         if relu && v <= T::ZERO {
@@ -414,6 +429,7 @@ fn epilogue<T: Scalar>(y: &mut [T], x: &[T], res: Option<&[T]>, relu: bool, f: i
             v
         }
     };
+    let f = |xv: T| (xv - mu) * scale + beta;
     match res {
         Some(r) => {
             for ((yv, &xv), &rv) in y.iter_mut().zip(x).zip(r) {
@@ -426,4 +442,26 @@ fn epilogue<T: Scalar>(y: &mut [T], x: &[T], res: Option<&[T]>, relu: bool, f: i
             }
         }
     }
+}
+}
+
+multiversion! {
+/// `dx = a dy' + c0 + kk (x - mu)` over one plane, `[a, c0, kk, mu] = k`, `dy'` being `dy`
+/// masked by `relu_out > 0` when given (the backward of BatchNorm + ReLU).
+fn plane_dx<T: Scalar>(dx: &mut [T], x: &[T], dy: &[T], relu_out: Option<&[T]>, k: [T; 4]) -> () {
+    let [a, c0, kk, mu] = k;
+    match relu_out {
+        Some(ro) => {
+            for (((d, &xv), &dv), &rv) in dx.iter_mut().zip(x).zip(dy).zip(ro) {
+                let dv = if rv > T::ZERO { dv } else { T::ZERO };
+                *d = a * dv + c0 + kk * (xv - mu);
+            }
+        }
+        None => {
+            for ((d, &xv), &dv) in dx.iter_mut().zip(x).zip(dy) {
+                *d = a * dv + c0 + kk * (xv - mu);
+            }
+        }
+    }
+}
 }
