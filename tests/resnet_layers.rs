@@ -216,6 +216,60 @@ fn batchnorm_train_forward_and_running_stats_match_reference() {
     }
 }
 
+/// Statistics of data far from zero: a mean 1e8 (f64) or 1e3 (f32) standard deviations
+/// away. Sums of x and x^2 in one pass would lose the variance to cancellation (about
+/// 1e16 / 1 ulps of f64); the batch variance must still match the two-pass reference.
+#[test]
+fn batchnorm_statistics_survive_a_large_mean() {
+    fn check<T: moco::backend::Scalar>(offset: f64, tol: f64) {
+        let be = Cpu::<T>::new();
+        let s = BnShape::new(16, 3, 25, 4, true).unwrap();
+        let xf: Vec<f64> = normal(s.len(), 5)
+            .iter()
+            .map(|&v| offset + v as f64)
+            .collect();
+        let x: Vec<T> = xf.iter().map(|&v| T::from_f64(v)).collect();
+        // The reference on the values as the backend holds them.
+        let xr: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+        let (params, off, running0) = bn_setup(3, 11);
+        let params: Vec<T> = params.iter().map(|&v| T::from_f64(v as f64)).collect();
+        let mut running: Vec<T> = running0.iter().map(|&v| T::from_f64(v as f64)).collect();
+        let mut y = vec![T::from_f64(f64::NAN); s.len()];
+        let (mut mean, mut invstd) = (vec![T::ZERO; 12], vec![T::ZERO; 12]);
+        be.bn_forward_train(
+            &s,
+            BnParams::default(),
+            &x,
+            &params,
+            off,
+            &mut running,
+            &mut y,
+            &mut mean,
+            &mut invstd,
+        )
+        .unwrap();
+        let p: Vec<f64> = params.iter().map(|v| v.to_f64()).collect();
+        let (_, mr, vr) = r::batchnorm_train(&s, &xr, &p[1..4], &p[4..], 1e-5);
+        for i in 0..12 {
+            let want = 1.0 / (vr[i] + 1e-5).sqrt();
+            let got = invstd[i].to_f64();
+            assert!(
+                (got - want).abs() <= tol * want,
+                "{} offset {offset}: invstd[{i}] {got}, the two-pass reference {want}",
+                T::NAME
+            );
+            let m = mean[i].to_f64();
+            assert!(
+                (m - mr[i]).abs() <= tol * mr[i].abs(),
+                "mean[{i}] {m} vs {}",
+                mr[i]
+            );
+        }
+    }
+    check::<f64>(1e8, 1e-9);
+    check::<f32>(1e3, 1e-5);
+}
+
 #[test]
 fn batchnorm_split_groups_are_interleaved_like_pytorch() {
     // PyTorch's split BN views N x C as (N/G) x (G C): sample n is in group n % G.
