@@ -23,6 +23,26 @@
 //! ```
 #![warn(missing_docs)]
 
+/// Serde for the named choices of a config (architecture, data set, augmentation, ...): as
+/// the strings their `Display` writes and `FromStr` reads, so config files and the
+/// `config.json` of a checkpoint hold the names a user types, and a wrong one is the
+/// `FromStr` error.
+macro_rules! serde_via_str {
+    ($($t:ty),* $(,)?) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+
 pub mod backend;
 pub mod cuda;
 pub mod data;

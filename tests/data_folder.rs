@@ -224,30 +224,31 @@ fn bad_images_skip_reports_each_and_loads_the_rest() {
 /// and a config.json without the field (written before it existed) still loads.
 #[test]
 fn bad_images_config_field() {
+    use moco::data::folder::BadImages;
     let c = moco::train::TrainConfig::default();
-    assert_eq!(c.bad_images, "error");
+    assert_eq!(c.bad_images, BadImages::Error);
     let skip = moco::train::TrainConfig {
-        bad_images: "skip".into(),
+        bad_images: BadImages::Skip,
         ..c.clone()
     };
     skip.validate().unwrap();
-    let bad = moco::train::TrainConfig {
-        bad_images: "sometimes".into(),
-        ..c
-    };
-    let e = bad.validate().unwrap_err().to_string();
+    let e = "sometimes".parse::<BadImages>().unwrap_err().to_string();
     assert!(e.contains("--bad-images"), "{e}");
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
+    // A config file with a value no variant has names the key's flag.
+    std::fs::write(&p, "bad_images = \"sometimes\"\n").unwrap();
+    let e = moco::train::TrainConfig::load(&p).unwrap_err().to_string();
+    assert!(e.contains("--bad-images") && e.contains("sometimes"), "{e}");
     std::fs::write(&p, "bad_images = \"skip\"\nepochs = 2\n").unwrap();
     assert_eq!(
         moco::train::TrainConfig::load(&p).unwrap().bad_images,
-        "skip"
+        BadImages::Skip
     );
     std::fs::write(&p, "epochs = 2\n").unwrap();
     assert_eq!(
         moco::train::TrainConfig::load(&p).unwrap().bad_images,
-        "error"
+        BadImages::Error
     );
 }
 

@@ -214,9 +214,9 @@ fn write_idx(dir: &Path, prefix: &str, dims: &[u32], labels: &[u8]) {
 /// A small CPU run on the IDX files of `dir`.
 fn idx_run(dir: &Path) -> moco::Result<moco::train::Trainer<moco::backend::Cpu>> {
     let cfg = moco::train::TrainConfig {
-        dataset: "idx".into(),
+        dataset: moco::data::DatasetKind::Idx,
         data: Some(dir.to_path_buf()),
-        arch: "resnet8".into(),
+        arch: moco::model::Arch::Resnet8,
         dim: 8,
         batch_size: 4,
         bn_splits: 1,

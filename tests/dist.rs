@@ -106,7 +106,7 @@ fn ranks_out_of_step_or_of_different_lengths_are_refused() {
 
 fn cfg(symmetric: bool, world: usize) -> TrainConfig {
     TrainConfig {
-        arch: "resnet8".into(),
+        arch: moco::model::Arch::Resnet8,
         image_size: 8,
         batch_size: 8,
         moco_k: 28, // not a multiple of the global batch: the enqueue wraps mid-step
@@ -446,7 +446,7 @@ fn rendezvous_ignores_strangers_and_refuses_bad_environments() {
 
 fn tiny_run(bn_splits: usize) -> TrainConfig {
     TrainConfig {
-        arch: "resnet8".into(),
+        arch: moco::model::Arch::Resnet8,
         image_size: 16,
         train_limit: 96,
         test_limit: 40, // not a multiple of the feature pass's 256 nor of the ranks
@@ -528,7 +528,7 @@ fn distributed_trainer_refuses_what_does_not_split() {
 
 fn gpu_cfg(bn_splits: usize) -> TrainConfig {
     TrainConfig {
-        arch: "resnet8".into(),
+        arch: moco::model::Arch::Resnet8,
         image_size: 16,
         batch_size: 16,
         moco_k: 40,

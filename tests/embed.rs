@@ -12,7 +12,7 @@ use moco::train::{Moco, TrainConfig, Trainer};
 
 fn cfg(symmetric: bool) -> TrainConfig {
     TrainConfig {
-        arch: "resnet8".into(),
+        arch: moco::model::Arch::Resnet8,
         image_size: 8,
         batch_size: 6,
         moco_k: 20, // not a multiple of the batch: the enqueue wraps
@@ -40,7 +40,7 @@ struct Manual<B: MocoBackend> {
 impl<B: MocoBackend> Manual<B> {
     fn new(c: &TrainConfig, be: B, in_ch: usize) -> Self {
         let ec = EncoderConfig {
-            arch: c.arch.parse().unwrap(),
+            arch: c.arch,
             in_channels: in_ch,
             dim: c.dim,
             mlp: c.mlp,

@@ -7,7 +7,7 @@ use moco::train::{TrainConfig, Trainer};
 
 fn tiny() -> TrainConfig {
     TrainConfig {
-        arch: "resnet8".into(),
+        arch: moco::model::Arch::Resnet8,
         image_size: 16,
         train_limit: 96,
         test_limit: 48,
@@ -152,13 +152,6 @@ fn bad_configs_are_errors() {
     );
     check(
         TrainConfig {
-            arch: "vgg".into(),
-            ..tiny()
-        },
-        "vgg",
-    );
-    check(
-        TrainConfig {
             device: "tpu".into(),
             ..tiny()
         },
@@ -183,6 +176,27 @@ fn bad_configs_are_errors() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("fewer than one batch"), "{e}");
+    // Named choices are typed: a wrong name is refused when the config is read, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    for (key, value) in [
+        ("arch", "vgg"),
+        ("dataset", "imagenet21k"),
+        ("augment", "v3"),
+        ("schedule", "linear"),
+        ("infonce", "fastest"),
+    ] {
+        let p = dir.path().join(format!("{key}.toml"));
+        std::fs::write(&p, format!("{key} = \"{value}\"\n")).unwrap();
+        let e = TrainConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains(value), "{key}: {e:?} should mention {value:?}");
+    }
+    // And the names round-trip through config.json.
+    let c = TrainConfig::preset("v1").unwrap();
+    c.save(dir.path()).unwrap();
+    assert_eq!(
+        TrainConfig::load(&dir.path().join("config.json")).unwrap(),
+        c
+    );
 }
 
 #[test]

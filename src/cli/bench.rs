@@ -12,7 +12,7 @@ use super::Job;
 pub struct BenchArgs {
     /// Backbone. [resnet18-cifar]
     #[arg(long, default_value = "resnet18-cifar")]
-    pub arch: String,
+    pub arch: moco::model::Arch,
     /// Images per step. [256]
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
@@ -42,7 +42,7 @@ pub struct BenchArgs {
     pub workers: usize,
     /// InfoNCE implementation on the GPU: fused, unfused. [fused]
     #[arg(long, default_value = "fused")]
-    pub infonce: String,
+    pub infonce: moco::ops::InfoNceImpl,
     /// Print the time share of every CPU-backend operation over the timed steps (to
     /// stderr; the CPU backend only).
     #[arg(long)]
@@ -149,13 +149,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     super::set_threads(a.threads)?;
     let mut cfg = TrainConfig::preset("cifar")?;
-    cfg.arch = a.arch.clone();
+    cfg.arch = a.arch;
     cfg.batch_size = a.batch_size;
     cfg.image_size = a.image_size;
     cfg.moco_k = a.moco_k;
     cfg.mlp = a.mlp;
     cfg.workers = a.workers;
-    cfg.infonce = a.infonce.clone();
+    cfg.infonce = a.infonce;
     cfg.bn_splits = if a.batch_size.is_multiple_of(8) { 8 } else { 1 };
     cfg.epochs = 1;
     cfg.device = a.device.clone();

@@ -29,7 +29,7 @@ pub struct TrainArgs {
     /// Data set: synthetic (built in), idx (MNIST/Fashion-MNIST/KMNIST), cifar10, cifar100,
     /// folder (one subfolder per class). [preset: synthetic]
     #[arg(long)]
-    pub dataset: Option<String>,
+    pub dataset: Option<moco::data::DatasetKind>,
     /// Directory holding the data set's files.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -44,7 +44,7 @@ pub struct TrainArgs {
     pub test_limit: Option<usize>,
     /// Backbone: resnet8, resnet20, resnet18-cifar, resnet18, resnet50. [demo: resnet8]
     #[arg(long)]
-    pub arch: Option<String>,
+    pub arch: Option<moco::model::Arch>,
     /// MoCo v2 MLP head. [demo: on]
     #[arg(long, conflicts_with = "no_mlp")]
     pub mlp: bool,
@@ -56,7 +56,7 @@ pub struct TrainArgs {
     pub dim: Option<usize>,
     /// Augmentation: v1, v2 (with blur), cifar (v2 without blur). [demo: cifar]
     #[arg(long)]
-    pub augment: Option<String>,
+    pub augment: Option<moco::data::augment::Preset>,
     /// Smallest area fraction of the random crop, in (0, 1] (torchvision's
     /// RandomResizedCrop scale=(MIN, 1)). [augmentation's: v1/v2 0.2, cifar 0.08]
     #[arg(long, value_name = "MIN")]
@@ -72,7 +72,7 @@ pub struct TrainArgs {
     pub lr: Option<f64>,
     /// Learning-rate decay: cosine, step, constant. [v1: step, others cosine]
     #[arg(long)]
-    pub schedule: Option<String>,
+    pub schedule: Option<moco::train::Schedule>,
     /// Linear warmup epochs. [0]
     #[arg(long)]
     pub warmup_epochs: Option<usize>,
@@ -111,11 +111,11 @@ pub struct TrainArgs {
     pub knn_every: Option<usize>,
     /// InfoNCE on the GPU: fused (default) or unfused (cuBLAS).
     #[arg(long)]
-    pub infonce: Option<String>,
+    pub infonce: Option<moco::ops::InfoNceImpl>,
     /// Image folders: what to do with an image that cannot be decoded: error (stop, naming
     /// it) or skip (leave it out, report each and the count). [error]
     #[arg(long, value_name = "error|skip")]
-    pub bad_images: Option<String>,
+    pub bad_images: Option<moco::data::folder::BadImages>,
     /// Run directory (config, metrics.jsonl, plot, checkpoint). [runs/run-<unix time>]
     #[arg(long)]
     pub out: Option<PathBuf>,

@@ -121,6 +121,19 @@ pub enum Preset {
     Eval,
 }
 
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Preset::V1 => "v1",
+            Preset::V2 => "v2",
+            Preset::Cifar => "cifar",
+            Preset::Eval => "eval",
+        })
+    }
+}
+
+serde_via_str!(Preset);
+
 impl FromStr for Preset {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

@@ -95,6 +95,8 @@ impl std::str::FromStr for BadImages {
     }
 }
 
+serde_via_str!(BadImages);
+
 impl std::fmt::Display for BadImages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

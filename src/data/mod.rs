@@ -285,6 +285,8 @@ impl FromStr for DatasetKind {
     }
 }
 
+serde_via_str!(DatasetKind);
+
 impl std::fmt::Display for DatasetKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

@@ -96,6 +96,8 @@ impl Arch {
     }
 }
 
+serde_via_str!(Arch);
+
 impl fmt::Display for Arch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

@@ -634,6 +634,17 @@ pub enum InfoNceImpl {
     Unfused,
 }
 
+impl std::fmt::Display for InfoNceImpl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InfoNceImpl::Fused => "fused",
+            InfoNceImpl::Unfused => "unfused",
+        })
+    }
+}
+
+serde_via_str!(InfoNceImpl);
+
 impl std::str::FromStr for InfoNceImpl {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

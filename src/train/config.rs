@@ -3,7 +3,49 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::augment::Preset;
+use crate::data::folder::BadImages;
+use crate::data::DatasetKind;
 use crate::error::{Error, Result};
+use crate::model::Arch;
+use crate::ops::InfoNceImpl;
+
+/// Learning-rate decay after the warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Half a cosine from the base rate to zero over the run (per epoch, as the seed).
+    Cosine,
+    /// The base rate times 0.1 at each of the `milestones`.
+    Step,
+    /// The base rate throughout.
+    Constant,
+}
+
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Schedule::Cosine => "cosine",
+            Schedule::Step => "step",
+            Schedule::Constant => "constant",
+        })
+    }
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cosine" => Ok(Schedule::Cosine),
+            "step" => Ok(Schedule::Step),
+            "constant" => Ok(Schedule::Constant),
+            _ => Err(Error::invalid(format!(
+                "--schedule must be cosine, step or constant, got {s:?}"
+            ))),
+        }
+    }
+}
+
+serde_via_str!(Schedule);
 
 /// Everything that defines a training run. Saved as `config.json` in the run directory.
 ///
@@ -12,7 +54,7 @@ use crate::error::{Error, Result};
 /// let c = TrainConfig::preset("cifar").unwrap();
 /// assert_eq!((c.moco_k, c.moco_m, c.moco_t, c.bn_splits), (4096, 0.99, 0.1, 8));
 /// let demo = TrainConfig::default(); // what `moco train` runs with no arguments
-/// assert_eq!(demo.dataset, "synthetic");
+/// assert_eq!(demo.dataset, moco::data::DatasetKind::Synthetic);
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -20,7 +62,7 @@ pub struct TrainConfig {
     /// Preset the values started from (`demo`, `v1`, `v2`, `cifar`).
     pub preset: String,
     /// Data set: `synthetic`, `idx`, `cifar10`, `cifar100`, `folder`.
-    pub dataset: String,
+    pub dataset: DatasetKind,
     /// Directory of the data set files (not needed for `synthetic`).
     pub data: Option<PathBuf>,
     /// Side of the training views (and of stored synthetic/folder images).
@@ -30,13 +72,13 @@ pub struct TrainConfig {
     /// Use only the first N test images for the kNN monitor (0 = all).
     pub test_limit: usize,
     /// Backbone: `resnet8`, `resnet20`, `resnet18-cifar`, `resnet18`, `resnet50`.
-    pub arch: String,
+    pub arch: Arch,
     /// MLP head (MoCo v2) instead of a linear one.
     pub mlp: bool,
     /// Feature dimension C of the head output.
     pub dim: usize,
     /// Augmentation: `v1`, `v2`, `cifar`.
-    pub augment: String,
+    pub augment: Preset,
     /// Smallest area fraction of the random crop (`RandomResizedCrop(scale=(min, 1))`),
     /// overriding the augmentation preset's (v1/v2 0.2, cifar 0.08). `None`: the preset's.
     pub crop_scale: Option<f64>,
@@ -47,7 +89,7 @@ pub struct TrainConfig {
     /// Base learning rate.
     pub lr: f64,
     /// Learning-rate decay: `cosine`, `step`, `constant`.
-    pub schedule: String,
+    pub schedule: Schedule,
     /// Epochs at which a `step` schedule multiplies the rate by 0.1.
     pub milestones: Vec<usize>,
     /// Linear warmup epochs.
@@ -81,10 +123,10 @@ pub struct TrainConfig {
     /// Run the kNN monitor every this many epochs (0 = never; epoch 0 and the last always).
     pub knn_every: usize,
     /// InfoNCE on the GPU: `fused` or `unfused`.
-    pub infonce: String,
+    pub infonce: InfoNceImpl,
     /// Image folders: what to do with an image that cannot be decoded: `error` (stop,
     /// naming it) or `skip` (leave it out, report each and the count).
-    pub bad_images: String,
+    pub bad_images: BadImages,
 }
 
 impl Default for TrainConfig {
@@ -93,20 +135,20 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             preset: "demo".into(),
-            dataset: "synthetic".into(),
+            dataset: DatasetKind::Synthetic,
             data: None,
             image_size: 32,
             train_limit: 0,
             test_limit: 0,
-            arch: "resnet8".into(),
+            arch: Arch::Resnet8,
             mlp: true,
             dim: 64,
-            augment: "cifar".into(),
+            augment: Preset::Cifar,
             crop_scale: None,
             epochs: 15,
             batch_size: 64,
             lr: 0.06,
-            schedule: "cosine".into(),
+            schedule: Schedule::Cosine,
             milestones: vec![],
             warmup_epochs: 0,
             sgd_momentum: 0.9,
@@ -123,8 +165,8 @@ impl Default for TrainConfig {
             knn_k: 200,
             knn_t: 0.1,
             knn_every: 1,
-            infonce: "fused".into(),
-            bad_images: "error".into(),
+            infonce: InfoNceImpl::Fused,
+            bad_images: BadImages::Error,
         }
     }
 }
@@ -162,7 +204,7 @@ impl TrainConfig {
     pub fn preset(name: &str) -> Result<TrainConfig> {
         let base = TrainConfig::default();
         let paper = TrainConfig {
-            arch: "resnet50".into(),
+            arch: Arch::Resnet50,
             image_size: 224,
             dim: 128,
             epochs: 200,
@@ -179,31 +221,31 @@ impl TrainConfig {
             "v1" => TrainConfig {
                 preset: "v1".into(),
                 mlp: false,
-                augment: "v1".into(),
+                augment: Preset::V1,
                 moco_t: 0.07,
-                schedule: "step".into(),
+                schedule: Schedule::Step,
                 milestones: vec![120, 160],
                 ..paper
             },
             "v2" => TrainConfig {
                 preset: "v2".into(),
                 mlp: true,
-                augment: "v2".into(),
+                augment: Preset::V2,
                 moco_t: 0.2,
-                schedule: "cosine".into(),
+                schedule: Schedule::Cosine,
                 ..paper
             },
             "cifar" => TrainConfig {
                 preset: "cifar".into(),
-                arch: "resnet18-cifar".into(),
+                arch: Arch::Resnet18Cifar,
                 image_size: 32,
                 mlp: false,
                 dim: 128,
-                augment: "cifar".into(),
+                augment: Preset::Cifar,
                 epochs: 200,
                 batch_size: 512,
                 lr: 0.06,
-                schedule: "cosine".into(),
+                schedule: Schedule::Cosine,
                 weight_decay: 5e-4,
                 moco_k: 4096,
                 moco_m: 0.99,
@@ -269,8 +311,6 @@ impl TrainConfig {
     /// Checks every value; the message says which flag is wrong.
     pub fn validate(&self) -> Result<()> {
         let err = |m: String| Err(Error::invalid(m));
-        self.arch.parse::<crate::model::Arch>()?;
-        self.augment.parse::<crate::data::augment::Preset>()?;
         if let Some(min) = self.crop_scale {
             if !(min.is_finite() && min > 0.0 && min <= 1.0) {
                 return err(format!(
@@ -278,8 +318,6 @@ impl TrainConfig {
                 ));
             }
         }
-        self.infonce.parse::<crate::ops::InfoNceImpl>()?;
-        self.bad_images.parse::<crate::data::folder::BadImages>()?;
         self.device_spec()?;
         if self.epochs == 0 {
             return err("--epochs must be >= 1".into());
@@ -339,12 +377,6 @@ impl TrainConfig {
                 self.bn_splits, self.batch_size
             ));
         }
-        if !["cosine", "step", "constant"].contains(&self.schedule.as_str()) {
-            return err(format!(
-                "--schedule must be cosine, step or constant, got {:?}",
-                self.schedule
-            ));
-        }
         if self.knn_k == 0 || !(self.knn_t.is_finite() && self.knn_t > 0.0) {
             return err("--knn-k must be >= 1 and --knn-t > 0".into());
         }
@@ -367,13 +399,13 @@ impl TrainConfig {
             epochs: self.epochs,
             steps_per_epoch,
             warmup_epochs: self.warmup_epochs,
-            decay: match self.schedule.as_str() {
-                "step" => Decay::Step {
+            decay: match self.schedule {
+                Schedule::Step => Decay::Step {
                     milestones: self.milestones.clone(),
                     gamma: 0.1,
                 },
-                "constant" => Decay::Constant,
-                _ => Decay::Cosine { per_step: false },
+                Schedule::Constant => Decay::Constant,
+                Schedule::Cosine => Decay::Cosine { per_step: false },
             },
         }
     }

@@ -67,7 +67,7 @@ pub fn encoder_tensors(
 ) -> Result<Vec<Tensor>> {
     let cfg = &meta.config;
     let enc_cfg = EncoderConfig {
-        arch: cfg.arch.parse()?,
+        arch: cfg.arch,
         in_channels: meta.in_channels,
         dim: cfg.dim,
         mlp: cfg.mlp,
@@ -222,7 +222,7 @@ pub fn export_run(run_dir: &Path, opts: &ExportOptions) -> Result<ExportReport> 
         tensors: enc.len(),
         queue: opts.queue.clone(),
         epoch: meta.epoch,
-        arch: meta.config.arch.clone(),
+        arch: meta.config.arch.to_string(),
         queue_shape: (meta.config.moco_k, meta.config.dim, meta.queue_ptr),
     })
 }

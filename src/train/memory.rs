@@ -159,7 +159,7 @@ pub fn estimate(
     test_images: u64,
     image_bytes: u64,
 ) -> Result<MemoryEstimate> {
-    let arch: Arch = cfg.arch.parse()?;
+    let arch: Arch = cfg.arch;
     let e = encoder_size(arch, in_channels, cfg.dim, cfg.mlp, cfg.image_size);
     let f = 4u64; // f32
     let n = cfg.batch_size as u64 * if cfg.symmetric { 2 } else { 1 };

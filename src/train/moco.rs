@@ -9,7 +9,7 @@
 //! use moco::model::InputShape;
 //! use moco::train::{Moco, TrainConfig};
 //! let cfg = TrainConfig {
-//!     arch: "resnet8".into(),
+//!     arch: moco::model::Arch::Resnet8,
 //!     dim: 16,
 //!     moco_k: 32,
 //!     batch_size: 4,
@@ -114,7 +114,7 @@ impl<B: MocoBackend> Moco<B> {
             )));
         }
         let enc_cfg = EncoderConfig {
-            arch: cfg.arch.parse()?,
+            arch: cfg.arch,
             in_channels,
             dim: cfg.dim,
             mlp: cfg.mlp,
@@ -127,7 +127,7 @@ impl<B: MocoBackend> Moco<B> {
             cfg.sgd_momentum,
             cfg.weight_decay,
         )?;
-        let imp: InfoNceImpl = cfg.infonce.parse()?;
+        let imp: InfoNceImpl = cfg.infonce;
         let head =
             MocoHead::new(be.clone(), cfg.moco_k, cfg.dim, cfg.moco_t, cfg.seed)?.with_impl(imp);
         let sched = cfg.lr_schedule(steps_per_epoch);

@@ -98,11 +98,11 @@ impl<B: MocoBackend> Trainer<B> {
     pub fn new(cfg: TrainConfig, be: B) -> Result<Self> {
         cfg.validate()?;
         let spec = DataSpec {
-            kind: cfg.dataset.parse()?,
+            kind: cfg.dataset,
             path: cfg.data.clone(),
             image_size: cfg.image_size,
             seed: cfg.seed,
-            bad_images: cfg.bad_images.parse()?,
+            bad_images: cfg.bad_images,
         };
         // Refuse a config that cannot fit before anything large is allocated: first with
         // what is known before reading the data (the synthetic set's size is), then again
@@ -157,7 +157,7 @@ impl<B: MocoBackend> Trainer<B> {
         // set (published constants for CIFAR and ImageNet-style folders, the data's own
         // otherwise).
         let (mean, std) = (train.mean.clone(), train.std.clone());
-        let preset: Preset = cfg.augment.parse()?;
+        let preset: Preset = cfg.augment;
         let mut aug = Augment::preset(preset, cfg.image_size, &mean, &std)?;
         if let Some(min) = cfg.crop_scale {
             aug = aug.with_crop_scale(min)?;
