@@ -38,6 +38,58 @@ impl Device {
     }
 }
 
+/// A device as a config or a flag names it: `auto`, `cpu`, `cuda`, `cuda:N`. `auto` stays
+/// `auto` in a saved config and is resolved ([`DeviceSpec::resolve`]) where the run starts,
+/// so a checkpoint resumes on whatever the next machine has.
+///
+/// ```
+/// use moco::{Device, DeviceSpec};
+/// assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+/// assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Is(Device::Cuda(1)));
+/// assert_eq!(DeviceSpec::Is(Device::Cpu).resolve(), Device::Cpu);
+/// assert!("tpu".parse::<DeviceSpec>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DeviceSpec {
+    /// The first usable GPU, else the CPU ([`Device::auto`]).
+    #[default]
+    Auto,
+    /// This device.
+    Is(Device),
+}
+
+impl DeviceSpec {
+    /// The device on this machine.
+    pub fn resolve(self) -> Device {
+        match self {
+            DeviceSpec::Auto => Device::auto(),
+            DeviceSpec::Is(d) => d,
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Is(d) => d.fmt(f),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            Ok(DeviceSpec::Auto)
+        } else {
+            s.parse().map(DeviceSpec::Is)
+        }
+    }
+}
+
+serde_via_str!(DeviceSpec);
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

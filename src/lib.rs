@@ -57,7 +57,7 @@ pub mod rng;
 pub mod testing;
 pub mod train;
 
-pub use device::Device;
+pub use device::{Device, DeviceSpec};
 pub use error::{Error, Result};
 pub use train::export;
 

@@ -222,7 +222,7 @@ fn idx_run(dir: &Path) -> moco::Result<moco::train::Trainer<moco::backend::Cpu>>
         bn_splits: 1,
         moco_k: 8,
         knn_k: 2,
-        device: "cpu".into(),
+        device: moco::DeviceSpec::Is(moco::Device::Cpu),
         epochs: 1,
         ..Default::default()
     };

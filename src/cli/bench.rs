@@ -27,7 +27,7 @@ pub struct BenchArgs {
     pub mlp: bool,
     /// auto, cpu, cuda, cuda:N. [auto]
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: moco::DeviceSpec,
     /// Timed steps. [20]
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -158,13 +158,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     cfg.infonce = a.infonce;
     cfg.bn_splits = if a.batch_size.is_multiple_of(8) { 8 } else { 1 };
     cfg.epochs = 1;
-    cfg.device = a.device.clone();
+    cfg.device = a.device;
     cfg.validate()?;
-    let device = if a.device == "auto" {
-        moco::Device::auto().to_string()
-    } else {
-        a.device.clone()
-    };
+    let device = a.device.resolve().to_string();
     let line = super::dispatch(
         &device,
         BenchJob {

@@ -25,7 +25,7 @@ pub struct Common {
     pub checkpoint: PathBuf,
     /// auto, cpu, cuda, cuda:N. [auto]
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: moco::DeviceSpec,
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -84,7 +84,7 @@ impl Job for EvalJob {
     fn run<B: MocoBackend>(self, be: B) -> Result<()> {
         let (meta, _) = Trainer::<B>::read_checkpoint(&self.common.checkpoint)?;
         let mut cfg = meta.config;
-        cfg.device = self.common.device.clone();
+        cfg.device = self.common.device;
         if let Some(l) = self.common.test_limit {
             cfg.test_limit = l;
         }
@@ -153,10 +153,6 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         ),
     };
     super::set_threads(common.threads)?;
-    let device = if common.device == "auto" {
-        moco::Device::auto().to_string()
-    } else {
-        common.device.clone()
-    };
+    let device = common.device.resolve().to_string();
     super::dispatch(&device, EvalJob { common, what })
 }

@@ -99,7 +99,7 @@ pub struct TrainArgs {
     pub seed: Option<u64>,
     /// auto (GPU if usable, else CPU), cpu, cuda, cuda:N. [auto]
     #[arg(long)]
-    pub device: Option<String>,
+    pub device: Option<moco::DeviceSpec>,
     /// CPU threads (0 = all cores). [0]
     #[arg(long)]
     pub threads: Option<usize>,
@@ -594,8 +594,8 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
         if let Some(e) = args.epochs {
             cfg.epochs = e;
         }
-        if let Some(d) = &args.device {
-            cfg.device = d.clone();
+        if let Some(d) = args.device {
+            cfg.device = d;
         }
         if let Some(t) = args.threads {
             cfg.threads = t;
@@ -635,11 +635,7 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
         ));
     }
     super::set_threads(cfg.threads)?;
-    let mut device = if cfg.device == "auto" {
-        moco::Device::auto().to_string()
-    } else {
-        cfg.device.clone()
-    };
+    let mut device = cfg.device.resolve().to_string();
     if let Some(e) = &env {
         if ranks == 1 && !cfg.batch_size.is_multiple_of(e.world) {
             return Err(Error::invalid(format!(

@@ -110,8 +110,8 @@ pub struct TrainConfig {
     pub bn_splits: usize,
     /// Seed of everything random.
     pub seed: u64,
-    /// `auto`, `cpu`, `cuda`, `cuda:N`.
-    pub device: String,
+    /// `auto`, `cpu`, `cuda`, `cuda:N` (`auto` resolved where the run starts).
+    pub device: crate::DeviceSpec,
     /// CPU threads (0 = all cores).
     pub threads: usize,
     /// Data-loading worker threads.
@@ -159,7 +159,7 @@ impl Default for TrainConfig {
             symmetric: false,
             bn_splits: 4,
             seed: 0,
-            device: "auto".into(),
+            device: crate::DeviceSpec::Auto,
             threads: 0,
             workers: 2,
             knn_k: 200,
@@ -388,7 +388,7 @@ impl TrainConfig {
 
     /// The device this config asks for (`auto` resolved on this machine).
     pub fn device_spec(&self) -> Result<crate::Device> {
-        self.device.parse()
+        Ok(self.device.resolve())
     }
 
     /// The learning-rate schedule for `steps_per_epoch`.
