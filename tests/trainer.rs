@@ -178,6 +178,7 @@ fn bad_configs_are_errors() {
         ("schedule", "linear"),
         ("infonce", "fastest"),
         ("device", "tpu"),
+        ("preset", "v9"),
     ] {
         let p = dir.path().join(format!("{key}.toml"));
         std::fs::write(&p, format!("{key} = \"{value}\"\n")).unwrap();

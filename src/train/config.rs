@@ -47,6 +47,47 @@ impl std::str::FromStr for Schedule {
 
 serde_via_str!(Schedule);
 
+/// The presets a run starts from ([`TrainConfig::preset`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunPreset {
+    /// resnet8 on the synthetic set, minutes on two CPU cores.
+    Demo,
+    /// MoCo v1 (He et al.).
+    V1,
+    /// MoCo v2.
+    V2,
+    /// The official CIFAR-10 demo.
+    Cifar,
+}
+
+impl std::fmt::Display for RunPreset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunPreset::Demo => "demo",
+            RunPreset::V1 => "v1",
+            RunPreset::V2 => "v2",
+            RunPreset::Cifar => "cifar",
+        })
+    }
+}
+
+impl std::str::FromStr for RunPreset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "demo" => Ok(RunPreset::Demo),
+            "v1" => Ok(RunPreset::V1),
+            "v2" => Ok(RunPreset::V2),
+            "cifar" => Ok(RunPreset::Cifar),
+            other => Err(Error::invalid(format!(
+                "unknown preset {other:?}: use demo, v1, v2 or cifar"
+            ))),
+        }
+    }
+}
+
+serde_via_str!(RunPreset);
+
 /// Everything that defines a training run. Saved as `config.json` in the run directory.
 ///
 /// ```
@@ -60,7 +101,7 @@ serde_via_str!(Schedule);
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Preset the values started from (`demo`, `v1`, `v2`, `cifar`).
-    pub preset: String,
+    pub preset: RunPreset,
     /// Data set: `synthetic`, `idx`, `cifar10`, `cifar100`, `folder`.
     pub dataset: DatasetKind,
     /// Directory of the data set files (not needed for `synthetic`).
@@ -134,7 +175,7 @@ impl Default for TrainConfig {
     /// two CPU cores and visibly improves the kNN accuracy.
     fn default() -> Self {
         TrainConfig {
-            preset: "demo".into(),
+            preset: RunPreset::Demo,
             dataset: DatasetKind::Synthetic,
             data: None,
             image_size: 32,
@@ -202,6 +243,11 @@ impl TrainConfig {
     /// * `cifar`: the official CIFAR-10 demo: resnet18-cifar, K = 4096, m = 0.99, T = 0.1,
     ///   batch 512, lr 0.06, wd 5e-4, cosine, 200 epochs, 8 BatchNorm splits.
     pub fn preset(name: &str) -> Result<TrainConfig> {
+        Ok(TrainConfig::from_preset(name.parse()?))
+    }
+
+    /// The preset `p` (see [`TrainConfig::preset`]).
+    pub fn from_preset(p: RunPreset) -> TrainConfig {
         let base = TrainConfig::default();
         let paper = TrainConfig {
             arch: Arch::Resnet50,
@@ -216,10 +262,10 @@ impl TrainConfig {
             bn_splits: 8,
             ..base.clone()
         };
-        Ok(match name {
-            "demo" => base,
-            "v1" => TrainConfig {
-                preset: "v1".into(),
+        match p {
+            RunPreset::Demo => base,
+            RunPreset::V1 => TrainConfig {
+                preset: RunPreset::V1,
                 mlp: false,
                 augment: Preset::V1,
                 moco_t: 0.07,
@@ -227,16 +273,16 @@ impl TrainConfig {
                 milestones: vec![120, 160],
                 ..paper
             },
-            "v2" => TrainConfig {
-                preset: "v2".into(),
+            RunPreset::V2 => TrainConfig {
+                preset: RunPreset::V2,
                 mlp: true,
                 augment: Preset::V2,
                 moco_t: 0.2,
                 schedule: Schedule::Cosine,
                 ..paper
             },
-            "cifar" => TrainConfig {
-                preset: "cifar".into(),
+            RunPreset::Cifar => TrainConfig {
+                preset: RunPreset::Cifar,
                 arch: Arch::Resnet18Cifar,
                 image_size: 32,
                 mlp: false,
@@ -253,12 +299,7 @@ impl TrainConfig {
                 bn_splits: 8,
                 ..base
             },
-            other => {
-                return Err(Error::invalid(format!(
-                    "unknown preset {other:?}: use demo, v1, v2 or cifar"
-                )))
-            }
-        })
+        }
     }
 
     /// Reads a config file (`.toml` or `.json`); keys not in the file keep the values of

@@ -10,7 +10,7 @@ pub mod plot;
 pub mod trainer;
 
 pub use checkpoint::write_atomic;
-pub use config::{Schedule, TrainConfig};
+pub use config::{RunPreset, Schedule, TrainConfig};
 pub use moco::{Moco, StateCounters, StepStats, STATE_TENSORS};
 pub use trainer::{
     CheckpointMeta, EpochSums, MocoBackend, Trainer, CHECKPOINT_FILE, PREV_CHECKPOINT_FILE,
