@@ -84,7 +84,7 @@ pub(crate) fn isa() -> Option<Isa> {
         if std::env::var_os("MOCO_CPU_CONV").is_some_and(|v| v == "im2col") {
             return None;
         }
-        detect()
+        simd_level()
     })
 }
 
@@ -238,11 +238,6 @@ impl Planes {
                     pl[a_hi * self.wq..].fill(0.0);
                     let (iy0, x0) = (a_lo * st + r - pad, b_lo * st + c - pad);
                     let rows = &mut pl[a_lo * self.wq..a_hi * self.wq];
-                    if st == 1 {
-                        let src = &xc[iy0 * s.w + x0..];
-                        put_rows(isa, rows, self.wq, b_lo, src, s.w, b_hi - b_lo);
-                        continue;
-                    }
                     let src = &xc[iy0 * s.w + x0..];
                     put_strided(isa, rows, self.wq, b_lo, src, st * s.w, st, b_hi - b_lo);
                 }
@@ -580,8 +575,9 @@ fn put_rows(isa: Isa, dst: &mut [f32], ds: usize, lead: usize, src: &[f32], ss: 
 
 /// Row `i` of `dst` (rows `ds` apart, each `ds` long) becomes `[0; lead] ++ [s[0],
 /// s[st], .., s[(count - 1) st]] ++ [0; ..]` with `s = src[i ss..]`: the phase planes of a
-/// strided convolution take every `st`-th input column. Vector loads and permutes for
-/// stride 2 with AVX-512 (the masks computed once for all rows), a scalar loop otherwise.
+/// strided convolution take every `st`-th input column. Stride 1 is [`put_rows`]; stride
+/// 2 with AVX-512 vector loads and permutes (the masks computed once for all rows); a
+/// scalar loop otherwise.
 #[allow(clippy::too_many_arguments)]
 fn put_strided(
     isa: Isa,
@@ -617,6 +613,9 @@ fn put_strided(
         "put_strided: {rows} rows of {count} columns {st} apart overrun {}",
         src.len()
     );
+    if st == 1 {
+        return put_rows(isa, dst, ds, lead, src, ss, count);
+    }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && st == 2 {
         // SAFETY: the asserts are the function's contract (`dst` holds `rows` rows of
@@ -1053,7 +1052,7 @@ mod x86 {
     /// the same in every row.
     ///
     /// # Safety
-    /// The CPU supports AVX-512F; `dst` is valid for `rows` rows of `w` floats, `ds`
+    /// The CPU supports AVX-512F; `dst` is valid for `rows` rows of `w` floats, `w`
     /// apart, `src` for `(rows - 1) ss + len`, and `lead + len <= w`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn put_rows_avx512(

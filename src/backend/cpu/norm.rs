@@ -338,6 +338,17 @@ fn prefetch<T>(p: &[T]) {
     let _ = p;
 }
 
+/// `d` where the ReLU output `r` is positive, else 0 (also for a NaN `r`), the mask of
+/// the ReLU backward pass fused into BatchNorm's.
+#[inline(always)]
+fn relu_mask<T: Scalar>(d: T, r: T) -> T {
+    if r > T::ZERO {
+        d
+    } else {
+        T::ZERO
+    }
+}
+
 /// Planes per work item of the plane-wise passes: about 4096 elements, so small feature
 /// maps (7x7) do not pay rayon's per-item cost per plane. Depends on the shape only.
 fn planes_per_item(hw: usize) -> usize {
@@ -406,7 +417,7 @@ fn plane_dy_dx<T: Scalar>(x: &[T], dy: &[T], relu_out: Option<&[T]>, mu: f64) ->
     let full = x.len() / LANES * LANES;
     let (xc, xt) = x.split_at(full);
     let (dc, dt) = dy[..x.len()].split_at(full);
-    let mask = |d: T, r: T| if r > T::ZERO { d } else { T::ZERO };
+    let mask = relu_mask::<T>;
     let (mut ty, mut tx) = (0.0f64, 0.0f64);
     let mut tail = |xv: T, d: T| {
         let d = d.to_f64();
@@ -488,8 +499,7 @@ fn plane_dx<T: Scalar>(dx: &mut [T], x: &[T], dy: &[T], relu_out: Option<&[T]>, 
     match relu_out {
         Some(ro) => {
             for (((d, &xv), &dv), &rv) in dx.iter_mut().zip(x).zip(dy).zip(ro) {
-                let dv = if rv > T::ZERO { dv } else { T::ZERO };
-                *d = a * dv + c0 + kk * (xv - mu);
+                *d = a * relu_mask(dv, rv) + c0 + kk * (xv - mu);
             }
         }
         None => {
