@@ -14,6 +14,7 @@ use cudarc::driver::{
 use crate::error::{CudaResultExt, Error, Result};
 
 pub mod abi;
+pub mod driver;
 
 mod images {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -79,7 +80,7 @@ impl Gpu {
         if !kernels_available() {
             return Err(Error::NoKernels);
         }
-        if !crate::device::cuda_driver_present() {
+        if !driver::cuda_driver_present() {
             return Err(Error::NoDriver);
         }
         let found = CudaContext::device_count().call("cuDeviceGetCount")?.max(0) as usize;
