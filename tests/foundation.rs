@@ -37,6 +37,62 @@ fn kernels_embedded_when_required() {
     }
 }
 
+/// The typed kernel constants `build.rs` reads from the sources name exactly the entry
+/// points nvcc compiled: each constant's symbol is in its module's image, and each image
+/// has no `moco_` entry point without a constant (every kernel has a `.text.<name>`
+/// section).
+#[test]
+fn kernel_constants_match_the_compiled_entry_points() {
+    use moco::cuda::kernels;
+    let mut names: Vec<(&str, &str)> = kernels::ALL
+        .iter()
+        .map(|k| (k.module(), k.name()))
+        .collect();
+    let n = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), n, "a kernel constant is listed twice");
+    assert!(names.contains(&("conv", "moco_im2col_f32")));
+    assert!(names.contains(&("contrast", "moco_infonce_partial_c256")));
+    if !moco::cuda::kernels_available() {
+        return; // built without nvcc: the constants exist, the images do not
+    }
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    for module in moco::cuda::kernel_modules() {
+        let image = moco::cuda::kernel_image(module).unwrap();
+        let ours: Vec<&str> = names
+            .iter()
+            .filter(|(m, _)| *m == module)
+            .map(|(_, k)| *k)
+            .collect();
+        for k in &ours {
+            let sym = format!("{k}\0");
+            assert!(
+                find(image, sym.as_bytes()),
+                "{module}: no entry point {k} in the image"
+            );
+        }
+        // Entry points in the image: `.text.moco_<name>\0` section names.
+        let mut found: Vec<String> = Vec::new();
+        let pat = b".text.moco_";
+        for i in 0..image.len().saturating_sub(pat.len()) {
+            if &image[i..i + pat.len()] == pat {
+                let rest = &image[i + 6..];
+                let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+                found.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+            }
+        }
+        found.sort();
+        found.dedup();
+        let mut want: Vec<String> = ours.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(
+            found, want,
+            "{module}: entry points in the image vs kernels::{module}"
+        );
+    }
+}
+
 #[test]
 fn abi_layout_matches_c_compiler() {
     let c = moco::cuda::abi::c_layout();

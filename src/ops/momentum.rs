@@ -2,11 +2,11 @@
 //!
 //! As in the reference MoCo, only parameters are averaged; BatchNorm running statistics
 //! of the key encoder are its own and must not be passed here.
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use rayon::prelude::*;
 
 use crate::backend::Scalar;
-use crate::cuda::{abi::MocoEmaArgs, Gpu, BLOCK};
+use crate::cuda::{abi::MocoEmaArgs, kernels, launch, DeviceBuf, DeviceBufMut, Gpu, BLOCK};
 use crate::error::{CudaResultExt, Error, Result};
 
 /// Elements per CPU work item; fixed so results never depend on the thread count.
@@ -81,8 +81,8 @@ pub fn momentum_update_host<S: Scalar>(key: &mut [S], query: &[S], m: f64) -> Re
 /// (`slice_mut(..)`, `slice(..)`) into larger buffers.
 pub fn momentum_update<K, Q>(gpu: &Gpu, key: &mut K, query: &Q, m: f32) -> Result<()>
 where
-    K: DevicePtrMut<f32>,
-    Q: DevicePtr<f32>,
+    K: DeviceBufMut<f32> + ?Sized,
+    Q: DeviceBuf<f32> + ?Sized,
 {
     check_momentum(m)?;
     check_lengths(key.len(), query.len())?;
@@ -92,7 +92,6 @@ where
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function("momentum", "moco_ema_f32")?;
     let args = MocoEmaArgs {
         n,
         m,
@@ -103,16 +102,13 @@ where
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
-    let stream = gpu.stream();
-    let (k_ptr, _k_sync) = key.device_ptr_mut(stream);
-    let (q_ptr, _q_sync) = query.device_ptr(stream);
-    let mut launch = stream.launch_builder(&f);
-    launch.arg(&k_ptr).arg(&q_ptr).arg(&args);
-    // SAFETY: moco_ema_f32(float*, const float*, MocoEmaArgs) matches the arguments pushed
-    // (device addresses are 64-bit values); key and query hold args.n elements each (checked
-    // above) and the kernel touches only indices < args.n. The sync guards are dropped
-    // after the launch is enqueued, as cudarc requires.
-    unsafe { launch.launch(cfg) }.call("cuLaunchKernel(moco_ema_f32)")?;
+    // moco_ema_f32(float*, const float*, MocoEmaArgs): key and query hold args.n elements
+    // each (checked above) and the kernel touches only indices < args.n.
+    launch!(gpu, kernels::momentum::EMA_F32, cfg;
+        mut key.view_mut(),
+        query.view(),
+        args
+    );
     Ok(())
 }
 
@@ -184,25 +180,23 @@ where
     }
     let table_d = stream.clone_htod(&table).call("cuMemcpyHtoDAsync")?;
     let chunks_d = stream.clone_htod(&chunks).call("cuMemcpyHtoDAsync")?;
-    let f = gpu.function("momentum", "moco_ema_multi_f32")?;
     let cfg = LaunchConfig {
         grid_dim: (chunks.len() as u32, 1, 1),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (chunk_len, omm) = (MULTI_CHUNK as u64, (1.0 - m as f64) as f32);
-    let mut launch = stream.launch_builder(&f);
-    launch
-        .arg(&table_d)
-        .arg(&chunks_d)
-        .arg(&chunk_len)
-        .arg(&m)
-        .arg(&omm);
-    // SAFETY: moco_ema_multi_f32(const MocoTensorPair*, const MocoTensorChunk*, u64, float,
-    // float) matches; the table holds the addresses and lengths of live buffers (their guards
-    // are held until after the launch), every chunk's start is < its pair's length and the
-    // kernel clamps each chunk to the pair's end; one block per chunk.
-    unsafe { launch.launch(cfg) }.call("cuLaunchKernel(moco_ema_multi_f32)")?;
+    // moco_ema_multi_f32(const MocoTensorPair*, const MocoTensorChunk*, u64, float, float):
+    // the table holds the addresses and lengths of live buffers (the kernel's ABI is a
+    // table of raw addresses; their guards are held until after the launch), every chunk's
+    // start is < its pair's length and the kernel clamps each chunk to the pair's end; one
+    // block per chunk.
+    launch!(gpu, kernels::momentum::EMA_MULTI_F32, cfg;
+        table_d.as_view(),
+        chunks_d.as_view(),
+        MULTI_CHUNK as u64,
+        m,
+        (1.0 - m as f64) as f32
+    );
     drop(guards);
     Ok(())
 }

@@ -2,10 +2,10 @@
 //!
 //! Unlike the reference implementation, which asserts `K % N == 0`, a batch that runs past
 //! the end wraps around to the start. `N > K` is an error (the batch would overwrite itself).
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
-use crate::cuda::{abi::MocoEnqueueArgs, Gpu, BLOCK};
-use crate::error::{CudaResultExt, Error, Result};
+use crate::cuda::{abi::MocoEnqueueArgs, kernels, launch, DeviceBuf, DeviceBufMut, Gpu, BLOCK};
+use crate::error::{Error, Result};
 use crate::ops::MocoBackend;
 
 fn check_enqueue(
@@ -79,8 +79,8 @@ pub fn enqueue<Q, K>(
     ptr: usize,
 ) -> Result<usize>
 where
-    Q: DevicePtrMut<f32>,
-    K: DevicePtr<f32>,
+    Q: DeviceBufMut<f32> + ?Sized,
+    K: DeviceBuf<f32> + ?Sized,
 {
     let n = check_enqueue(queue.len(), keys.len(), k, c, ptr)?;
     gpu.check_same_device::<f32, Q>("queue", queue)?;
@@ -88,7 +88,6 @@ where
     if n == 0 {
         return Ok(ptr);
     }
-    let f = gpu.function("queue", "moco_enqueue_f32")?;
     let args = MocoEnqueueArgs {
         n: n as u64,
         c: c as u64,
@@ -101,14 +100,13 @@ where
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
-    let stream = gpu.stream();
-    let (qp, _qs) = queue.device_ptr_mut(stream);
-    let (kp, _ks) = keys.device_ptr(stream);
-    let mut l = stream.launch_builder(&f);
-    l.arg(&qp).arg(&kp).arg(&args);
-    // SAFETY: (float*, const float*, MocoEnqueueArgs) matches; keys hold n*c floats, the queue
-    // k*c, and every destination row (ptr + i) mod k is < k (ptr < k, n <= k checked above).
-    unsafe { l.launch(cfg) }.call("cuLaunchKernel(moco_enqueue_f32)")?;
+    // (float*, const float*, MocoEnqueueArgs): keys hold n*c floats, the queue k*c, and
+    // every destination row (ptr + i) mod k is < k (ptr < k, n <= k checked above).
+    launch!(gpu, kernels::queue::ENQUEUE_F32, cfg;
+        mut queue.view_mut(),
+        keys.view(),
+        args
+    );
     Ok((ptr + n) % k)
 }
 

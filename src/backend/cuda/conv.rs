@@ -1,0 +1,191 @@
+//! Convolutions on the GPU (`kernels/conv.cu` + cuBLAS): im2col per chunk of samples, one
+//! SGEMM, and a permute between the GEMM's channel-major layout and NCHW; the backward adds
+//! the weight gradient's GEMM and scatters the columns back with col2im.
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+
+use super::{u32_of, Cuda};
+use crate::backend::{check_len, ConvShape};
+use crate::cuda::{kernels, launch, view, view_mut};
+use crate::error::Result;
+
+/// Upper bound on the im2col buffer of one convolution (elements): the batch is processed in
+/// chunks of samples whose columns fit.
+const COL_BUDGET: usize = 1 << 26;
+
+/// Samples per im2col chunk.
+fn conv_chunk(s: &ConvShape) -> usize {
+    let per = (s.cin * s.k * s.k * s.ho * s.wo)
+        .max(s.cout * s.ho * s.wo)
+        .max(1);
+    (COL_BUDGET / per).clamp(1, s.n)
+}
+
+impl Cuda {
+    /// The columns (Cin K K x m HoWo) of samples `n0 .. n0 + m` of `x` into `col`.
+    fn im2col(
+        &self,
+        s: &ConvShape,
+        x: &CudaSlice<f32>,
+        n0: usize,
+        m: usize,
+        col: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let xs = s.cin * s.h * s.w;
+        let need = s.cin * s.k * s.k * m * s.ho * s.wo;
+        let xv = view("im2col x", x, n0 * xs, m * xs)?;
+        let colv = view_mut("im2col col", col, 0, need)?;
+        launch!(self.gpu, kernels::conv::IM2COL_F32, self.elementwise(need as u64);
+            xv,
+            mut colv,
+            u32_of(m, "batch chunk")?,
+            u32_of(s.cin, "cin")?,
+            u32_of(s.h, "h")?,
+            u32_of(s.w, "w")?,
+            u32_of(s.k, "k")?,
+            u32_of(s.stride, "stride")?,
+            u32_of(s.pad, "pad")?,
+            u32_of(s.ho, "ho")?,
+            u32_of(s.wo, "wo")?
+        );
+        Ok(())
+    }
+
+    /// `dx` of samples `n0 .. n0 + m` from the columns' gradient `dcol` (the gather form of
+    /// col2im: each input element sums the columns it fed, no atomics).
+    fn col2im(
+        &self,
+        s: &ConvShape,
+        dcol: &CudaSlice<f32>,
+        n0: usize,
+        m: usize,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let xs = s.cin * s.h * s.w;
+        let colv = view("col2im col", dcol, 0, s.cin * s.k * s.k * m * s.ho * s.wo)?;
+        let dxv = view_mut("col2im dx", dx, n0 * xs, m * xs)?;
+        launch!(self.gpu, kernels::conv::COL2IM_F32, self.elementwise((m * xs) as u64);
+            colv,
+            mut dxv,
+            u32_of(m, "batch chunk")?,
+            u32_of(s.cin, "cin")?,
+            u32_of(s.h, "h")?,
+            u32_of(s.w, "w")?,
+            u32_of(s.k, "k")?,
+            u32_of(s.stride, "stride")?,
+            u32_of(s.pad, "pad")?,
+            u32_of(s.ho, "ho")?,
+            u32_of(s.wo, "wo")?
+        );
+        Ok(())
+    }
+
+    /// `dst[b][a][p] = src[a][b][p]` over `a x b x p` elements of each view.
+    fn permute01(
+        &self,
+        src: CudaView<'_, f32>,
+        dst: CudaViewMut<'_, f32>,
+        (a, b, p): (usize, usize, usize),
+    ) -> Result<()> {
+        let total = a * b * p;
+        check_len("permute src", src.len(), 0, total)?;
+        check_len("permute dst", dst.len(), 0, total)?;
+        launch!(self.gpu, kernels::conv::PERMUTE01_F32, self.elementwise(total as u64);
+            src,
+            mut dst,
+            a as u64,
+            b as u64,
+            p as u64
+        );
+        Ok(())
+    }
+
+    pub(super) fn conv2d_forward_impl(
+        &self,
+        s: &ConvShape,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        w_off: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len("conv2d x", x.len(), 0, s.x_len())?;
+        let wv = view("conv2d weight", w, w_off, s.w_len())?;
+        check_len("conv2d y", y.len(), 0, s.y_len())?;
+        let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
+        let nb = conv_chunk(s);
+        let mut col = self.gpu.zeros::<f32>(ckk * nb * hwo)?;
+        let mut yt = self.gpu.zeros::<f32>(s.cout * nb * hwo)?;
+        for n0 in (0..s.n).step_by(nb) {
+            let m = nb.min(s.n - n0);
+            self.im2col(s, x, n0, m, &mut col)?;
+            // Yt (Cout x m HoWo) = W (Cout x CKK) col (CKK x m HoWo)
+            self.gemm_rm(
+                (false, false),
+                (s.cout, m * hwo, ckk),
+                1.0,
+                &wv,
+                &col.as_view(),
+                0.0,
+                &mut yt.as_view_mut(),
+            )?;
+            let dst = view_mut("permute dst", y, n0 * ys, m * ys)?;
+            self.permute01(yt.as_view(), dst, (s.cout, m, hwo))?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv2d_backward_impl(
+        &self,
+        s: &ConvShape,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        w_off: usize,
+        dy: &CudaSlice<f32>,
+        mut dx: Option<&mut CudaSlice<f32>>,
+        dw: &mut CudaSlice<f32>,
+        dw_off: usize,
+    ) -> Result<()> {
+        check_len("conv2d x", x.len(), 0, s.x_len())?;
+        let wv = view("conv2d weight", w, w_off, s.w_len())?;
+        check_len("conv2d dy", dy.len(), 0, s.y_len())?;
+        let mut dwv = view_mut("conv2d dw", dw, dw_off, s.w_len())?;
+        if let Some(dx) = &dx {
+            check_len("conv2d dx", dx.len(), 0, s.x_len())?;
+        }
+        let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
+        let nb = conv_chunk(s);
+        let mut col = self.gpu.zeros::<f32>(ckk * nb * hwo)?;
+        let mut dyt = self.gpu.zeros::<f32>(s.cout * nb * hwo)?;
+        for n0 in (0..s.n).step_by(nb) {
+            let m = nb.min(s.n - n0);
+            // dYt (Cout x m HoWo) from dy (m x Cout x HoWo).
+            let src = view("permute src", dy, n0 * ys, m * ys)?;
+            self.permute01(src, dyt.as_view_mut(), (m, s.cout, hwo))?;
+            self.im2col(s, x, n0, m, &mut col)?;
+            // dW (Cout x CKK) += dYt (Cout x K) col^T (K x CKK), K = m HoWo.
+            self.gemm_rm(
+                (false, true),
+                (s.cout, ckk, m * hwo),
+                1.0,
+                &dyt.as_view(),
+                &col.as_view(),
+                1.0,
+                &mut dwv,
+            )?;
+            if let Some(dx) = dx.as_deref_mut() {
+                // dcol (CKK x m HoWo) = W^T (CKK x Cout) dYt (Cout x m HoWo), into `col`.
+                self.gemm_rm(
+                    (true, false),
+                    (ckk, m * hwo, s.cout),
+                    1.0,
+                    &wv,
+                    &dyt.as_view(),
+                    0.0,
+                    &mut col.as_view_mut(),
+                )?;
+                self.col2im(s, &col, n0, m, dx)?;
+            }
+        }
+        Ok(())
+    }
+}

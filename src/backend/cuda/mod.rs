@@ -1,0 +1,295 @@
+//! The CUDA backend: convolutions as im2col + cuBLAS SGEMM (full fp32, no TF32), every other
+//! layer a kernel from `kernels/{conv,norm,layers,optim}.cu`, all on the [`Gpu`]'s stream.
+//!
+//! One module per kernel file, as the CPU twin: [`conv`](self) (im2col, col2im, permutes),
+//! `norm` (BatchNorm), `layers` (ReLU, add, pools, linear, the non-finite count), `optim`
+//! (SGD) and `gemm` (the crate's one SGEMM wrapper). The [`Backend`] impl here only
+//! delegates.
+//!
+//! Buffers are `CudaSlice<f32>` (indices `CudaSlice<u32>`). Every wrapper takes its views
+//! with [`view`]/[`view_mut`], which check lengths with the same messages as the CPU
+//! backend before anything is launched, and passes the views straight to the kernel
+//! ([`launch!`]): no raw addresses or byte offsets. Results are deterministic run to run:
+//! the kernels gather instead of using atomics, and reductions have a fixed order.
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+use super::{Backend, BnOffsets, BnParams, BnShape, ConvShape, LinearShape, PoolShape};
+use crate::cuda::{view_mut, Gpu, BLOCK};
+use crate::error::{CudaResultExt, Error, Result};
+
+mod conv;
+pub(crate) mod gemm;
+mod layers;
+mod norm;
+mod optim;
+#[cfg(test)]
+mod tests;
+
+/// The CUDA backend on one [`Gpu`] (cheap to clone).
+#[derive(Clone)]
+pub struct Cuda {
+    gpu: Gpu,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cuda").field("gpu", &self.gpu).finish()
+    }
+}
+
+/// `v` as a kernel's `uint32_t`, or an error naming it.
+fn u32_of(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::invalid(format!("{what} = {v} does not fit 32 bits")))
+}
+
+impl Cuda {
+    /// The backend on `gpu`; creates the GPU's cuBLAS handle now, so a missing cuBLAS is
+    /// an error here rather than in the first convolution.
+    pub fn new(gpu: Gpu) -> Result<Cuda> {
+        gpu.blas()?;
+        Ok(Cuda { gpu })
+    }
+
+    /// Opens GPU `ordinal` (new stream) and creates the backend on it.
+    pub fn open(ordinal: usize) -> Result<Cuda> {
+        Cuda::new(Gpu::new(ordinal)?)
+    }
+
+    /// The GPU this backend runs on.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// A grid-stride launch over `n` items.
+    fn elementwise(&self, n: u64) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.gpu.grid_for(n, 1), 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One thread per channel.
+    fn per_channel(&self, c: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((c as u32).div_ceil(BLOCK).max(1), 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaSlice<f32>;
+    type Idx = CudaSlice<u32>;
+
+    fn name(&self) -> String {
+        format!("cuda:{}", self.gpu.ordinal())
+    }
+    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.gpu.zeros(n)
+    }
+    fn zeros_idx(&self, n: usize) -> Result<CudaSlice<u32>> {
+        self.gpu.zeros(n)
+    }
+    fn upload_f32(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        self.gpu.upload(host)
+    }
+    fn download_f32(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.gpu.download(buf)
+    }
+    fn write_f32(&self, buf: &mut CudaSlice<f32>, off: usize, src: &[f32]) -> Result<()> {
+        let mut dst = view_mut("write_f32", buf, off, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.gpu
+            .stream()
+            .memcpy_htod(src, &mut dst)
+            .call("cuMemcpyHtoDAsync")?;
+        // The host slice is borrowed only for this call: wait for the copy.
+        self.gpu.synchronize()
+    }
+    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+    fn fill_zero(&self, buf: &mut CudaSlice<f32>) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.gpu.stream().memset_zeros(buf).call("cuMemsetD8Async")
+    }
+    fn copy(&self, buf: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        self.gpu.stream().clone_dtod(buf).call("cuMemcpyDtoDAsync")
+    }
+    fn copy_into(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
+        super::check_copy_len(src.len(), dst.len())?;
+        self.gpu
+            .stream()
+            .memcpy_dtod(src, dst)
+            .call("cuMemcpyDtoDAsync")
+    }
+
+    fn conv2d_forward(
+        &self,
+        s: &ConvShape,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        w_off: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.conv2d_forward_impl(s, x, w, w_off, y)
+    }
+    fn conv2d_backward(
+        &self,
+        s: &ConvShape,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        w_off: usize,
+        dy: &CudaSlice<f32>,
+        dx: Option<&mut CudaSlice<f32>>,
+        dw: &mut CudaSlice<f32>,
+        dw_off: usize,
+    ) -> Result<()> {
+        self.conv2d_backward_impl(s, x, w, w_off, dy, dx, dw, dw_off)
+    }
+
+    fn bn_forward_train(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        running: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        mean: &mut CudaSlice<f32>,
+        invstd: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.bn_forward_train_impl(s, hp, x, params, off, running, y, mean, invstd)
+    }
+    fn bn_forward_eval(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        running: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.bn_forward_eval_impl(s, hp, x, params, off, running, y)
+    }
+    fn bn_backward_train(
+        &self,
+        s: &BnShape,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        mean: &CudaSlice<f32>,
+        invstd: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.bn_backward_train_impl(s, x, params, off, mean, invstd, dy, dx, grads)
+    }
+    fn bn_backward_eval(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        running: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.bn_backward_eval_impl(s, hp, x, params, off, running, dy, dx, grads)
+    }
+
+    fn relu_forward(&self, x: &mut CudaSlice<f32>) -> Result<()> {
+        self.relu_forward_impl(x)
+    }
+    fn relu_backward(&self, y: &CudaSlice<f32>, dy: &mut CudaSlice<f32>) -> Result<()> {
+        self.relu_backward_impl(y, dy)
+    }
+    fn add_assign(&self, a: &mut CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<()> {
+        self.add_assign_impl(a, b)
+    }
+
+    fn maxpool_forward(
+        &self,
+        s: &PoolShape,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        idx: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        self.maxpool_forward_impl(s, x, y, idx)
+    }
+    fn maxpool_backward(
+        &self,
+        s: &PoolShape,
+        dy: &CudaSlice<f32>,
+        idx: &CudaSlice<u32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.maxpool_backward_impl(s, dy, idx, dx)
+    }
+    fn avgpool_forward(
+        &self,
+        planes: usize,
+        hw: usize,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.avgpool_forward_impl(planes, hw, x, y)
+    }
+    fn avgpool_backward(
+        &self,
+        planes: usize,
+        hw: usize,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.avgpool_backward_impl(planes, hw, dy, dx)
+    }
+
+    fn linear_forward(
+        &self,
+        s: &LinearShape,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        w_off: usize,
+        b_off: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.linear_forward_impl(s, x, params, w_off, b_off, y)
+    }
+    fn linear_backward(
+        &self,
+        s: &LinearShape,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        w_off: usize,
+        b_off: usize,
+        dy: &CudaSlice<f32>,
+        dx: Option<&mut CudaSlice<f32>>,
+        grads: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.linear_backward_impl(s, x, params, w_off, b_off, dy, dx, grads)
+    }
+
+    fn sgd_step(
+        &self,
+        params: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        momentum_buf: &mut CudaSlice<f32>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    ) -> Result<()> {
+        self.sgd_step_impl(params, grads, momentum_buf, lr, momentum, weight_decay)
+    }
+}

@@ -1,0 +1,262 @@
+//! BatchNorm on the GPU (`kernels/norm.cu`): per-(group, channel) statistics in one block
+//! each, the running-statistics update, the normalize-and-scale pass, and the backward's
+//! reduce, parameter-gradient and `dx` passes.
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+use super::{u32_of, Cuda};
+use crate::backend::cpu::bn_checks;
+use crate::backend::{check_len, BnOffsets, BnParams, BnShape};
+use crate::cuda::{kernels, launch, view, view_mut, Disjoint, BLOCK};
+use crate::error::Result;
+
+impl Cuda {
+    /// One block per (channel, group).
+    fn per_group_channel(c: u32, g: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (c, g, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_forward_train_impl(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        running: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        mean: &mut CudaSlice<f32>,
+        invstd: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        bn_checks(s, x.len(), params.len(), off, running.len(), y.len())?;
+        let (c, g) = (s.c, s.groups);
+        check_len("batchnorm mean", mean.len(), 0, g * c)?;
+        check_len("batchnorm invstd", invstd.len(), 0, g * c)?;
+        let running_at = Disjoint::new(
+            "batchnorm running stats",
+            running.len(),
+            off.mean,
+            off.var,
+            c,
+        )?;
+        let (n32, c32, g32, hw) = (
+            u32_of(s.n, "n")?,
+            u32_of(c, "c")?,
+            u32_of(g, "groups")?,
+            s.hw as u64,
+        );
+        let xv = view("batchnorm x", x, 0, s.len())?;
+        let mut var = self.gpu.zeros::<f32>(g * c)?;
+        launch!(self.gpu, kernels::norm::BN_STATS_F32, Self::per_group_channel(c32, g32);
+            xv.slice(..),
+            mut view_mut("batchnorm mean", mean, 0, g * c)?,
+            mut view_mut("batchnorm invstd", invstd, 0, g * c)?,
+            mut var.as_view_mut(),
+            n32,
+            c32,
+            hw,
+            g32,
+            hp.eps as f32
+        );
+        {
+            let (mut lo, mut hi) = running.split_at_mut(running_at.mid);
+            let (rm, rv) = running_at.pick(&mut lo, &mut hi);
+            launch!(self.gpu, kernels::norm::BN_RUNNING_F32, self.per_channel(c);
+                mut rm,
+                mut rv,
+                view("batchnorm mean", mean, 0, g * c)?,
+                var.as_view(),
+                c32,
+                g32,
+                hp.momentum
+            );
+        }
+        launch!(self.gpu, kernels::norm::BN_APPLY_F32, self.elementwise(s.len() as u64);
+            xv,
+            mut view_mut("batchnorm y", y, 0, s.len())?,
+            view("batchnorm gamma", params, off.gamma, c)?,
+            view("batchnorm beta", params, off.beta, c)?,
+            view("batchnorm mean", mean, 0, g * c)?,
+            view("batchnorm invstd", invstd, 0, g * c)?,
+            n32,
+            c32,
+            hw,
+            g32
+        );
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_forward_eval_impl(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        running: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        bn_checks(s, x.len(), params.len(), off, running.len(), y.len())?;
+        let c = s.c;
+        let (n32, c32, hw) = (u32_of(s.n, "n")?, u32_of(c, "c")?, s.hw as u64);
+        let mut mean = self.gpu.zeros::<f32>(c)?;
+        let mut invstd = self.gpu.zeros::<f32>(c)?;
+        self.eval_stats(hp, running, off, c, &mut mean, &mut invstd)?;
+        launch!(self.gpu, kernels::norm::BN_APPLY_F32, self.elementwise(s.len() as u64);
+            view("batchnorm x", x, 0, s.len())?,
+            mut view_mut("batchnorm y", y, 0, s.len())?,
+            view("batchnorm gamma", params, off.gamma, c)?,
+            view("batchnorm beta", params, off.beta, c)?,
+            mean.as_view(),
+            invstd.as_view(),
+            n32,
+            c32,
+            hw,
+            1u32
+        );
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_backward_train_impl(
+        &self,
+        s: &BnShape,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        mean: &CudaSlice<f32>,
+        invstd: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (c, g) = (s.c, s.groups);
+        check_len("batchnorm x", x.len(), 0, s.len())?;
+        check_len("batchnorm dy", dy.len(), 0, s.len())?;
+        check_len("batchnorm dx", dx.len(), 0, s.len())?;
+        check_len("batchnorm mean", mean.len(), 0, g * c)?;
+        check_len("batchnorm invstd", invstd.len(), 0, g * c)?;
+        for (what, o) in [("gamma", off.gamma), ("beta", off.beta)] {
+            check_len(what, params.len(), o, c)?;
+            check_len(what, grads.len(), o, c)?;
+        }
+        self.bn_backward_common(s, x, params, off, mean, invstd, dy, dx, grads, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_backward_eval_impl(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        running: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        bn_checks(s, x.len(), params.len(), off, running.len(), dx.len())?;
+        check_len("batchnorm dy", dy.len(), 0, s.len())?;
+        check_len("batchnorm grads", grads.len(), off.gamma.max(off.beta), s.c)?;
+        let mut mean = self.gpu.zeros::<f32>(s.c)?;
+        let mut invstd = self.gpu.zeros::<f32>(s.c)?;
+        self.eval_stats(hp, running, off, s.c, &mut mean, &mut invstd)?;
+        let s1 = BnShape { groups: 1, ..*s };
+        self.bn_backward_common(&s1, x, params, off, &mean, &invstd, dy, dx, grads, false)
+    }
+
+    /// The inference-mode statistics (mean, 1 / sqrt(var + eps)) from the running ones.
+    fn eval_stats(
+        &self,
+        hp: BnParams,
+        running: &CudaSlice<f32>,
+        off: BnOffsets,
+        c: usize,
+        mean: &mut CudaSlice<f32>,
+        invstd: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        launch!(self.gpu, kernels::norm::BN_EVAL_STATS_F32, self.per_channel(c);
+            view("batchnorm running_mean", running, off.mean, c)?,
+            view("batchnorm running_var", running, off.var, c)?,
+            mut view_mut("batchnorm mean", mean, 0, c)?,
+            mut view_mut("batchnorm invstd", invstd, 0, c)?,
+            u32_of(c, "c")?,
+            hp.eps as f32
+        );
+        Ok(())
+    }
+
+    /// Shared backward: per-(group, channel) sums, parameter gradients, dx. Lengths checked
+    /// by the callers (and again by the views).
+    #[allow(clippy::too_many_arguments)]
+    fn bn_backward_common(
+        &self,
+        s: &BnShape,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        mean: &CudaSlice<f32>,
+        invstd: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        train: bool,
+    ) -> Result<()> {
+        let (c, g) = (s.c, s.groups);
+        let grads_at = Disjoint::new("batchnorm grads", grads.len(), off.gamma, off.beta, c)?;
+        let (n32, c32, g32, hw) = (
+            u32_of(s.n, "n")?,
+            u32_of(c, "c")?,
+            u32_of(g, "groups")?,
+            s.hw as u64,
+        );
+        let xv = view("batchnorm x", x, 0, s.len())?;
+        let dyv = view("batchnorm dy", dy, 0, s.len())?;
+        let meanv = view("batchnorm mean", mean, 0, g * c)?;
+        let invstdv = view("batchnorm invstd", invstd, 0, g * c)?;
+        let mut sums = self.gpu.zeros::<f32>(2 * g * c)?;
+        launch!(self.gpu, kernels::norm::BN_BWD_REDUCE_F32, Self::per_group_channel(c32, g32);
+            xv.slice(..),
+            dyv.slice(..),
+            meanv.slice(..),
+            invstdv.slice(..),
+            mut sums.as_view_mut(),
+            n32,
+            c32,
+            hw,
+            g32
+        );
+        {
+            let (mut lo, mut hi) = grads.split_at_mut(grads_at.mid);
+            let (dgamma, dbeta) = grads_at.pick(&mut lo, &mut hi);
+            launch!(self.gpu, kernels::norm::BN_BWD_PARAMS_F32, self.per_channel(c);
+                sums.as_view(),
+                mut dgamma,
+                mut dbeta,
+                c32,
+                g32
+            );
+        }
+        launch!(self.gpu, kernels::norm::BN_BWD_DX_F32, self.elementwise(s.len() as u64);
+            xv,
+            dyv,
+            mut view_mut("batchnorm dx", dx, 0, s.len())?,
+            view("batchnorm gamma", params, off.gamma, c)?,
+            meanv,
+            invstdv,
+            sums.as_view(),
+            n32,
+            c32,
+            hw,
+            g32,
+            u32::from(train)
+        );
+        Ok(())
+    }
+}
