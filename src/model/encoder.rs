@@ -1,285 +1,14 @@
-//! The encoder: ResNet backbone + MoCo head on one backend, with flat buffers.
+//! The encoder: ResNet backbone + MoCo head on one backend, with flat buffers. This file
+//! holds [`Encoder`] with its forward and backward passes, and the activations, caches and
+//! buffer pool those use; the network it runs is described and built in `network.rs`, its
+//! state-dict export/import is in `state_dict.rs`.
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rand::Rng;
-use rand_distr::{Distribution, Normal};
-
-use super::{Arch, EncoderConfig, ParamTable, Storage};
-use crate::backend::{Backend, BnOffsets, BnParams, BnShape, ConvShape, LinearShape, PoolShape};
+use super::network::{build, lin_shape, Bn, Conv, Head, InputShape, Net};
+use super::{EncoderConfig, ParamTable};
+use crate::backend::{Backend, BnParams, BnShape, ConvShape, PoolShape};
 use crate::error::{Error, Result};
-
-/// One state-dict tensor: (torchvision name, shape, values).
-pub type StateEntry = (String, Vec<usize>, Vec<f32>);
-
-/// Shape of an input batch (NCHW).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InputShape {
-    /// Batch size.
-    pub n: usize,
-    /// Channels.
-    pub c: usize,
-    /// Height.
-    pub h: usize,
-    /// Width.
-    pub w: usize,
-}
-
-impl InputShape {
-    /// `N x C x H x W`.
-    pub fn new(n: usize, c: usize, h: usize, w: usize) -> Self {
-        InputShape { n, c, h, w }
-    }
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.n * self.c * self.h * self.w
-    }
-    /// True when the batch has no element.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Conv {
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-    w: usize,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bn {
-    c: usize,
-    off: BnOffsets,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Linear {
-    fin: usize,
-    fout: usize,
-    w: usize,
-    b: usize,
-}
-
-/// A residual block: `stages` of conv -> BN (-> ReLU except after the last), plus the
-/// shortcut (identity or 1x1 conv + BN), sum, ReLU. BasicBlock has 2 stages, Bottleneck 3.
-#[derive(Debug, Clone)]
-struct Block {
-    stages: Vec<(Conv, Bn)>,
-    down: Option<(Conv, Bn)>,
-}
-
-#[derive(Debug, Clone)]
-enum Head {
-    Linear(Linear),
-    Mlp(Linear, Linear),
-}
-
-#[derive(Debug, Clone)]
-struct Net {
-    conv1: Conv,
-    bn1: Bn,
-    maxpool: bool,
-    blocks: Vec<Block>,
-    feat: usize,
-    head: Head,
-}
-
-struct Builder {
-    table: ParamTable,
-    /// Host initial values of the parameters, in table order.
-    init: Vec<f32>,
-    running_init: Vec<f32>,
-    rng: rand_chacha::ChaCha8Rng,
-}
-
-impl Builder {
-    fn conv(&mut self, name: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Conv {
-        let w = self.table.push(
-            format!("{name}.weight"),
-            vec![cout, cin, k, k],
-            Storage::Param,
-        );
-        // torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
-        let std = (2.0 / (cout * k * k) as f64).sqrt() as f32;
-        let dist = Normal::new(0.0f32, std).expect("finite std");
-        for _ in 0..cout * cin * k * k {
-            self.init.push(dist.sample(&mut self.rng));
-        }
-        Conv {
-            cin,
-            cout,
-            k,
-            stride,
-            pad: k / 2,
-            w,
-        }
-    }
-    fn bn(&mut self, name: &str, c: usize) -> Bn {
-        let gamma = self
-            .table
-            .push(format!("{name}.weight"), vec![c], Storage::Param);
-        self.init.extend(std::iter::repeat_n(1.0, c));
-        let beta = self
-            .table
-            .push(format!("{name}.bias"), vec![c], Storage::Param);
-        self.init.extend(std::iter::repeat_n(0.0, c));
-        let mean = self.table.push(
-            format!("{name}.running_mean"),
-            vec![c],
-            Storage::RunningMean,
-        );
-        self.running_init.extend(std::iter::repeat_n(0.0, c));
-        let var = self
-            .table
-            .push(format!("{name}.running_var"), vec![c], Storage::RunningVar);
-        self.running_init.extend(std::iter::repeat_n(1.0, c));
-        self.table.push(
-            format!("{name}.num_batches_tracked"),
-            vec![],
-            Storage::NumBatchesTracked,
-        );
-        Bn {
-            c,
-            off: BnOffsets {
-                gamma,
-                beta,
-                mean,
-                var,
-            },
-        }
-    }
-    fn linear(&mut self, name: &str, fin: usize, fout: usize) -> Linear {
-        // PyTorch default: kaiming_uniform_(a=sqrt(5)) => U(-1/sqrt(in), 1/sqrt(in)), same
-        // bound for the bias.
-        let bound = 1.0 / (fin as f32).sqrt();
-        let w = self
-            .table
-            .push(format!("{name}.weight"), vec![fout, fin], Storage::Param);
-        for _ in 0..fout * fin {
-            let v = self.rng.random_range(-bound..bound);
-            self.init.push(v);
-        }
-        let b = self
-            .table
-            .push(format!("{name}.bias"), vec![fout], Storage::Param);
-        for _ in 0..fout {
-            let v = self.rng.random_range(-bound..bound);
-            self.init.push(v);
-        }
-        Linear { fin, fout, w, b }
-    }
-}
-
-fn build(cfg: &EncoderConfig, seed: u64) -> (Net, ParamTable, Vec<f32>, Vec<f32>) {
-    let mut b = Builder {
-        table: ParamTable::default(),
-        init: Vec::new(),
-        running_init: Vec::new(),
-        rng: crate::rng::rng(seed),
-    };
-    let cin = cfg.in_channels;
-    let (conv1, maxpool, widths, depths, bottleneck) = match cfg.arch {
-        Arch::Resnet8 | Arch::Resnet20 => {
-            let n = if cfg.arch == Arch::Resnet8 { 1 } else { 3 };
-            (
-                b.conv("conv1", cin, 16, 3, 1),
-                false,
-                vec![16, 32, 64],
-                vec![n; 3],
-                false,
-            )
-        }
-        Arch::Resnet18Cifar => (
-            b.conv("conv1", cin, 64, 3, 1),
-            false,
-            vec![64, 128, 256, 512],
-            vec![2; 4],
-            false,
-        ),
-        Arch::Resnet18 => (
-            b.conv("conv1", cin, 64, 7, 2),
-            true,
-            vec![64, 128, 256, 512],
-            vec![2; 4],
-            false,
-        ),
-        Arch::Resnet50 => (
-            b.conv("conv1", cin, 64, 7, 2),
-            true,
-            vec![64, 128, 256, 512],
-            vec![3, 4, 6, 3],
-            true,
-        ),
-    };
-    let bn1 = b.bn("bn1", conv1.cout);
-    let mut blocks = Vec::new();
-    let mut c = conv1.cout;
-    for (li, (&width, &depth)) in widths.iter().zip(&depths).enumerate() {
-        for bi in 0..depth {
-            let stride = if li > 0 && bi == 0 { 2 } else { 1 };
-            let p = format!("layer{}.{}", li + 1, bi);
-            let (stages, cout) = if bottleneck {
-                let out = width * 4;
-                let c1 = b.conv(&format!("{p}.conv1"), c, width, 1, 1);
-                let n1 = b.bn(&format!("{p}.bn1"), width);
-                let c2 = b.conv(&format!("{p}.conv2"), width, width, 3, stride);
-                let n2 = b.bn(&format!("{p}.bn2"), width);
-                let c3 = b.conv(&format!("{p}.conv3"), width, out, 1, 1);
-                let n3 = b.bn(&format!("{p}.bn3"), out);
-                (vec![(c1, n1), (c2, n2), (c3, n3)], out)
-            } else {
-                let c1 = b.conv(&format!("{p}.conv1"), c, width, 3, stride);
-                let n1 = b.bn(&format!("{p}.bn1"), width);
-                let c2 = b.conv(&format!("{p}.conv2"), width, width, 3, 1);
-                let n2 = b.bn(&format!("{p}.bn2"), width);
-                (vec![(c1, n1), (c2, n2)], width)
-            };
-            let down = if stride != 1 || c != cout {
-                let dc = b.conv(&format!("{p}.downsample.0"), c, cout, 1, stride);
-                let dn = b.bn(&format!("{p}.downsample.1"), cout);
-                Some((dc, dn))
-            } else {
-                None
-            };
-            blocks.push(Block { stages, down });
-            c = cout;
-        }
-    }
-    b.table.backbone_params = b.table.params;
-    let head = if cfg.mlp {
-        let l1 = b.linear("fc.0", c, c);
-        let l2 = b.linear("fc.2", c, cfg.dim);
-        Head::Mlp(l1, l2)
-    } else {
-        Head::Linear(b.linear("fc", c, cfg.dim))
-    };
-    let net = Net {
-        conv1,
-        bn1,
-        maxpool,
-        blocks,
-        feat: c,
-        head,
-    };
-    (net, b.table, b.init, b.running_init)
-}
-
-/// The name/shape/offset table of `cfg` without allocating the parameters.
-pub(super) fn table_for(cfg: &EncoderConfig) -> Result<ParamTable> {
-    cfg.validate()?;
-    Ok(build(cfg, 0).1)
-}
-
-impl ParamTable {
-    /// The table of the encoder `cfg` describes (no parameter buffer is allocated).
-    pub fn for_config(cfg: &EncoderConfig) -> Result<ParamTable> {
-        table_for(cfg)
-    }
-}
 
 /// An activation: a shared buffer (cached by several layers) and its C, H, W.
 struct Act<B: Backend> {
@@ -463,14 +192,14 @@ impl<B: Backend> Cache<B> {
 /// out by [`ParamTable`]; two encoders built from the same config share the layout, so the
 /// momentum update is one pass over [`Encoder::params`].
 pub struct Encoder<B: Backend> {
-    backend: B,
-    cfg: EncoderConfig,
+    pub(super) backend: B,
+    pub(super) cfg: EncoderConfig,
     net: Net,
-    table: ParamTable,
-    params: B::Buf,
+    pub(super) table: ParamTable,
+    pub(super) params: B::Buf,
     grads: B::Buf,
-    running: B::Buf,
-    num_batches_tracked: u64,
+    pub(super) running: B::Buf,
+    pub(super) num_batches_tracked: u64,
     bn: BnParams,
     cache: Option<Cache<B>>,
     pool: Pool<B>,
@@ -734,55 +463,6 @@ impl<B: Backend> Encoder<B> {
             self.pool.give_shared(&be, h);
         }
         Ok(dx)
-    }
-
-    /// Every state-dict tensor as (torchvision name, shape, values), in torchvision order.
-    /// `num_batches_tracked` entries carry the counter as one f32 value.
-    pub fn state_dict(&self) -> Result<Vec<StateEntry>> {
-        let p = self.backend.download_f32(&self.params)?;
-        let r = self.backend.download_f32(&self.running)?;
-        Ok(self
-            .table
-            .entries()
-            .iter()
-            .map(|e| {
-                let v = match e.storage {
-                    Storage::Param => p[e.offset..e.offset + e.len].to_vec(),
-                    Storage::RunningMean | Storage::RunningVar => {
-                        r[e.offset..e.offset + e.len].to_vec()
-                    }
-                    Storage::NumBatchesTracked => vec![self.num_batches_tracked as f32],
-                };
-                (e.name.clone(), e.shape.clone(), v)
-            })
-            .collect())
-    }
-
-    /// Loads one tensor by torchvision name (parameters or running statistics; a
-    /// `num_batches_tracked` entry sets the counter). Errors on an unknown name or a shape
-    /// mismatch, changing nothing.
-    pub fn load_tensor(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
-        let e = self.table.get(name).ok_or_else(|| {
-            Error::invalid(format!("unknown tensor {name:?} for {}", self.cfg.arch))
-        })?;
-        if e.shape != shape || values.len() != e.len {
-            return Err(Error::invalid(format!(
-                "{name}: shape {shape:?} ({} values) does not match the model's {:?}",
-                values.len(),
-                e.shape
-            )));
-        }
-        let (storage, offset) = (e.storage, e.offset);
-        match storage {
-            Storage::Param => self.backend.write_f32(&mut self.params, offset, values),
-            Storage::RunningMean | Storage::RunningVar => {
-                self.backend.write_f32(&mut self.running, offset, values)
-            }
-            Storage::NumBatchesTracked => {
-                self.num_batches_tracked = values[0].max(0.0) as u64;
-                Ok(())
-            }
-        }
     }
 
     // ----- internals -------------------------------------------------------------------
@@ -1241,13 +921,5 @@ impl<B: Backend> Encoder<B> {
         self.pool.give(&be, dout);
         bc.recycle(&mut self.pool, &be);
         Ok(dx)
-    }
-}
-
-fn lin_shape(n: usize, l: &Linear) -> LinearShape {
-    LinearShape {
-        n,
-        fin: l.fin,
-        fout: l.fout,
     }
 }

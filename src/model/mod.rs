@@ -40,15 +40,24 @@
 //! widths 16/32/64) with torchvision-style projection shortcuts (1x1 conv + BatchNorm, named
 //! `layerX.0.downsample.{0,1}`) where the shape changes, so all variants share one naming
 //! scheme.
+//!
+//! Files: this one holds the architecture, config and [`ParamTable`]; `network.rs` the
+//! network description ([`InputShape`], the layer records) and its construction;
+//! `encoder.rs` the [`Encoder`] with its forward and backward passes, activation caches and
+//! buffer pool; `state_dict.rs` [`StateEntry`] and the encoder's state-dict export/import.
 use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
 mod encoder;
+mod network;
 pub mod reference;
+mod state_dict;
 
-pub use encoder::{Encoder, InputShape, StateEntry};
+pub use encoder::Encoder;
+pub use network::InputShape;
+pub use state_dict::StateEntry;
 
 /// A ResNet variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
