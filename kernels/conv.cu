@@ -8,9 +8,9 @@
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256)
-moco_im2col_f32(const float *__restrict__ x, float *__restrict__ col, uint32_t nb, uint32_t cin,
-                uint32_t h, uint32_t w, uint32_t k, uint32_t stride, uint32_t pad, uint32_t ho,
-                uint32_t wo) {
+moco_im2col_f32(const float *__restrict__ x, float *__restrict__ col, MocoConvShape s) {
+    const uint32_t nb = s.nb, cin = s.cin, h = s.h, w = s.w, k = s.k, stride = s.stride, pad = s.pad,
+                   ho = s.ho, wo = s.wo;
     const uint64_t hwo = (uint64_t)ho * wo;
     const uint64_t total = (uint64_t)cin * k * k * nb * hwo;
     for (uint64_t i = moco_global_tid(); i < total; i += moco_grid_threads()) {
@@ -32,9 +32,9 @@ moco_im2col_f32(const float *__restrict__ x, float *__restrict__ col, uint32_t n
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-moco_col2im_f32(const float *__restrict__ dcol, float *__restrict__ dx, uint32_t nb, uint32_t cin,
-                uint32_t h, uint32_t w, uint32_t k, uint32_t stride, uint32_t pad, uint32_t ho,
-                uint32_t wo) {
+moco_col2im_f32(const float *__restrict__ dcol, float *__restrict__ dx, MocoConvShape s) {
+    const uint32_t nb = s.nb, cin = s.cin, h = s.h, w = s.w, k = s.k, stride = s.stride, pad = s.pad,
+                   ho = s.ho, wo = s.wo;
     const uint64_t hwo = (uint64_t)ho * wo;
     const uint64_t total = (uint64_t)nb * cin * h * w;
     for (uint64_t i = moco_global_tid(); i < total; i += moco_grid_threads()) {

@@ -26,8 +26,9 @@ moco_add_f32(float *__restrict__ a, const float *__restrict__ b, uint64_t n) {
 // Max-pool, one thread per output; the first maximum in scan order wins (PyTorch).
 extern "C" __global__ void __launch_bounds__(256)
 moco_maxpool_f32(const float *__restrict__ x, float *__restrict__ y, uint32_t *__restrict__ idx,
-                 uint64_t planes, uint32_t h, uint32_t w, uint32_t k, uint32_t stride, uint32_t pad,
-                 uint32_t ho, uint32_t wo) {
+                 MocoPoolShape s) {
+    const uint64_t planes = s.planes;
+    const uint32_t h = s.h, w = s.w, k = s.k, stride = s.stride, pad = s.pad, ho = s.ho, wo = s.wo;
     const uint64_t total = planes * ho * wo;
     for (uint64_t i = moco_global_tid(); i < total; i += moco_grid_threads()) {
         const int ox = (int)(i % wo), oy = (int)((i / wo) % ho);
@@ -54,8 +55,9 @@ moco_maxpool_f32(const float *__restrict__ x, float *__restrict__ y, uint32_t *_
 // Max-pool backward, one thread per input element: sums dy over the windows that chose it.
 extern "C" __global__ void __launch_bounds__(256)
 moco_maxpool_bwd_f32(const float *__restrict__ dy, const uint32_t *__restrict__ idx,
-                     float *__restrict__ dx, uint64_t planes, uint32_t h, uint32_t w, uint32_t k,
-                     uint32_t stride, uint32_t pad, uint32_t ho, uint32_t wo) {
+                     float *__restrict__ dx, MocoPoolShape s) {
+    const uint64_t planes = s.planes;
+    const uint32_t h = s.h, w = s.w, k = s.k, stride = s.stride, pad = s.pad, ho = s.ho, wo = s.wo;
     const uint64_t total = planes * h * w;
     for (uint64_t i = moco_global_tid(); i < total; i += moco_grid_threads()) {
         const int ix = (int)(i % w), iy = (int)((i / w) % h);

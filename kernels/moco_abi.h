@@ -16,7 +16,7 @@
 
 #include <stdint.h>
 
-#define MOCO_ABI_VERSION 1
+#define MOCO_ABI_VERSION 2
 
 /* Momentum (EMA) update of a flat buffer: key = m * key + (1 - m) * query. */
 typedef struct MocoEmaArgs {
@@ -55,6 +55,44 @@ typedef struct MocoEnqueueArgs {
     uint64_t k;
     uint64_t ptr;
 } MocoEnqueueArgs;
+
+/* One chunk of a convolution for im2col / col2im: nb samples of cin x h x w, a k x k kernel
+ * with stride and zero padding, output ho x wo. */
+typedef struct MocoConvShape {
+    uint32_t nb;
+    uint32_t cin;
+    uint32_t h;
+    uint32_t w;
+    uint32_t k;
+    uint32_t stride;
+    uint32_t pad;
+    uint32_t ho;
+    uint32_t wo;
+} MocoConvShape;
+
+/* A max-pool over planes independent h x w planes: k x k window, stride, padding (as -inf),
+ * output ho x wo. */
+typedef struct MocoPoolShape {
+    uint64_t planes;
+    uint32_t h;
+    uint32_t w;
+    uint32_t k;
+    uint32_t stride;
+    uint32_t pad;
+    uint32_t ho;
+    uint32_t wo;
+    uint32_t reserved;
+} MocoPoolShape;
+
+/* A BatchNorm over n x c x hw, with statistics per group of samples (n % groups == b in
+ * group b; groups = 1 is plain BatchNorm). */
+typedef struct MocoBnShape {
+    uint32_t n;
+    uint32_t c;
+    uint64_t hw;
+    uint32_t groups;
+    uint32_t reserved;
+} MocoBnShape;
 
 /* Element type of queue storage. */
 typedef enum MocoDType {

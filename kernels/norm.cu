@@ -34,8 +34,9 @@ __device__ __forceinline__ uint64_t group_index(uint64_t j, uint64_t hw, uint32_
 // grid (C, G). mean, invstd, var_unbiased: G x C.
 extern "C" __global__ void __launch_bounds__(256)
 moco_bn_stats_f32(const float *__restrict__ x, float *__restrict__ mean, float *__restrict__ invstd,
-                  float *__restrict__ var_unbiased, uint32_t n, uint32_t c, uint64_t hw, uint32_t g,
-                  float eps) {
+                  float *__restrict__ var_unbiased, MocoBnShape bn, float eps) {
+    const uint32_t n = bn.n, c = bn.c, g = bn.groups;
+    const uint64_t hw = bn.hw;
     __shared__ double scratch[32];
     const uint32_t ch = blockIdx.x, b = blockIdx.y;
     const uint64_t m = (uint64_t)(n / g) * hw;
@@ -86,7 +87,9 @@ moco_bn_eval_stats_f32(const float *__restrict__ running_mean, const float *__re
 extern "C" __global__ void __launch_bounds__(256)
 moco_bn_apply_f32(const float *__restrict__ x, float *__restrict__ y, const float *__restrict__ gamma,
                   const float *__restrict__ beta, const float *__restrict__ mean,
-                  const float *__restrict__ invstd, uint32_t n, uint32_t c, uint64_t hw, uint32_t g) {
+                  const float *__restrict__ invstd, MocoBnShape bn) {
+    const uint32_t n = bn.n, c = bn.c, g = bn.groups;
+    const uint64_t hw = bn.hw;
     const uint64_t total = (uint64_t)n * c * hw;
     for (uint64_t i = moco_global_tid(); i < total; i += moco_grid_threads()) {
         const uint64_t plane = i / hw;
@@ -102,7 +105,9 @@ moco_bn_apply_f32(const float *__restrict__ x, float *__restrict__ y, const floa
 extern "C" __global__ void __launch_bounds__(256)
 moco_bn_bwd_reduce_f32(const float *__restrict__ x, const float *__restrict__ dy,
                        const float *__restrict__ mean, const float *__restrict__ invstd,
-                       float *__restrict__ sums, uint32_t n, uint32_t c, uint64_t hw, uint32_t g) {
+                       float *__restrict__ sums, MocoBnShape bn) {
+    const uint32_t n = bn.n, c = bn.c, g = bn.groups;
+    const uint64_t hw = bn.hw;
     __shared__ double scratch[32];
     const uint32_t ch = blockIdx.x, b = blockIdx.y;
     const uint64_t m = (uint64_t)(n / g) * hw;
@@ -142,8 +147,10 @@ moco_bn_bwd_params_f32(const float *__restrict__ sums, float *__restrict__ dgamm
 extern "C" __global__ void __launch_bounds__(256)
 moco_bn_bwd_dx_f32(const float *__restrict__ x, const float *__restrict__ dy, float *__restrict__ dx,
                    const float *__restrict__ gamma, const float *__restrict__ mean,
-                   const float *__restrict__ invstd, const float *__restrict__ sums, uint32_t n,
-                   uint32_t c, uint64_t hw, uint32_t g, uint32_t train) {
+                   const float *__restrict__ invstd, const float *__restrict__ sums, MocoBnShape bn,
+                   uint32_t train) {
+    const uint32_t n = bn.n, c = bn.c, g = bn.groups;
+    const uint64_t hw = bn.hw;
     const uint64_t total = (uint64_t)n * c * hw;
     const float inv_m = 1.0f / (float)((uint64_t)(n / g) * hw);
     for (uint64_t i = moco_global_tid(); i < total; i += moco_grid_threads()) {

@@ -21,6 +21,12 @@ unsafe impl cudarc::driver::DeviceRepr for MocoTensorChunk {}
 unsafe impl cudarc::driver::DeviceRepr for MocoContrastShape {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for MocoEnqueueArgs {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for MocoConvShape {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for MocoPoolShape {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for MocoBnShape {}
 
 extern "C" {
     fn moco_abi_layout_len() -> usize;
@@ -85,6 +91,30 @@ pub fn rust_layout() -> Vec<(String, usize)> {
         o!(MocoEnqueueArgs, c),
         o!(MocoEnqueueArgs, k),
         o!(MocoEnqueueArgs, ptr),
+        s!(MocoConvShape),
+        o!(MocoConvShape, nb),
+        o!(MocoConvShape, cin),
+        o!(MocoConvShape, h),
+        o!(MocoConvShape, w),
+        o!(MocoConvShape, k),
+        o!(MocoConvShape, stride),
+        o!(MocoConvShape, pad),
+        o!(MocoConvShape, ho),
+        o!(MocoConvShape, wo),
+        s!(MocoPoolShape),
+        o!(MocoPoolShape, planes),
+        o!(MocoPoolShape, h),
+        o!(MocoPoolShape, w),
+        o!(MocoPoolShape, k),
+        o!(MocoPoolShape, stride),
+        o!(MocoPoolShape, pad),
+        o!(MocoPoolShape, ho),
+        o!(MocoPoolShape, wo),
+        s!(MocoBnShape),
+        o!(MocoBnShape, n),
+        o!(MocoBnShape, c),
+        o!(MocoBnShape, hw),
+        o!(MocoBnShape, groups),
         s!(MocoDType),
         ("MOCO_ABI_VERSION".to_string(), MOCO_ABI_VERSION as usize),
     ]

@@ -3,7 +3,7 @@
 //! the weight gradient's GEMM and scatters the columns back with col2im.
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
-use super::{u32_of, Cuda};
+use super::{conv_abi, Cuda};
 use crate::backend::{check_len, ConvShape};
 use crate::cuda::{kernels, launch, view, view_mut};
 use crate::error::Result;
@@ -37,15 +37,7 @@ impl Cuda {
         launch!(self.gpu, kernels::conv::IM2COL_F32, self.elementwise(need as u64);
             xv,
             mut colv,
-            u32_of(m, "batch chunk")?,
-            u32_of(s.cin, "cin")?,
-            u32_of(s.h, "h")?,
-            u32_of(s.w, "w")?,
-            u32_of(s.k, "k")?,
-            u32_of(s.stride, "stride")?,
-            u32_of(s.pad, "pad")?,
-            u32_of(s.ho, "ho")?,
-            u32_of(s.wo, "wo")?
+            conv_abi(s, m)?
         );
         Ok(())
     }
@@ -66,15 +58,7 @@ impl Cuda {
         launch!(self.gpu, kernels::conv::COL2IM_F32, self.elementwise((m * xs) as u64);
             colv,
             mut dxv,
-            u32_of(m, "batch chunk")?,
-            u32_of(s.cin, "cin")?,
-            u32_of(s.h, "h")?,
-            u32_of(s.w, "w")?,
-            u32_of(s.k, "k")?,
-            u32_of(s.stride, "stride")?,
-            u32_of(s.pad, "pad")?,
-            u32_of(s.ho, "ho")?,
-            u32_of(s.wo, "wo")?
+            conv_abi(s, m)?
         );
         Ok(())
     }

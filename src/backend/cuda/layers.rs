@@ -3,7 +3,7 @@
 //! check.
 use cudarc::driver::CudaSlice;
 
-use super::{u32_of, Cuda};
+use super::{pool_abi, Cuda};
 use crate::backend::{check_len, LinearShape, PoolShape};
 use crate::cuda::{kernels, launch, view, view_mut};
 use crate::error::{Error, Result};
@@ -95,14 +95,7 @@ impl Cuda {
             xv,
             mut yv,
             mut iv,
-            s.planes as u64,
-            u32_of(s.h, "h")?,
-            u32_of(s.w, "w")?,
-            u32_of(s.k, "k")?,
-            u32_of(s.stride, "stride")?,
-            u32_of(s.pad, "pad")?,
-            u32_of(s.ho, "ho")?,
-            u32_of(s.wo, "wo")?
+            pool_abi(s)?
         );
         Ok(())
     }
@@ -122,14 +115,7 @@ impl Cuda {
             dyv,
             iv,
             mut dxv,
-            s.planes as u64,
-            u32_of(s.h, "h")?,
-            u32_of(s.w, "w")?,
-            u32_of(s.k, "k")?,
-            u32_of(s.stride, "stride")?,
-            u32_of(s.pad, "pad")?,
-            u32_of(s.ho, "ho")?,
-            u32_of(s.wo, "wo")?
+            pool_abi(s)?
         );
         Ok(())
     }

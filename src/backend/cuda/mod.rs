@@ -14,6 +14,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{Backend, BnOffsets, BnParams, BnShape, ConvShape, LinearShape, PoolShape};
+use crate::cuda::abi::{MocoBnShape, MocoConvShape, MocoPoolShape};
 use crate::cuda::{view_mut, Gpu, BLOCK};
 use crate::error::{CudaResultExt, Error, Result};
 
@@ -40,6 +41,47 @@ impl std::fmt::Debug for Cuda {
 /// `v` as a kernel's `uint32_t`, or an error naming it.
 fn u32_of(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::invalid(format!("{what} = {v} does not fit 32 bits")))
+}
+
+/// The kernels' view of a convolution over a chunk of `nb` samples (`moco_abi.h`).
+fn conv_abi(s: &ConvShape, nb: usize) -> Result<MocoConvShape> {
+    Ok(MocoConvShape {
+        nb: u32_of(nb, "batch chunk")?,
+        cin: u32_of(s.cin, "cin")?,
+        h: u32_of(s.h, "h")?,
+        w: u32_of(s.w, "w")?,
+        k: u32_of(s.k, "k")?,
+        stride: u32_of(s.stride, "stride")?,
+        pad: u32_of(s.pad, "pad")?,
+        ho: u32_of(s.ho, "ho")?,
+        wo: u32_of(s.wo, "wo")?,
+    })
+}
+
+/// The kernels' view of a max-pool.
+fn pool_abi(s: &PoolShape) -> Result<MocoPoolShape> {
+    Ok(MocoPoolShape {
+        planes: s.planes as u64,
+        h: u32_of(s.h, "h")?,
+        w: u32_of(s.w, "w")?,
+        k: u32_of(s.k, "k")?,
+        stride: u32_of(s.stride, "stride")?,
+        pad: u32_of(s.pad, "pad")?,
+        ho: u32_of(s.ho, "ho")?,
+        wo: u32_of(s.wo, "wo")?,
+        reserved: 0,
+    })
+}
+
+/// The kernels' view of a BatchNorm.
+fn bn_abi(s: &BnShape) -> Result<MocoBnShape> {
+    Ok(MocoBnShape {
+        n: u32_of(s.n, "n")?,
+        c: u32_of(s.c, "c")?,
+        hw: s.hw as u64,
+        groups: u32_of(s.groups, "groups")?,
+        reserved: 0,
+    })
 }
 
 impl Cuda {

@@ -3,7 +3,7 @@
 //! reduce, parameter-gradient and `dx` passes.
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::{u32_of, Cuda};
+use super::{bn_abi, u32_of, Cuda};
 use crate::backend::cpu::bn_checks;
 use crate::backend::{check_len, BnOffsets, BnParams, BnShape};
 use crate::cuda::{kernels, launch, view, view_mut, Disjoint, BLOCK};
@@ -43,12 +43,8 @@ impl Cuda {
             off.var,
             c,
         )?;
-        let (n32, c32, g32, hw) = (
-            u32_of(s.n, "n")?,
-            u32_of(c, "c")?,
-            u32_of(g, "groups")?,
-            s.hw as u64,
-        );
+        let abi = bn_abi(s)?;
+        let (c32, g32) = (abi.c, abi.groups);
         let xv = view("batchnorm x", x, 0, s.len())?;
         let mut var = self.gpu.zeros::<f32>(g * c)?;
         launch!(self.gpu, kernels::norm::BN_STATS_F32, Self::per_group_channel(c32, g32);
@@ -56,10 +52,7 @@ impl Cuda {
             mut view_mut("batchnorm mean", mean, 0, g * c)?,
             mut view_mut("batchnorm invstd", invstd, 0, g * c)?,
             mut var.as_view_mut(),
-            n32,
-            c32,
-            hw,
-            g32,
+            abi,
             hp.eps as f32
         );
         {
@@ -82,10 +75,7 @@ impl Cuda {
             view("batchnorm beta", params, off.beta, c)?,
             view("batchnorm mean", mean, 0, g * c)?,
             view("batchnorm invstd", invstd, 0, g * c)?,
-            n32,
-            c32,
-            hw,
-            g32
+            abi
         );
         Ok(())
     }
@@ -103,7 +93,6 @@ impl Cuda {
     ) -> Result<()> {
         bn_checks(s, x.len(), params.len(), off, running.len(), y.len())?;
         let c = s.c;
-        let (n32, c32, hw) = (u32_of(s.n, "n")?, u32_of(c, "c")?, s.hw as u64);
         let mut mean = self.gpu.zeros::<f32>(c)?;
         let mut invstd = self.gpu.zeros::<f32>(c)?;
         self.eval_stats(hp, running, off, c, &mut mean, &mut invstd)?;
@@ -114,10 +103,7 @@ impl Cuda {
             view("batchnorm beta", params, off.beta, c)?,
             mean.as_view(),
             invstd.as_view(),
-            n32,
-            c32,
-            hw,
-            1u32
+            bn_abi(&BnShape { groups: 1, ..*s })?
         );
         Ok(())
     }
@@ -210,12 +196,8 @@ impl Cuda {
     ) -> Result<()> {
         let (c, g) = (s.c, s.groups);
         let grads_at = Disjoint::new("batchnorm grads", grads.len(), off.gamma, off.beta, c)?;
-        let (n32, c32, g32, hw) = (
-            u32_of(s.n, "n")?,
-            u32_of(c, "c")?,
-            u32_of(g, "groups")?,
-            s.hw as u64,
-        );
+        let abi = bn_abi(s)?;
+        let (c32, g32) = (abi.c, abi.groups);
         let xv = view("batchnorm x", x, 0, s.len())?;
         let dyv = view("batchnorm dy", dy, 0, s.len())?;
         let meanv = view("batchnorm mean", mean, 0, g * c)?;
@@ -227,10 +209,7 @@ impl Cuda {
             meanv.slice(..),
             invstdv.slice(..),
             mut sums.as_view_mut(),
-            n32,
-            c32,
-            hw,
-            g32
+            abi
         );
         {
             let (mut lo, mut hi) = grads.split_at_mut(grads_at.mid);
@@ -251,10 +230,7 @@ impl Cuda {
             meanv,
             invstdv,
             sums.as_view(),
-            n32,
-            c32,
-            hw,
-            g32,
+            abi,
             u32::from(train)
         );
         Ok(())
