@@ -1,10 +1,55 @@
-//! Every layer of the CPU backend: the fast path (f32) against the plain-loop f64
-//! reference, gradients by finite differences in f64, SGD and the LR schedules.
+//! Every layer against the plain-loop f64 reference (`model::reference`): one test body per
+//! layer, run on every backend by [`on_every_backend!`] (the CPU's f32 path always, the
+//! CUDA backend when a GPU is present: those are `#[ignore]`d here and run by
+//! `scripts/gpu-check`); gradients by finite differences in f64, SGD and the LR schedules.
 use moco::backend::{
-    Backend, BnOffsets, BnParams, BnShape, ConvShape, Cpu, LinearShape, PoolShape,
+    Backend, BnOffsets, BnParams, BnShape, ConvShape, Cpu, Cuda, LinearShape, PoolShape,
 };
 use moco::model::reference as r;
 use moco::testing::{assert_close, normal, uniform};
+
+/// Instantiates each generic test body `fn name<B: Backend>(be: &B)` once per backend:
+/// `cpu::name` on `Cpu<f32>`, and `cuda::name` on the first GPU (ignored without one).
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod cpu {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&moco::backend::Cpu::<f32>::new());
+                }
+            )*
+        }
+        mod cuda {
+            $(
+                #[test]
+                #[ignore = "needs a CUDA GPU"]
+                fn $name() {
+                    super::$name(&super::cuda_backend());
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    conv_forward_backward_match_reference,
+    batchnorm_train_forward_and_running_stats_match_reference,
+    pools_relu_linear_match_reference,
+);
+
+fn cuda_backend() -> Cuda {
+    Cuda::new(moco::testing::test_gpu()).expect("CUDA backend")
+}
+
+/// Host values into a new buffer of `be`.
+fn up<B: Backend>(be: &B, v: &[f32]) -> B::Buf {
+    be.upload_f32(v).unwrap()
+}
+/// A buffer's values on the host.
+fn down<B: Backend>(be: &B, b: &B::Buf) -> Vec<f32> {
+    be.download_f32(b).unwrap()
+}
 
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
@@ -85,22 +130,23 @@ const CONV_CASES: &[ConvCase] = &[
     (1, 2, (7, 5), 3, 5, 1, 2),
 ];
 
-#[test]
-fn conv_forward_backward_match_reference() {
-    let be = Cpu::<f32>::new();
+fn conv_forward_backward_match_reference<B: Backend>(be: &B) {
     for (ci, &(n, cin, hw, cout, k, st, p)) in CONV_CASES.iter().enumerate() {
         let s = ConvShape::new(n, cin, hw, cout, k, st, p).unwrap();
         let x = normal(s.x_len(), 10 + ci as u64);
         let w = normal(s.w_len() + 3, 20 + ci as u64);
         let dy = normal(s.y_len(), 30 + ci as u64);
-        let mut y = vec![f32::NAN; s.y_len()];
-        be.conv2d_forward(&s, &x, &w, 3, &mut y).unwrap();
+        let (xd, wd, dyd) = (up(be, &x), up(be, &w), up(be, &dy));
+        let mut yd = up(be, &vec![f32::NAN; s.y_len()]);
+        be.conv2d_forward(&s, &xd, &wd, 3, &mut yd).unwrap();
+        let y = down(be, &yd);
         let yr = r::conv2d(&s, &f64s(&x), &f64s(&w[3..]));
         assert_close(&format!("conv y {s:?}"), &y, &f32s(&yr), 1e-5, 1e-4);
-        let mut dx = vec![f32::NAN; s.x_len()];
-        let mut dw = vec![1.0f32; s.w_len() + 2];
-        be.conv2d_backward(&s, &x, &w, 3, &dy, Some(&mut dx), &mut dw, 2)
+        let mut dxd = up(be, &vec![f32::NAN; s.x_len()]);
+        let mut dwd = up(be, &vec![1.0f32; s.w_len() + 2]);
+        be.conv2d_backward(&s, &xd, &wd, 3, &dyd, Some(&mut dxd), &mut dwd, 2)
             .unwrap();
+        let (dx, dw) = (down(be, &dxd), down(be, &dwd));
         let (dxr, dwr) = r::conv2d_backward(&s, &f64s(&x), &f64s(&w[3..]), &f64s(&dy));
         assert_close(&format!("conv dx {s:?}"), &dx, &f32s(&dxr), 1e-5, 1e-4);
         let dwr1: Vec<f32> = dwr.iter().map(|v| (v + 1.0) as f32).collect();
@@ -117,10 +163,10 @@ fn conv_forward_backward_match_reference() {
             "conv dw: elements before the offset untouched"
         );
         // Without dx, the same dw.
-        let mut dw2 = vec![1.0f32; s.w_len() + 2];
-        be.conv2d_backward(&s, &x, &w, 3, &dy, None, &mut dw2, 2)
+        let mut dw2d = up(be, &vec![1.0f32; s.w_len() + 2]);
+        be.conv2d_backward(&s, &xd, &wd, 3, &dyd, None, &mut dw2d, 2)
             .unwrap();
-        assert_eq!(dw, dw2);
+        assert_eq!(dw, down(be, &dw2d));
     }
 }
 
@@ -169,9 +215,7 @@ fn bn_setup(c: usize, seed: u64) -> (Vec<f32>, BnOffsets, Vec<f32>) {
     (params, off, running)
 }
 
-#[test]
-fn batchnorm_train_forward_and_running_stats_match_reference() {
-    let be = Cpu::<f32>::new();
+fn batchnorm_train_forward_and_running_stats_match_reference<B: Backend>(be: &B) {
     for &(n, c, hw, g) in &[
         (2, 3, 4, 1),
         (4, 2, 9, 2),
@@ -183,22 +227,24 @@ fn batchnorm_train_forward_and_running_stats_match_reference() {
         let s = BnShape::new(n, c, hw, g, true).unwrap();
         let x: Vec<f32> = normal(s.len(), 7).iter().map(|v| 2.0 * v + 0.7).collect();
         let (params, off, running0) = bn_setup(c, 11);
-        let mut running = running0.clone();
-        let mut y = vec![f32::NAN; s.len()];
-        let (mut mean, mut invstd) = (vec![0.0; g * c], vec![0.0; g * c]);
+        let (xd, pd) = (up(be, &x), up(be, &params));
+        let mut runningd = up(be, &running0);
+        let mut yd = up(be, &vec![f32::NAN; s.len()]);
+        let (mut meand, mut invstdd) = (up(be, &vec![0.0; g * c]), up(be, &vec![0.0; g * c]));
         let hp = BnParams::default();
         be.bn_forward_train(
             &s,
             hp,
-            &x,
-            &params,
+            &xd,
+            &pd,
             off,
-            &mut running,
-            &mut y,
-            &mut mean,
-            &mut invstd,
+            &mut runningd,
+            &mut yd,
+            &mut meand,
+            &mut invstdd,
         )
         .unwrap();
+        let (y, mean, running) = (down(be, &yd), down(be, &meand), down(be, &runningd));
         let p = f64s(&params);
         let (yr, mr, vr) = r::batchnorm_train(&s, &f64s(&x), &p[1..1 + c], &p[1 + c..], 1e-5);
         assert_close("bn train y", &y, &f32s(&yr), 1e-6, 1e-5);
@@ -209,8 +255,9 @@ fn batchnorm_train_forward_and_running_stats_match_reference() {
         assert_close("bn running_mean", &running[..c], &f32s(&rm), 1e-6, 1e-6);
         assert_close("bn running_var", &running[c..], &f32s(&rv), 1e-6, 1e-6);
         // Eval mode with the running statistics.
-        be.bn_forward_eval(&s, hp, &x, &params, off, &running, &mut y)
+        be.bn_forward_eval(&s, hp, &xd, &pd, off, &runningd, &mut yd)
             .unwrap();
+        let y = down(be, &yd);
         let ye = r::batchnorm_eval(&s, &f64s(&x), &p[1..1 + c], &p[1 + c..], &rm, &rv, 1e-5);
         assert_close("bn eval y", &y, &f32s(&ye), 1e-6, 1e-5);
     }
@@ -383,23 +430,31 @@ fn batchnorm_rejects_bad_shapes() {
     );
 }
 
-#[test]
-fn pools_relu_linear_match_reference() {
-    let be = Cpu::<f32>::new();
+fn pools_relu_linear_match_reference<B: Backend>(be: &B) {
     for &(planes, h, w) in &[(3, 8, 8), (2, 7, 5), (1, 2, 2), (4, 1, 1), (2, 112, 112)] {
         let s = PoolShape::new(planes, (h, w), 3, 2, 1).unwrap();
         let x = normal(planes * h * w, 80);
-        let mut y = vec![f32::NAN; planes * s.ho * s.wo];
-        let mut idx = vec![u32::MAX; y.len()];
-        be.maxpool_forward(&s, &x, &mut y, &mut idx).unwrap();
+        let xd = up(be, &x);
+        let mut yd = up(be, &vec![f32::NAN; planes * s.ho * s.wo]);
+        let mut idxd = be.zeros_idx(planes * s.ho * s.wo).unwrap();
+        be.maxpool_forward(&s, &xd, &mut yd, &mut idxd).unwrap();
         let (yr, ir) = r::maxpool(&s, &f64s(&x));
-        assert_eq!(y, f32s(&yr));
-        assert_eq!(idx.iter().map(|&i| i as usize).collect::<Vec<_>>(), ir);
-        let mut a = vec![f32::NAN; planes];
-        be.avgpool_forward(planes, h * w, &x, &mut a).unwrap();
+        assert_eq!(down(be, &yd), f32s(&yr));
+        // The argmax indices, seen through the backward of dy = 1: each input counts the
+        // windows whose maximum (the reference's index within the plane) it is.
+        let mut dxd = up(be, &vec![f32::NAN; planes * h * w]);
+        be.maxpool_backward(&s, &up(be, &vec![1.0; yr.len()]), &idxd, &mut dxd)
+            .unwrap();
+        let mut counts = vec![0.0f32; planes * h * w];
+        for (o, &i) in ir.iter().enumerate() {
+            counts[o / (s.ho * s.wo) * h * w + i] += 1.0;
+        }
+        assert_eq!(down(be, &dxd), counts, "maxpool argmax {s:?}");
+        let mut ad = up(be, &vec![f32::NAN; planes]);
+        be.avgpool_forward(planes, h * w, &xd, &mut ad).unwrap();
         assert_close(
             "avgpool",
-            &a,
+            &down(be, &ad),
             &f32s(&r::avgpool(planes, h * w, &f64s(&x))),
             1e-6,
             1e-6,
@@ -409,9 +464,16 @@ fn pools_relu_linear_match_reference() {
         let s = LinearShape { n, fin, fout };
         let x = normal(n * fin, 81);
         let params = normal(fout * fin + fout + 1, 82);
-        let mut y = vec![f32::NAN; n * fout];
-        be.linear_forward(&s, &x, &params, 1, 1 + fout * fin, &mut y)
-            .unwrap();
+        let mut yd = up(be, &vec![f32::NAN; n * fout]);
+        be.linear_forward(
+            &s,
+            &up(be, &x),
+            &up(be, &params),
+            1,
+            1 + fout * fin,
+            &mut yd,
+        )
+        .unwrap();
         let p = f64s(&params);
         let yr = r::linear(
             n,
@@ -421,14 +483,14 @@ fn pools_relu_linear_match_reference() {
             &p[1..1 + fout * fin],
             &p[1 + fout * fin..],
         );
-        assert_close("linear", &y, &f32s(&yr), 1e-5, 1e-4);
+        assert_close("linear", &down(be, &yd), &f32s(&yr), 1e-5, 1e-4);
     }
-    let mut x = vec![-1.0f32, 0.0, 2.0, -0.5];
-    be.relu_forward(&mut x).unwrap();
-    assert_eq!(x, vec![0.0, 0.0, 2.0, 0.0]);
-    let mut d = vec![1.0f32; 4];
-    be.relu_backward(&x, &mut d).unwrap();
-    assert_eq!(d, vec![0.0, 0.0, 1.0, 0.0]);
+    let mut xd = up(be, &[-1.0f32, 0.0, 2.0, -0.5]);
+    be.relu_forward(&mut xd).unwrap();
+    assert_eq!(down(be, &xd), vec![0.0, 0.0, 2.0, 0.0]);
+    let mut dd = up(be, &[1.0f32; 4]);
+    be.relu_backward(&xd, &mut dd).unwrap();
+    assert_eq!(down(be, &dd), vec![0.0, 0.0, 1.0, 0.0]);
 }
 
 #[test]
