@@ -8,9 +8,10 @@
 //! Conventions shared by every implementation:
 //! * outputs named `y`/`dx` are overwritten; parameter gradients (`dw`, `dgamma`, ...) are
 //!   **accumulated** (`+=`), so several backward passes can add into one gradient buffer;
-//! * shapes are validated by the caller-facing shape constructors ([`ConvShape::new`], ...)
-//!   and every backend checks buffer lengths before touching memory, returning
-//!   [`Error::InvalidArgument`] instead of panicking.
+//! * shapes are validated by the caller-facing shape constructors ([`ConvShape::new`], ...),
+//!   and the buffer lengths by the shape types' `check_*` methods ([`ConvShape::check_forward`],
+//!   ...), which every backend calls, with the same messages, before touching memory:
+//!   [`Error::InvalidArgument`] instead of a panic.
 use crate::error::{Error, Result};
 
 pub mod cpu;
@@ -93,6 +94,31 @@ impl ConvShape {
     pub fn w_len(&self) -> usize {
         self.cout * self.cin * self.k * self.k
     }
+    /// Checks the buffer lengths of [`Backend::conv2d_forward`]: `x`, the weight (length and
+    /// offset), `y`. Every backend calls this before touching memory.
+    pub fn check_forward(&self, x: usize, (w, w_off): (usize, usize), y: usize) -> Result<()> {
+        check_len("conv2d x", x, 0, self.x_len())?;
+        check_len("conv2d weight", w, w_off, self.w_len())?;
+        check_len("conv2d y", y, 0, self.y_len())
+    }
+    /// Checks the buffer lengths of [`Backend::conv2d_backward`].
+    pub fn check_backward(
+        &self,
+        x: usize,
+        (w, w_off): (usize, usize),
+        dy: usize,
+        dx: Option<usize>,
+        (dw, dw_off): (usize, usize),
+    ) -> Result<()> {
+        check_len("conv2d x", x, 0, self.x_len())?;
+        check_len("conv2d weight", w, w_off, self.w_len())?;
+        check_len("conv2d dy", dy, 0, self.y_len())?;
+        check_len("conv2d dw", dw, dw_off, self.w_len())?;
+        if let Some(dx) = dx {
+            check_len("conv2d dx", dx, 0, self.x_len())?;
+        }
+        Ok(())
+    }
 }
 
 /// Shape of a BatchNorm2d over `x` N x C x HW, with statistics per group of samples:
@@ -143,6 +169,61 @@ impl BnShape {
     /// Values per (group, channel) statistic.
     pub fn count(&self) -> usize {
         self.n / self.groups * self.hw
+    }
+    /// Checks the buffers of a forward pass: `x` and `y` (N C HW each), gamma and beta (C
+    /// each) in `params`, the running mean and variance (C each) in `running`.
+    pub fn check_forward(
+        &self,
+        x: usize,
+        params: usize,
+        off: BnOffsets,
+        running: usize,
+        y: usize,
+    ) -> Result<()> {
+        check_len("batchnorm x", x, 0, self.len())?;
+        check_len("batchnorm y", y, 0, self.len())?;
+        check_len("batchnorm gamma", params, off.gamma, self.c)?;
+        check_len("batchnorm beta", params, off.beta, self.c)?;
+        check_len("batchnorm running_mean", running, off.mean, self.c)?;
+        check_len("batchnorm running_var", running, off.var, self.c)
+    }
+    /// Checks the batch statistics a training pass writes or its backward reads
+    /// (`groups x C` each).
+    pub fn check_stats(&self, mean: usize, invstd: usize) -> Result<()> {
+        let gc = self.groups * self.c;
+        check_len("batchnorm mean", mean, 0, gc)?;
+        check_len("batchnorm invstd", invstd, 0, gc)
+    }
+    /// Checks the buffers of [`Backend::bn_backward_train`]: `x`, `dy`, `dx`, the batch
+    /// statistics, and gamma/beta in both `params` and `grads`.
+    pub fn check_backward_train(
+        &self,
+        (x, dy, dx): (usize, usize, usize),
+        (params, grads): (usize, usize),
+        off: BnOffsets,
+        (mean, invstd): (usize, usize),
+    ) -> Result<()> {
+        check_len("batchnorm x", x, 0, self.len())?;
+        check_len("batchnorm dy", dy, 0, self.len())?;
+        check_len("batchnorm dx", dx, 0, self.len())?;
+        self.check_stats(mean, invstd)?;
+        for (what, o) in [("gamma", off.gamma), ("beta", off.beta)] {
+            check_len(what, params, o, self.c)?;
+            check_len(what, grads, o, self.c)?;
+        }
+        Ok(())
+    }
+    /// Checks the buffers of [`Backend::bn_backward_eval`].
+    pub fn check_backward_eval(
+        &self,
+        (x, dy, dx): (usize, usize, usize),
+        (params, grads): (usize, usize),
+        off: BnOffsets,
+        running: usize,
+    ) -> Result<()> {
+        self.check_forward(x, params, off, running, dx)?;
+        check_len("batchnorm dy", dy, 0, self.len())?;
+        check_len("batchnorm grads", grads, off.gamma.max(off.beta), self.c)
     }
 }
 
@@ -230,6 +311,37 @@ impl PoolShape {
             wo: (w + 2 * pad - k) / stride + 1,
         })
     }
+    /// Checks the buffers of [`Backend::maxpool_forward`]: `x` (planes H W), `y` and `idx`
+    /// (planes Ho Wo each).
+    pub fn check_forward(&self, x: usize, y: usize, idx: usize) -> Result<()> {
+        let (hw, hwo) = (self.h * self.w, self.ho * self.wo);
+        check_len("maxpool x", x, 0, self.planes * hw)?;
+        check_len("maxpool y", y, 0, self.planes * hwo)?;
+        check_len("maxpool idx", idx, 0, self.planes * hwo)
+    }
+    /// Checks the buffers of [`Backend::maxpool_backward`].
+    pub fn check_backward(&self, dy: usize, idx: usize, dx: usize) -> Result<()> {
+        let (hw, hwo) = (self.h * self.w, self.ho * self.wo);
+        check_len("maxpool dy", dy, 0, self.planes * hwo)?;
+        check_len("maxpool idx", idx, 0, self.planes * hwo)?;
+        check_len("maxpool dx", dx, 0, self.planes * hw)
+    }
+}
+
+/// Checks the buffers of a global average pool over `planes` planes of `hw` values: the
+/// full side (`x` forward, `dx` backward) and the pooled side (planes values).
+pub(crate) fn check_avgpool(
+    planes: usize,
+    hw: usize,
+    (full, full_len): (&str, usize),
+    (pooled, pooled_len): (&str, usize),
+) -> Result<()> {
+    check_len(full, full_len, 0, planes * hw)?;
+    check_len(pooled, pooled_len, 0, planes)?;
+    if hw == 0 {
+        return Err(Error::invalid("avgpool: empty spatial size"));
+    }
+    Ok(())
 }
 
 /// Shape of a fully connected layer `y = x W^T + b`: `x` N x IN, `W` OUT x IN, `b` OUT.
@@ -241,6 +353,40 @@ pub struct LinearShape {
     pub fin: usize,
     /// Output features.
     pub fout: usize,
+}
+
+impl LinearShape {
+    /// Checks the buffers of [`Backend::linear_forward`]: `x` (N IN), the weight (OUT IN)
+    /// and bias (OUT) in `params`, `y` (N OUT).
+    pub fn check_forward(
+        &self,
+        x: usize,
+        params: usize,
+        (w_off, b_off): (usize, usize),
+        y: usize,
+    ) -> Result<()> {
+        check_len("linear x", x, 0, self.n * self.fin)?;
+        check_len("linear weight", params, w_off, self.fout * self.fin)?;
+        check_len("linear bias", params, b_off, self.fout)?;
+        check_len("linear y", y, 0, self.n * self.fout)
+    }
+    /// Checks the buffers of [`Backend::linear_backward`].
+    pub fn check_backward(
+        &self,
+        (x, dy, dx): (usize, usize, Option<usize>),
+        (params, grads): (usize, usize),
+        (w_off, b_off): (usize, usize),
+    ) -> Result<()> {
+        check_len("linear x", x, 0, self.n * self.fin)?;
+        check_len("linear weight", params, w_off, self.fout * self.fin)?;
+        check_len("linear weight grad", grads, w_off, self.fout * self.fin)?;
+        check_len("linear bias grad", grads, b_off, self.fout)?;
+        check_len("linear dy", dy, 0, self.n * self.fout)?;
+        if let Some(dx) = dx {
+            check_len("linear dx", dx, 0, self.n * self.fin)?;
+        }
+        Ok(())
+    }
 }
 
 /// The operations the ResNet needs, on one device.

@@ -8,7 +8,7 @@ use super::{
     direct, gemm, Cpu, Scalar, CONV_MAX_PARTIALS, CONV_MIN_CHUNK, CONV_MIN_ITEMS, CONV_TARGET_COLS,
     ELEM_CHUNK,
 };
-use crate::backend::{check_len, ConvShape};
+use crate::backend::ConvShape;
 use crate::error::Result;
 
 /// Output columns `lo..hi` whose input column `ox * stride + kx - pad` is inside the image.
@@ -195,9 +195,7 @@ impl<T: Scalar> Cpu<T> {
         w_off: usize,
         y: &mut [T],
     ) -> Result<()> {
-        check_len("conv2d x", x.len(), 0, s.x_len())?;
-        check_len("conv2d weight", w.len(), w_off, s.w_len())?;
-        check_len("conv2d y", y.len(), 0, s.y_len())?;
+        s.check_forward(x.len(), (w.len(), w_off), y.len())?;
         let wm = &w[w_off..w_off + s.w_len()];
         let isa = direct::isa().filter(|_| direct::pays(s, false));
         if let (Some(isa), Some(x), Some(wm)) = (isa, T::as_f32(x), T::as_f32(wm)) {
@@ -290,13 +288,13 @@ impl<T: Scalar> Cpu<T> {
         dw: &mut [T],
         dw_off: usize,
     ) -> Result<()> {
-        check_len("conv2d x", x.len(), 0, s.x_len())?;
-        check_len("conv2d weight", w.len(), w_off, s.w_len())?;
-        check_len("conv2d dy", dy.len(), 0, s.y_len())?;
-        check_len("conv2d dw", dw.len(), dw_off, s.w_len())?;
-        if let Some(dx) = &dx {
-            check_len("conv2d dx", dx.len(), 0, s.x_len())?;
-        }
+        s.check_backward(
+            x.len(),
+            (w.len(), w_off),
+            dy.len(),
+            dx.as_ref().map(|d| d.len()),
+            (dw.len(), dw_off),
+        )?;
         let wm = &w[w_off..w_off + s.w_len()];
         let dwm = &mut dw[dw_off..dw_off + s.w_len()];
         if let (Some(isa), Some(x32), Some(w32), Some(dy32)) = (

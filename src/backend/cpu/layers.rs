@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::norm::plane_sum;
 use super::{gemm, Cpu, Scalar, ELEM_CHUNK, LINEAR_OUT_COLS, LINEAR_ROWS};
-use crate::backend::{check_len, LinearShape, PoolShape};
+use crate::backend::{check_avgpool, check_len, LinearShape, PoolShape};
 use crate::error::{Error, Result};
 
 impl<T: Scalar> Cpu<T> {
@@ -58,9 +58,7 @@ impl<T: Scalar> Cpu<T> {
         idx: &mut [u32],
     ) -> Result<()> {
         let (hw, hwo) = (s.h * s.w, s.ho * s.wo);
-        check_len("maxpool x", x.len(), 0, s.planes * hw)?;
-        check_len("maxpool y", y.len(), 0, s.planes * hwo)?;
-        check_len("maxpool idx", idx.len(), 0, s.planes * hwo)?;
+        s.check_forward(x.len(), y.len(), idx.len())?;
         y[..s.planes * hwo]
             .par_chunks_mut(hwo)
             .zip(idx[..s.planes * hwo].par_chunks_mut(hwo))
@@ -103,9 +101,7 @@ impl<T: Scalar> Cpu<T> {
         dx: &mut [T],
     ) -> Result<()> {
         let (hw, hwo) = (s.h * s.w, s.ho * s.wo);
-        check_len("maxpool dy", dy.len(), 0, s.planes * hwo)?;
-        check_len("maxpool idx", idx.len(), 0, s.planes * hwo)?;
-        check_len("maxpool dx", dx.len(), 0, s.planes * hw)?;
+        s.check_backward(dy.len(), idx.len(), dx.len())?;
         dx[..s.planes * hw]
             .par_chunks_mut(hw)
             .zip(dy[..s.planes * hwo].par_chunks(hwo))
@@ -128,11 +124,7 @@ impl<T: Scalar> Cpu<T> {
         x: &[T],
         y: &mut [T],
     ) -> Result<()> {
-        check_len("avgpool x", x.len(), 0, planes * hw)?;
-        check_len("avgpool y", y.len(), 0, planes)?;
-        if hw == 0 {
-            return Err(Error::invalid("avgpool: empty spatial size"));
-        }
+        check_avgpool(planes, hw, ("avgpool x", x.len()), ("avgpool y", y.len()))?;
         y[..planes]
             .par_iter_mut()
             .zip(x[..planes * hw].par_chunks(hw))
@@ -147,11 +139,12 @@ impl<T: Scalar> Cpu<T> {
         dy: &[T],
         dx: &mut [T],
     ) -> Result<()> {
-        check_len("avgpool dy", dy.len(), 0, planes)?;
-        check_len("avgpool dx", dx.len(), 0, planes * hw)?;
-        if hw == 0 {
-            return Err(Error::invalid("avgpool: empty spatial size"));
-        }
+        check_avgpool(
+            planes,
+            hw,
+            ("avgpool dx", dx.len()),
+            ("avgpool dy", dy.len()),
+        )?;
         let inv = 1.0 / hw as f64;
         dx[..planes * hw]
             .par_chunks_mut(hw)
@@ -170,10 +163,7 @@ impl<T: Scalar> Cpu<T> {
         b_off: usize,
         y: &mut [T],
     ) -> Result<()> {
-        check_len("linear x", x.len(), 0, s.n * s.fin)?;
-        check_len("linear weight", params.len(), w_off, s.fout * s.fin)?;
-        check_len("linear bias", params.len(), b_off, s.fout)?;
-        check_len("linear y", y.len(), 0, s.n * s.fout)?;
+        s.check_forward(x.len(), params.len(), (w_off, b_off), y.len())?;
         let wm = &params[w_off..w_off + s.fout * s.fin];
         let bias = &params[b_off..b_off + s.fout];
         y[..s.n * s.fout]
@@ -214,15 +204,14 @@ impl<T: Scalar> Cpu<T> {
         dx: Option<&mut [T]>,
         grads: &mut [T],
     ) -> Result<()> {
-        check_len("linear x", x.len(), 0, s.n * s.fin)?;
-        check_len("linear weight", params.len(), w_off, s.fout * s.fin)?;
-        check_len("linear weight grad", grads.len(), w_off, s.fout * s.fin)?;
-        check_len("linear bias grad", grads.len(), b_off, s.fout)?;
-        check_len("linear dy", dy.len(), 0, s.n * s.fout)?;
+        s.check_backward(
+            (x.len(), dy.len(), dx.as_ref().map(|d| d.len())),
+            (params.len(), grads.len()),
+            (w_off, b_off),
+        )?;
         let one = T::from_f64(1.0);
         let wm = &params[w_off..w_off + s.fout * s.fin];
         if let Some(dx) = dx {
-            check_len("linear dx", dx.len(), 0, s.n * s.fin)?;
             // dx (rows x IN) = dy (rows x OUT) . W (OUT x IN)
             dx[..s.n * s.fin]
                 .par_chunks_mut(LINEAR_ROWS * s.fin)

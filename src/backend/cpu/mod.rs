@@ -68,7 +68,6 @@ pub mod profile;
 
 pub(crate) use gemm::gemm;
 pub use gemm::Scalar;
-pub(crate) use norm::bn_checks;
 pub(crate) use optim::check_sgd;
 
 /// Elements per work item of the elementwise operations.

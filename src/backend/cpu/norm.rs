@@ -26,10 +26,9 @@ impl<T: Scalar> Cpu<T> {
         mean: &mut [T],
         invstd: &mut [T],
     ) -> Result<()> {
-        bn_checks(s, x.len(), params.len(), off, running.len(), y.len())?;
+        s.check_forward(x.len(), params.len(), off, running.len(), y.len())?;
         let (c, g, hw) = (s.c, s.groups, s.hw);
-        check_len("batchnorm mean", mean.len(), 0, g * c)?;
-        check_len("batchnorm invstd", invstd.len(), 0, g * c)?;
+        s.check_stats(mean.len(), invstd.len())?;
         if let Some(r) = residual {
             check_len("batchnorm residual", r.len(), 0, s.len())?;
         }
@@ -107,7 +106,7 @@ impl<T: Scalar> Cpu<T> {
         running: &[T],
         y: &mut [T],
     ) -> Result<()> {
-        bn_checks(s, x.len(), params.len(), off, running.len(), y.len())?;
+        s.check_forward(x.len(), params.len(), off, running.len(), y.len())?;
         let (c, hw) = (s.c, s.hw);
         let pp = planes_per_item(hw);
         y[..s.len()]
@@ -146,17 +145,14 @@ impl<T: Scalar> Cpu<T> {
         grads: &mut [T],
     ) -> Result<()> {
         let (c, g, hw) = (s.c, s.groups, s.hw);
-        check_len("batchnorm x", x.len(), 0, s.len())?;
-        check_len("batchnorm dy", dy.len(), 0, s.len())?;
-        check_len("batchnorm dx", dx.len(), 0, s.len())?;
-        check_len("batchnorm mean", mean.len(), 0, g * c)?;
-        check_len("batchnorm invstd", invstd.len(), 0, g * c)?;
+        s.check_backward_train(
+            (x.len(), dy.len(), dx.len()),
+            (params.len(), grads.len()),
+            off,
+            (mean.len(), invstd.len()),
+        )?;
         if let Some(r) = relu_out {
             check_len("batchnorm relu output", r.len(), 0, s.len())?;
-        }
-        for (what, o) in [("gamma", off.gamma), ("beta", off.beta)] {
-            check_len(what, params.len(), o, c)?;
-            check_len(what, grads.len(), o, c)?;
         }
         let m = s.count() as f64;
         // Per (group, channel) as in the forward pass: the sums and then `dx` while the
@@ -222,9 +218,12 @@ impl<T: Scalar> Cpu<T> {
         dx: &mut [T],
         grads: &mut [T],
     ) -> Result<()> {
-        bn_checks(s, x.len(), params.len(), off, running.len(), dx.len())?;
-        check_len("batchnorm dy", dy.len(), 0, s.len())?;
-        check_len("batchnorm grads", grads.len(), off.gamma.max(off.beta), s.c)?;
+        s.check_backward_eval(
+            (x.len(), dy.len(), dx.len()),
+            (params.len(), grads.len()),
+            off,
+            running.len(),
+        )?;
         let (c, hw) = (s.c, s.hw);
         let inv = |ch: usize| 1.0 / (running[off.var + ch].to_f64() + hp.eps).sqrt();
         let sums: Vec<(f64, f64)> = (0..c)
@@ -261,23 +260,6 @@ impl<T: Scalar> Cpu<T> {
             });
         Ok(())
     }
-}
-
-pub(crate) fn bn_checks(
-    s: &BnShape,
-    x: usize,
-    params: usize,
-    off: BnOffsets,
-    running: usize,
-    y: usize,
-) -> Result<()> {
-    check_len("batchnorm x", x, 0, s.len())?;
-    check_len("batchnorm y", y, 0, s.len())?;
-    check_len("batchnorm gamma", params, off.gamma, s.c)?;
-    check_len("batchnorm beta", params, off.beta, s.c)?;
-    check_len("batchnorm running_mean", running, off.mean, s.c)?;
-    check_len("batchnorm running_var", running, off.var, s.c)?;
-    Ok(())
 }
 
 /// (Group, channel) pairs per work item of the training-mode passes: a pair holds

@@ -91,9 +91,8 @@ impl Cuda {
         w_off: usize,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check_len("conv2d x", x.len(), 0, s.x_len())?;
+        s.check_forward(x.len(), (w.len(), w_off), y.len())?;
         let wv = view("conv2d weight", w, w_off, s.w_len())?;
-        check_len("conv2d y", y.len(), 0, s.y_len())?;
         let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
         let nb = conv_chunk(s);
         let mut col = self.gpu.zeros::<f32>(ckk * nb * hwo)?;
@@ -129,13 +128,15 @@ impl Cuda {
         dw: &mut CudaSlice<f32>,
         dw_off: usize,
     ) -> Result<()> {
-        check_len("conv2d x", x.len(), 0, s.x_len())?;
+        s.check_backward(
+            x.len(),
+            (w.len(), w_off),
+            dy.len(),
+            dx.as_ref().map(|d| d.len()),
+            (dw.len(), dw_off),
+        )?;
         let wv = view("conv2d weight", w, w_off, s.w_len())?;
-        check_len("conv2d dy", dy.len(), 0, s.y_len())?;
         let mut dwv = view_mut("conv2d dw", dw, dw_off, s.w_len())?;
-        if let Some(dx) = &dx {
-            check_len("conv2d dx", dx.len(), 0, s.x_len())?;
-        }
         let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
         let nb = conv_chunk(s);
         let mut col = self.gpu.zeros::<f32>(ckk * nb * hwo)?;

@@ -4,7 +4,7 @@
 use cudarc::driver::CudaSlice;
 
 use super::{pool_abi, Cuda};
-use crate::backend::{check_len, LinearShape, PoolShape};
+use crate::backend::{check_avgpool, LinearShape, PoolShape};
 use crate::cuda::{kernels, launch, view, view_mut};
 use crate::error::{Error, Result};
 
@@ -88,6 +88,7 @@ impl Cuda {
         idx: &mut CudaSlice<u32>,
     ) -> Result<()> {
         let (hw, hwo) = (s.h * s.w, s.ho * s.wo);
+        s.check_forward(x.len(), y.len(), idx.len())?;
         let xv = view("maxpool x", x, 0, s.planes * hw)?;
         let yv = view_mut("maxpool y", y, 0, s.planes * hwo)?;
         let iv = view_mut("maxpool idx", idx, 0, s.planes * hwo)?;
@@ -108,6 +109,7 @@ impl Cuda {
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let (hw, hwo) = (s.h * s.w, s.ho * s.wo);
+        s.check_backward(dy.len(), idx.len(), dx.len())?;
         let dyv = view("maxpool dy", dy, 0, s.planes * hwo)?;
         let iv = view("maxpool idx", idx, 0, s.planes * hwo)?;
         let dxv = view_mut("maxpool dx", dx, 0, s.planes * hw)?;
@@ -127,11 +129,9 @@ impl Cuda {
         x: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        check_avgpool(planes, hw, ("avgpool x", x.len()), ("avgpool y", y.len()))?;
         let xv = view("avgpool x", x, 0, planes * hw)?;
         let yv = view_mut("avgpool y", y, 0, planes)?;
-        if hw == 0 {
-            return Err(Error::invalid("avgpool: empty spatial size"));
-        }
         launch!(self.gpu, kernels::layers::AVGPOOL_F32, self.elementwise(planes as u64 * 32);
             xv,
             mut yv,
@@ -148,11 +148,14 @@ impl Cuda {
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        check_avgpool(
+            planes,
+            hw,
+            ("avgpool dx", dx.len()),
+            ("avgpool dy", dy.len()),
+        )?;
         let dyv = view("avgpool dy", dy, 0, planes)?;
         let dxv = view_mut("avgpool dx", dx, 0, planes * hw)?;
-        if hw == 0 {
-            return Err(Error::invalid("avgpool: empty spatial size"));
-        }
         launch!(self.gpu, kernels::layers::AVGPOOL_BWD_F32, self.elementwise((planes * hw) as u64);
             dyv,
             mut dxv,
@@ -171,6 +174,7 @@ impl Cuda {
         b_off: usize,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        s.check_forward(x.len(), params.len(), (w_off, b_off), y.len())?;
         let xv = view("linear x", x, 0, s.n * s.fin)?;
         let wv = view("linear weight", params, w_off, s.fout * s.fin)?;
         let bv = view("linear bias", params, b_off, s.fout)?;
@@ -205,10 +209,13 @@ impl Cuda {
         dx: Option<&mut CudaSlice<f32>>,
         grads: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        s.check_backward(
+            (x.len(), dy.len(), dx.as_ref().map(|d| d.len())),
+            (params.len(), grads.len()),
+            (w_off, b_off),
+        )?;
         let xv = view("linear x", x, 0, s.n * s.fin)?;
         let wv = view("linear weight", params, w_off, s.fout * s.fin)?;
-        check_len("linear weight grad", grads.len(), w_off, s.fout * s.fin)?;
-        check_len("linear bias grad", grads.len(), b_off, s.fout)?;
         let dyv = view("linear dy", dy, 0, s.n * s.fout)?;
         if let Some(dx) = dx {
             let mut dxv = view_mut("linear dx", dx, 0, s.n * s.fin)?;

@@ -4,8 +4,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{bn_abi, u32_of, Cuda};
-use crate::backend::cpu::bn_checks;
-use crate::backend::{check_len, BnOffsets, BnParams, BnShape};
+use crate::backend::{BnOffsets, BnParams, BnShape};
 use crate::cuda::{kernels, launch, view, view_mut, Disjoint, BLOCK};
 use crate::error::Result;
 
@@ -32,10 +31,9 @@ impl Cuda {
         mean: &mut CudaSlice<f32>,
         invstd: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        bn_checks(s, x.len(), params.len(), off, running.len(), y.len())?;
+        s.check_forward(x.len(), params.len(), off, running.len(), y.len())?;
+        s.check_stats(mean.len(), invstd.len())?;
         let (c, g) = (s.c, s.groups);
-        check_len("batchnorm mean", mean.len(), 0, g * c)?;
-        check_len("batchnorm invstd", invstd.len(), 0, g * c)?;
         let running_at = Disjoint::new(
             "batchnorm running stats",
             running.len(),
@@ -91,7 +89,7 @@ impl Cuda {
         running: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        bn_checks(s, x.len(), params.len(), off, running.len(), y.len())?;
+        s.check_forward(x.len(), params.len(), off, running.len(), y.len())?;
         let c = s.c;
         let mut mean = self.gpu.zeros::<f32>(c)?;
         let mut invstd = self.gpu.zeros::<f32>(c)?;
@@ -121,16 +119,12 @@ impl Cuda {
         dx: &mut CudaSlice<f32>,
         grads: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let (c, g) = (s.c, s.groups);
-        check_len("batchnorm x", x.len(), 0, s.len())?;
-        check_len("batchnorm dy", dy.len(), 0, s.len())?;
-        check_len("batchnorm dx", dx.len(), 0, s.len())?;
-        check_len("batchnorm mean", mean.len(), 0, g * c)?;
-        check_len("batchnorm invstd", invstd.len(), 0, g * c)?;
-        for (what, o) in [("gamma", off.gamma), ("beta", off.beta)] {
-            check_len(what, params.len(), o, c)?;
-            check_len(what, grads.len(), o, c)?;
-        }
+        s.check_backward_train(
+            (x.len(), dy.len(), dx.len()),
+            (params.len(), grads.len()),
+            off,
+            (mean.len(), invstd.len()),
+        )?;
         self.bn_backward_common(s, x, params, off, mean, invstd, dy, dx, grads, true)
     }
 
@@ -147,9 +141,12 @@ impl Cuda {
         dx: &mut CudaSlice<f32>,
         grads: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        bn_checks(s, x.len(), params.len(), off, running.len(), dx.len())?;
-        check_len("batchnorm dy", dy.len(), 0, s.len())?;
-        check_len("batchnorm grads", grads.len(), off.gamma.max(off.beta), s.c)?;
+        s.check_backward_eval(
+            (x.len(), dy.len(), dx.len()),
+            (params.len(), grads.len()),
+            off,
+            running.len(),
+        )?;
         let mut mean = self.gpu.zeros::<f32>(s.c)?;
         let mut invstd = self.gpu.zeros::<f32>(s.c)?;
         self.eval_stats(hp, running, off, s.c, &mut mean, &mut invstd)?;
