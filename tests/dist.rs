@@ -120,7 +120,7 @@ fn cfg(symmetric: bool, world: usize) -> TrainConfig {
 /// Everything a MoCo state is, as f64, with the step statistics.
 type Snapshot = (Vec<StepStats>, Vec<Vec<f64>>, usize);
 
-fn snapshot<B: moco::ops::MocoBackend>(m: &Moco<B>, stats: Vec<StepStats>) -> Snapshot {
+fn snapshot<B: moco::backend::Backend>(m: &Moco<B>, stats: Vec<StepStats>) -> Snapshot {
     let be = m.backend();
     let bufs = vec![
         be.download_f64(m.encoder_q().params()).unwrap(),
@@ -462,7 +462,7 @@ fn tiny_run(bn_splits: usize) -> TrainConfig {
 
 type RunResult = (Vec<f32>, Vec<f32>, Vec<f32>, f64, f64);
 
-fn train_one_epoch<B: moco::ops::MocoBackend>(t: &mut Trainer<B>) -> RunResult {
+fn train_one_epoch<B: moco::backend::Backend>(t: &mut Trainer<B>) -> RunResult {
     let stop = std::sync::atomic::AtomicBool::new(false);
     assert!(t.train_epoch(&stop, &mut |_| {}).unwrap());
     let sums = t.finish_epoch();

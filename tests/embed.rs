@@ -5,7 +5,7 @@ use std::process::Command;
 
 use moco::backend::{Backend, Cpu, Scalar};
 use moco::model::{Encoder, EncoderConfig, InputShape};
-use moco::ops::{ContrastShape, InfoNceImpl, MocoBackend, MocoHead, Queue};
+use moco::ops::{ContrastShape, InfoNceImpl, MocoHead, Queue};
 use moco::optim::Sgd;
 use moco::train::export::{export_run, ExportOptions};
 use moco::train::{Moco, TrainConfig, Trainer};
@@ -28,7 +28,7 @@ fn cfg(symmetric: bool) -> TrainConfig {
 }
 
 /// The pieces of a MoCo step, owned by the test.
-struct Manual<B: MocoBackend> {
+struct Manual<B: Backend> {
     be: B,
     ctx: B::Ctx,
     enc_q: Encoder<B>,
@@ -37,7 +37,7 @@ struct Manual<B: MocoBackend> {
     queue: Queue<B>,
 }
 
-impl<B: MocoBackend> Manual<B> {
+impl<B: Backend> Manual<B> {
     fn new(c: &TrainConfig, be: B, in_ch: usize) -> Self {
         let ec = EncoderConfig {
             arch: c.arch,

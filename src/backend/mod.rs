@@ -13,6 +13,7 @@
 //!   ...), which every backend calls, with the same messages, before touching memory:
 //!   [`Error::InvalidArgument`] instead of a panic.
 use crate::error::{Error, Result};
+use crate::ops::{ContrastShape, InfoNceImpl, InfoNceStats};
 
 pub mod cpu;
 pub mod cuda;
@@ -389,10 +390,28 @@ impl LinearShape {
     }
 }
 
-/// The operations the ResNet needs, on one device.
+/// Everything that runs on a device: the ResNet's layers and SGD, and the MoCo operations
+/// (momentum update, normalize, InfoNCE, enqueue, the shuffle-BN row gather, the
+/// non-finite count). The encoder, [`Queue`](crate::ops::Queue), the head, the step and
+/// the trainer reach the device only through it.
 ///
 /// `Buf` is a device buffer of the backend's scalar type; `Idx` holds max-pool argmax
 /// indices. Offsets (`w_off`, ...) index into a flat parameter or gradient buffer.
+///
+/// ```
+/// use moco::backend::{Backend, Cpu};
+/// use moco::ops::{ContrastShape, InfoNceImpl};
+/// let be = Cpu::<f64>::new();
+/// let mut ctx = be.contrast_ctx().unwrap();
+/// let q = be.upload_f64(&[1.0, 0.0]).unwrap();
+/// let k = be.upload_f64(&[2.0, 0.0]).unwrap();
+/// let queue = be.upload_f64(&[0.0, 1.0, 0.0, -1.0]).unwrap();
+/// let s = ContrastShape::new(1, 2, 2, 0.5).unwrap();
+/// let (st, dq) = be.infonce(&mut ctx, &q, &k, &queue, s, InfoNceImpl::Fused).unwrap();
+/// // logits (2, 0, 0): loss = ln(e^2 + 2) - 2.
+/// assert!((st.loss - ((2f64.exp() + 2.0).ln() - 2.0)).abs() < 1e-15);
+/// assert_eq!(dq.len(), 2);
+/// ```
 pub trait Backend: Clone + Send + Sync {
     /// A buffer of scalars on the device.
     type Buf: Send + Sync;
@@ -656,6 +675,116 @@ pub trait Backend: Clone + Send + Sync {
         momentum: f64,
         weight_decay: f64,
     ) -> Result<()>;
+
+    // The MoCo operations, on the backend's own buffers: the queue, the head and the whole
+    // step are written once over these for every backend and precision. `Cpu<f32>` and
+    // `Cpu<f64>` compute with the plain references (f64 accumulation, results rounded to
+    // the scalar type; the f64 backend is exact to f64 rounding end to end), `Cuda`
+    // launches the kernels. Hyper-parameters (m, T) are f64 and rounded to the scalar
+    // type before use.
+
+    /// Per-user state of the contrastive operations (the GPU's scratch buffers).
+    type Ctx: Send;
+    /// Creates that state.
+    fn contrast_ctx(&self) -> Result<Self::Ctx>;
+    /// `key = m key + (1 - m) query` over flat buffers of equal length; `m` in [0, 1].
+    fn momentum(&self, key: &mut Self::Buf, query: &Self::Buf, m: f64) -> Result<()>;
+    /// The momentum update over several (key, query) tensor pairs, all checked before any
+    /// is written (one launch on the GPU).
+    fn momentum_multi(&self, pairs: &mut [(&mut Self::Buf, &Self::Buf)], m: f64) -> Result<()> {
+        for (i, (k, q)) in pairs.iter().enumerate() {
+            if self.len(k) != self.len(q) {
+                return Err(Error::invalid(format!(
+                    "momentum pair {i}: key has {} elements, query {}",
+                    self.len(k),
+                    self.len(q)
+                )));
+            }
+        }
+        for (k, q) in pairs.iter_mut() {
+            self.momentum(k, q, m)?;
+        }
+        Ok(())
+    }
+    /// Row-wise L2 normalization of an N x C buffer (`F.normalize(x, dim=1)`).
+    fn normalize(
+        &self,
+        ctx: &mut Self::Ctx,
+        x: &Self::Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<Self::Buf>;
+    /// InfoNCE forward + backward of the raw `q` and `k` (N x C each, normalized inside)
+    /// against `queue` (K x C): (loss and accuracy, dloss/dq w.r.t. the raw `q`).
+    fn infonce(
+        &self,
+        ctx: &mut Self::Ctx,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        queue: &Self::Buf,
+        s: ContrastShape,
+        imp: InfoNceImpl,
+    ) -> Result<(InfoNceStats, Self::Buf)>;
+    /// Writes the N keys (N x C) at rows `ptr, ptr + 1, ...` (mod K) of `queue` (K x C);
+    /// returns the new pointer `(ptr + N) % K`.
+    fn enqueue(
+        &self,
+        queue: &mut Self::Buf,
+        keys: &Self::Buf,
+        k: usize,
+        c: usize,
+        ptr: usize,
+    ) -> Result<usize>;
+    /// `out[i] = x[rows[i]]` for rows of `row_len` elements (shuffle and unshuffle of
+    /// shuffle-BN). `rows` indexes rows of `x`; every index must be in range.
+    fn gather_rows(&self, x: &Self::Buf, rows: &[usize], row_len: usize) -> Result<Self::Buf>;
+    /// For each buffer, how many of its elements are NaN or infinite (waits for the device).
+    fn count_non_finite(&self, bufs: &[&Self::Buf]) -> Result<Vec<u64>>;
+    /// Free memory of the device in bytes, or `None` when the buffers live in host memory.
+    fn free_device_memory(&self) -> Result<Option<u64>>;
+    /// This process's handle on a multi-process group described by `env` (torchrun's
+    /// environment), meeting the other ranks within `timeout`: NCCL on [`Cuda`]. A backend
+    /// without one refuses; threads of one process use [`crate::dist::ThreadComm`] instead.
+    fn process_group(
+        &self,
+        env: &crate::dist::rendezvous::DistEnv,
+        timeout: std::time::Duration,
+    ) -> Result<Box<dyn crate::dist::Communicator<Self>>> {
+        let _ = (env, timeout);
+        Err(Error::invalid(format!(
+            "{} has no multi-process group: multi-process runs (WORLD_SIZE, --gpus) need --device cuda with NCCL; on the CPU use --ranks N",
+            self.name()
+        )))
+    }
+}
+
+/// Checks the arguments of [`Backend::gather_rows`].
+pub(crate) fn check_gather(len: usize, rows: &[usize], row_len: usize) -> Result<()> {
+    if row_len == 0 || !len.is_multiple_of(row_len) {
+        return Err(Error::invalid(format!(
+            "gather: buffer of {len} elements is not a whole number of rows of {row_len}"
+        )));
+    }
+    let have = len / row_len;
+    if let Some(&r) = rows.iter().find(|&&r| r >= have) {
+        return Err(Error::invalid(format!(
+            "gather: row {r} out of range for {have} rows"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn gather_host<T: Copy + Default>(
+    x: &[T],
+    rows: &[usize],
+    row_len: usize,
+) -> Result<Vec<T>> {
+    check_gather(x.len(), rows, row_len)?;
+    let mut out = vec![T::default(); rows.len() * row_len];
+    for (dst, &src) in out.chunks_exact_mut(row_len).zip(rows) {
+        dst.copy_from_slice(&x[src * row_len..(src + 1) * row_len]);
+    }
+    Ok(out)
 }
 
 /// Checks that a copy's source and destination have the same length.

@@ -2,7 +2,8 @@
 use std::time::Instant;
 
 use clap::Args;
-use moco::train::{MocoBackend, TrainConfig, Trainer};
+use moco::backend::Backend;
+use moco::train::{TrainConfig, Trainer};
 use moco::{Error, Result};
 
 use super::Job;
@@ -58,7 +59,7 @@ struct BenchJob {
 
 impl Job for BenchJob {
     type Out = String;
-    fn run<B: MocoBackend>(self, be: B) -> Result<String> {
+    fn run<B: Backend>(self, be: B) -> Result<String> {
         let name = be.name();
         let mut t = Trainer::new(self.cfg.clone(), be)?;
         let loader = t.loader().clone();

@@ -2,8 +2,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use moco::backend::Backend;
 use moco::eval::linear::{linear_probe, LinearConfig};
-use moco::train::{MocoBackend, Trainer};
+use moco::train::Trainer;
 use moco::Result;
 
 use super::Job;
@@ -81,7 +82,7 @@ struct EvalJob {
 
 impl Job for EvalJob {
     type Out = ();
-    fn run<B: MocoBackend>(self, be: B) -> Result<()> {
+    fn run<B: Backend>(self, be: B) -> Result<()> {
         let (meta, _) = Trainer::<B>::read_checkpoint(&self.common.checkpoint)?;
         let mut cfg = meta.config;
         cfg.device = self.common.device;

@@ -5,8 +5,8 @@ pub mod export;
 pub mod info;
 pub mod train;
 
+use moco::backend::Backend;
 use moco::backend::{Cpu, Cuda};
-use moco::train::MocoBackend;
 use moco::{Device, Result};
 
 /// Work generic over the backend, run on the device the user picked.
@@ -14,7 +14,7 @@ pub trait Job {
     /// What the job returns.
     type Out;
     /// Runs on backend `be`.
-    fn run<B: MocoBackend>(self, be: B) -> Result<Self::Out>;
+    fn run<B: Backend>(self, be: B) -> Result<Self::Out>;
 }
 
 /// Resolves `device` (`auto` included), sets up its backend and runs `job` on it.

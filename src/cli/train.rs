@@ -7,10 +7,11 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use moco::backend::Backend;
 use moco::dist::rendezvous::DistEnv;
 use moco::dist::{Communicator, ThreadComm};
 use moco::train::metrics::{EpochMetrics, MetricsLog};
-use moco::train::{MocoBackend, TrainConfig, Trainer};
+use moco::train::{TrainConfig, Trainer};
 use moco::{Error, Result};
 
 use super::Job;
@@ -243,7 +244,7 @@ fn fmt_pct(x: Option<f64>) -> String {
 
 impl Job for TrainJob {
     type Out = Outcome;
-    fn run<B: MocoBackend>(self, be: B) -> Result<Outcome> {
+    fn run<B: Backend>(self, be: B) -> Result<Outcome> {
         if let Some(env) = &self.env {
             let comm = be.process_group(env, DIST_TIMEOUT)?;
             return self.run_rank(be, Some(comm));
@@ -300,7 +301,7 @@ impl Job for TrainJob {
 const DIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl TrainJob {
-    fn run_rank<B: MocoBackend>(
+    fn run_rank<B: Backend>(
         self,
         be: B,
         comm: Option<Box<dyn Communicator<B>>>,
@@ -491,7 +492,7 @@ impl TrainJob {
 
 impl TrainJob {
     /// A rank other than 0: the same steps and collectives as rank 0, writing nothing.
-    fn follow<B: MocoBackend>(self, mut t: Trainer<B>) -> Result<Outcome> {
+    fn follow<B: Backend>(self, mut t: Trainer<B>) -> Result<Outcome> {
         let cfg = t.config().clone();
         if t.agree(false)? {
             t.knn_top1()?;

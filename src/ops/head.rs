@@ -8,11 +8,12 @@
 //! temperature: it returns the InfoNCE loss, the accuracy and `dL/dq` for the caller's
 //! backward pass, enqueues the keys once the caller has stepped its optimizer, and applies
 //! the momentum update to the caller's parameter tensors.
+use crate::backend::Backend;
 use crate::error::Result;
-use crate::ops::{ContrastShape, InfoNceImpl, InfoNceStats, MocoBackend, Queue};
+use crate::ops::{ContrastShape, InfoNceImpl, InfoNceStats, Queue};
 
 /// What [`MocoHead::forward_backward`] returns.
-pub struct HeadOutput<B: MocoBackend> {
+pub struct HeadOutput<B: Backend> {
     /// Loss (mean over N) and contrastive top-1 accuracy.
     pub stats: InfoNceStats,
     /// `dL/dq` with respect to the raw (unnormalized) query embeddings, N x C.
@@ -41,7 +42,7 @@ pub struct HeadOutput<B: MocoBackend> {
 /// head.momentum_update(&mut [(&mut wk, &wq)], 0.99).unwrap();
 /// assert!((wk[0] - 0.01).abs() < 1e-7);
 /// ```
-pub struct MocoHead<B: MocoBackend> {
+pub struct MocoHead<B: Backend> {
     be: B,
     ctx: B::Ctx,
     queue: Queue<B>,
@@ -49,7 +50,7 @@ pub struct MocoHead<B: MocoBackend> {
     imp: InfoNceImpl,
 }
 
-impl<B: MocoBackend> std::fmt::Debug for MocoHead<B> {
+impl<B: Backend> std::fmt::Debug for MocoHead<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MocoHead")
             .field("queue", &self.queue)
@@ -59,7 +60,7 @@ impl<B: MocoBackend> std::fmt::Debug for MocoHead<B> {
     }
 }
 
-impl<B: MocoBackend> MocoHead<B> {
+impl<B: Backend> MocoHead<B> {
     /// A head with a fresh seeded queue of `k` keys of dimension `dim`, temperature `t`.
     pub fn new(be: B, k: usize, dim: usize, t: f64, seed: u64) -> Result<Self> {
         let queue = Queue::new(&be, k, dim, seed)?;

@@ -15,17 +15,16 @@
 //! | symmetric InfoNCE | [`infonce_symmetric_cpu`] | [`Contrast::infonce_symmetric`] |
 //! | circular enqueue | [`enqueue_cpu`] | [`enqueue`] |
 //!
-//! Written once for every backend over [`MocoBackend`] (the operations on a backend's own
-//! buffers, [`Cpu<f32>`](crate::backend::Cpu), `Cpu<f64>` and [`Cuda`](crate::backend::Cuda)):
+//! Written once for every backend over [`Backend`](crate::backend::Backend) (which carries
+//! these operations on a backend's own buffers, [`Cpu<f32>`](crate::backend::Cpu), `Cpu<f64>`
+//! and [`Cuda`](crate::backend::Cuda)):
 //! the [`Queue`] and the [`MocoHead`], which runs MoCo's contrastive half on the embeddings
 //! of an encoder the caller brings.
-pub mod backend;
 pub mod contrast;
 pub mod head;
 pub mod momentum;
 pub mod queue;
 
-pub use backend::MocoBackend;
 pub use head::{HeadOutput, MocoHead};
 
 pub use contrast::{

@@ -4,9 +4,9 @@
 //! the end wraps around to the start. `N > K` is an error (the batch would overwrite itself).
 use cudarc::driver::LaunchConfig;
 
+use crate::backend::Backend;
 use crate::cuda::{abi::MocoEnqueueArgs, kernels, launch, DeviceBuf, DeviceBufMut, Gpu, BLOCK};
 use crate::error::{Error, Result};
-use crate::ops::MocoBackend;
 
 fn check_enqueue(
     queue_len: usize,
@@ -128,7 +128,7 @@ where
 /// let torch_layout = q.to_pytorch_layout().unwrap(); // C x K, like MoCo's `queue` buffer
 /// assert_eq!(torch_layout.len(), 4 * 8);
 /// ```
-pub struct Queue<B: MocoBackend> {
+pub struct Queue<B: Backend> {
     be: B,
     k: usize,
     c: usize,
@@ -136,7 +136,7 @@ pub struct Queue<B: MocoBackend> {
     keys: B::Buf,
 }
 
-impl<B: MocoBackend> std::fmt::Debug for Queue<B> {
+impl<B: Backend> std::fmt::Debug for Queue<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue")
             .field("k", &self.k)
@@ -170,7 +170,7 @@ pub fn initial_keys(k: usize, c: usize, seed: u64) -> Result<Vec<f32>> {
         .collect())
 }
 
-impl<B: MocoBackend> Queue<B> {
+impl<B: Backend> Queue<B> {
     /// A queue of K keys of dimension C on `be`, seeded.
     pub fn new(be: &B, k: usize, c: usize, seed: u64) -> Result<Self> {
         let keys = be.upload_f64(&initial_keys_f64(k, c, seed)?)?;

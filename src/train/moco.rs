@@ -28,10 +28,11 @@
 //! moco.step_with_permutations(&x_q, &x_k, shape, &perm).unwrap();
 //! assert_eq!(moco.global_step(), 2);
 //! ```
+use crate::backend::Backend;
 use crate::dist::{broadcast_indices, Communicator};
 use crate::error::{Error, Result};
 use crate::model::{Encoder, EncoderConfig, InputShape};
-use crate::ops::{InfoNceImpl, InfoNceStats, MocoBackend, MocoHead, Queue};
+use crate::ops::{InfoNceImpl, InfoNceStats, MocoHead, Queue};
 use crate::optim::{LrSchedule, Sgd};
 use crate::train::checkpoint::Tensor;
 use crate::train::TrainConfig;
@@ -85,7 +86,7 @@ fn check_views(x_q: &[f32], x_k: &[f32], shape: InputShape) -> Result<()> {
 }
 
 /// The MoCo state and step on backend `B` (see the module docs).
-pub struct Moco<B: MocoBackend> {
+pub struct Moco<B: Backend> {
     cfg: TrainConfig,
     be: B,
     enc_q: Encoder<B>,
@@ -96,7 +97,7 @@ pub struct Moco<B: MocoBackend> {
     global_step: usize,
 }
 
-impl<B: MocoBackend> Moco<B> {
+impl<B: Backend> Moco<B> {
     /// A fresh state from `cfg` (architecture, head, MoCo and optimizer fields; the data
     /// fields are not used) for inputs of `in_channels` channels, with the learning-rate
     /// schedule of `cfg` over `steps_per_epoch` steps per epoch. The key encoder starts as

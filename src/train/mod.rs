@@ -12,6 +12,4 @@ pub mod trainer;
 pub use checkpoint::write_atomic;
 pub use config::{RunPreset, Schedule, TrainConfig};
 pub use moco::{Moco, StateCounters, StepStats, STATE_TENSORS};
-pub use trainer::{
-    CheckpointMeta, EpochSums, MocoBackend, Trainer, CHECKPOINT_FILE, PREV_CHECKPOINT_FILE,
-};
+pub use trainer::{CheckpointMeta, EpochSums, Trainer, CHECKPOINT_FILE, PREV_CHECKPOINT_FILE};

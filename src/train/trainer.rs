@@ -8,12 +8,12 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Backend;
 use crate::data::synthetic::SyntheticConfig;
 use crate::data::{augment::Preset, Augment, Batch, DataSpec, Dataset, DatasetKind, Loader};
 use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::model::{Encoder, InputShape};
-pub use crate::ops::MocoBackend;
 use crate::ops::Queue;
 use crate::train::checkpoint::{read_tensors, write_tensors, Tensor};
 use crate::train::moco::StepStats;
@@ -73,7 +73,7 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const PREV_CHECKPOINT_FILE: &str = "checkpoint.prev.safetensors";
 
 /// A MoCo training run on backend `B`.
-pub struct Trainer<B: MocoBackend> {
+pub struct Trainer<B: Backend> {
     cfg: TrainConfig,
     be: B,
     moco: Moco<B>,
@@ -92,7 +92,7 @@ pub struct Trainer<B: MocoBackend> {
     comm: Option<Box<dyn Communicator<B>>>,
 }
 
-impl<B: MocoBackend> Trainer<B> {
+impl<B: Backend> Trainer<B> {
     /// A fresh run: opens the data, builds both encoders (the key encoder starts as a copy of
     /// the query encoder), the optimizer and the queue.
     pub fn new(cfg: TrainConfig, be: B) -> Result<Self> {

@@ -14,6 +14,7 @@ use std::marker::PhantomData;
 
 use super::{check_len, Backend, BnOffsets, BnParams, BnShape, ConvShape, LinearShape, PoolShape};
 use crate::error::Result;
+use crate::ops::{self, ContrastShape, InfoNceImpl, InfoNceStats};
 use rayon::prelude::*;
 
 /// Defines `fn $name` over `Scalar` slices whose body is compiled three times: with
@@ -434,5 +435,66 @@ impl<T: Scalar> Backend for Cpu<T> {
     ) -> Result<()> {
         let _p = profile::scope(|| "sgd".into());
         self.sgd_step_impl(params, grads, momentum_buf, lr, momentum, weight_decay)
+    }
+
+    type Ctx = ();
+    fn contrast_ctx(&self) -> Result<()> {
+        Ok(())
+    }
+    fn momentum(&self, key: &mut Vec<T>, query: &Vec<T>, m: f64) -> Result<()> {
+        let _p = profile::scope(|| "momentum".into());
+        ops::momentum_update_host(key, query, m)
+    }
+    fn normalize(&self, _: &mut (), x: &Vec<T>, n: usize, c: usize) -> Result<Vec<T>> {
+        let _p = profile::scope(|| "normalize".into());
+        ops::contrast::l2_normalize_host(x, n, c)
+    }
+    fn infonce(
+        &self,
+        _: &mut (),
+        q: &Vec<T>,
+        k: &Vec<T>,
+        queue: &Vec<T>,
+        s: ContrastShape,
+        _imp: InfoNceImpl,
+    ) -> Result<(InfoNceStats, Vec<T>)> {
+        let _p = profile::scope(|| "infonce".into());
+        if let (Some(q), Some(k), Some(queue)) = (T::as_f32(q), T::as_f32(k), T::as_f32(queue)) {
+            // f32: GEMMs and exp in f32, sums and the loss in f64.
+            let s = s.rounded_to_f32();
+            let (loss, grad, correct) = ops::contrast::infonce_gemm_f32(q, k, queue, s)?;
+            let grad = grad.into_iter().map(|v| T::from_f64(v as f64)).collect();
+            let stats = InfoNceStats {
+                loss,
+                accuracy: correct as f64 / s.n as f64,
+            };
+            return Ok((stats, grad));
+        }
+        ops::contrast::infonce_host(q, k, queue, s)
+    }
+    fn enqueue(
+        &self,
+        queue: &mut Vec<T>,
+        keys: &Vec<T>,
+        k: usize,
+        c: usize,
+        ptr: usize,
+    ) -> Result<usize> {
+        let _p = profile::scope(|| "enqueue".into());
+        ops::enqueue_cpu(queue, keys, k, c, ptr)
+    }
+    fn gather_rows(&self, x: &Vec<T>, rows: &[usize], row_len: usize) -> Result<Vec<T>> {
+        let _p = profile::scope(|| "gather_rows".into());
+        super::gather_host(x, rows, row_len)
+    }
+    fn count_non_finite(&self, bufs: &[&Vec<T>]) -> Result<Vec<u64>> {
+        let _p = profile::scope(|| "count_non_finite".into());
+        Ok(bufs
+            .iter()
+            .map(|b| b.iter().filter(|v| !v.to_f64().is_finite()).count() as u64)
+            .collect())
+    }
+    fn free_device_memory(&self) -> Result<Option<u64>> {
+        Ok(None)
     }
 }

@@ -1,15 +1,16 @@
 //! The CUDA backend: convolutions as im2col + cuBLAS SGEMM (full fp32, no TF32), every other
 //! layer a kernel from `kernels/{conv,norm,layers,optim}.cu`, all on the [`Gpu`]'s stream.
 //!
-//! One module per kernel file, as the CPU twin: [`conv`](self) (im2col, col2im, permutes),
-//! `norm` (BatchNorm), `layers` (ReLU, add, pools, linear, the non-finite count), `optim`
-//! (SGD) and `gemm` (the crate's one SGEMM wrapper). The [`Backend`] impl here only
-//! delegates.
+//! One module per kernel file, as the CPU twin: `conv` (im2col, col2im, permutes), `norm`
+//! (BatchNorm), `layers` (ReLU, add, pools, linear, the non-finite count), `optim` (SGD)
+//! and `gemm` (the crate's one SGEMM wrapper). The [`Backend`] impl here delegates to
+//! them, and to [`crate::ops`] for the MoCo operations.
 //!
-//! Buffers are `CudaSlice<f32>` (indices `CudaSlice<u32>`). Every wrapper takes its views
-//! with [`view`]/[`view_mut`], which check lengths with the same messages as the CPU
-//! backend before anything is launched, and passes the views straight to the kernel
-//! ([`launch!`]): no raw addresses or byte offsets. Results are deterministic run to run:
+//! Buffers are `CudaSlice<f32>` (indices `CudaSlice<u32>`). Every wrapper checks lengths
+//! through the shape types (the same messages as the CPU backend) before anything is
+//! launched, takes views of its buffers (a range out of bounds is an error, never a
+//! panic) and passes them straight to the kernel through the crate's `launch!` macro: no
+//! raw addresses or byte offsets. Results are deterministic run to run:
 //! the kernels gather instead of using atomics, and reductions have a fixed order.
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
@@ -17,6 +18,7 @@ use super::{Backend, BnOffsets, BnParams, BnShape, ConvShape, LinearShape, PoolS
 use crate::cuda::abi::{MocoBnShape, MocoConvShape, MocoPoolShape};
 use crate::cuda::{view_mut, Gpu, BLOCK};
 use crate::error::{CudaResultExt, Error, Result};
+use crate::ops::{self, ContrastShape, InfoNceImpl, InfoNceStats};
 
 mod conv;
 pub(crate) mod gemm;
@@ -333,5 +335,77 @@ impl Backend for Cuda {
         weight_decay: f64,
     ) -> Result<()> {
         self.sgd_step_impl(params, grads, momentum_buf, lr, momentum, weight_decay)
+    }
+
+    type Ctx = ops::Contrast;
+    fn contrast_ctx(&self) -> Result<ops::Contrast> {
+        Ok(ops::Contrast::new(self.gpu()))
+    }
+    fn momentum(&self, key: &mut Self::Buf, query: &Self::Buf, m: f64) -> Result<()> {
+        ops::momentum::check_momentum_f64(m)?;
+        ops::momentum_update(self.gpu(), key, query, m as f32)
+    }
+    fn momentum_multi(&self, pairs: &mut [(&mut Self::Buf, &Self::Buf)], m: f64) -> Result<()> {
+        ops::momentum::check_momentum_f64(m)?;
+        ops::momentum_update_multi(self.gpu(), pairs, m as f32)
+    }
+    fn normalize(
+        &self,
+        ctx: &mut ops::Contrast,
+        x: &Self::Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<Self::Buf> {
+        let mut out = self.zeros(n * c)?;
+        ctx.normalize(x, &mut out, n, c)?;
+        Ok(out)
+    }
+    fn infonce(
+        &self,
+        ctx: &mut ops::Contrast,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        queue: &Self::Buf,
+        s: ContrastShape,
+        imp: InfoNceImpl,
+    ) -> Result<(InfoNceStats, Self::Buf)> {
+        let mut grad = self.zeros(s.n * s.c)?;
+        let stats = ctx.infonce(q, k, queue, s, &mut grad, imp)?;
+        Ok((stats, grad))
+    }
+    fn enqueue(
+        &self,
+        queue: &mut Self::Buf,
+        keys: &Self::Buf,
+        k: usize,
+        c: usize,
+        ptr: usize,
+    ) -> Result<usize> {
+        ops::enqueue(self.gpu(), queue, keys, k, c, ptr)
+    }
+    fn process_group(
+        &self,
+        env: &crate::dist::rendezvous::DistEnv,
+        timeout: std::time::Duration,
+    ) -> Result<Box<dyn crate::dist::Communicator<Self>>> {
+        Ok(Box::new(crate::dist::NcclComm::new(self, env, timeout)?))
+    }
+    fn gather_rows(&self, x: &Self::Buf, rows: &[usize], row_len: usize) -> Result<Self::Buf> {
+        // Through the host (f32, so exact), as the trainer has always unshuffled; a gather
+        // kernel that keeps the step on the device is the GPU-step issue's work.
+        super::check_gather(x.len(), rows, row_len)?;
+        let host = self.download_f32(x)?;
+        self.upload_f32(&super::gather_host(&host, rows, row_len)?)
+    }
+    fn count_non_finite(&self, bufs: &[&Self::Buf]) -> Result<Vec<u64>> {
+        Cuda::count_non_finite(self, bufs)
+    }
+    fn free_device_memory(&self) -> Result<Option<u64>> {
+        let (free, _total) = self
+            .gpu()
+            .context()
+            .mem_get_info()
+            .map_err(|e| Error::cuda("cuMemGetInfo", e))?;
+        Ok(Some(free as u64))
     }
 }
