@@ -124,3 +124,15 @@ moco_count_nonfinite_f32(const float *__restrict__ x, uint64_t n, unsigned long 
         if (!isfinite(x[i])) ++bad;
     if (bad) atomicAdd(count, bad);
 }
+
+// out[i][j] = x[rows[i]][j] for nrows rows of row_len floats: the shuffle and unshuffle of
+// shuffle-BN on the device. The host checked every index against x's row count.
+extern "C" __global__ void __launch_bounds__(256)
+moco_gather_rows_f32(const float *__restrict__ x, const uint32_t *__restrict__ rows, uint64_t nrows,
+                     uint64_t row_len, float *__restrict__ out) {
+    const uint64_t total = nrows * row_len;
+    for (uint64_t i = moco_global_tid(); i < total; i += moco_grid_threads()) {
+        const uint64_t r = i / row_len;
+        out[i] = x[(uint64_t)rows[r] * row_len + (i - r * row_len)];
+    }
+}

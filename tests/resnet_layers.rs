@@ -36,7 +36,34 @@ on_every_backend!(
     conv_forward_backward_match_reference,
     batchnorm_train_forward_and_running_stats_match_reference,
     pools_relu_linear_match_reference,
+    gather_rows_matches_the_host_gather,
 );
+
+/// The shuffle-BN row gather (on the GPU a kernel: nothing comes back to the host) equals
+/// indexing on the host, for a permutation, repeated rows and a single row; an index out of
+/// range is an error that names it.
+fn gather_rows_matches_the_host_gather<B: Backend>(be: &B) {
+    let (n, row) = (37, 3 * 5 * 5);
+    let x = normal(n * row, 120);
+    let xd = up(be, &x);
+    let perm: Vec<usize> = (0..n).map(|i| (i * 17 + 5) % n).collect();
+    for rows in [perm, vec![4, 4, 0, 36, 4], vec![36]] {
+        let got = down(be, &be.gather_rows(&xd, &rows, row).unwrap());
+        let want: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| x[r * row..(r + 1) * row].iter().copied())
+            .collect();
+        assert_eq!(got, want, "rows {rows:?}");
+    }
+    let Err(e) = be.gather_rows(&xd, &[0, 37], row) else {
+        panic!("row 37 of 37 accepted");
+    };
+    assert!(e.to_string().contains("row 37 out of range"), "{e}");
+    assert!(
+        be.gather_rows(&xd, &[0], row + 1).is_err(),
+        "not whole rows"
+    );
+}
 
 fn cuda_backend() -> Cuda {
     Cuda::new(moco::testing::test_gpu()).expect("CUDA backend")

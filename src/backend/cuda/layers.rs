@@ -3,7 +3,7 @@
 //! check.
 use cudarc::driver::CudaSlice;
 
-use super::{pool_abi, Cuda};
+use super::{pool_abi, u32_of, Cuda};
 use crate::backend::{check_avgpool, LinearShape, PoolShape};
 use crate::cuda::{kernels, launch, view, view_mut};
 use crate::error::{Error, Result};
@@ -28,6 +28,34 @@ impl Cuda {
             );
         }
         self.gpu.download(&counts)
+    }
+
+    /// `out[i] = x[rows[i]]` on the device (the indices go up, nothing comes down); the
+    /// caller checked every index against `x`'s rows.
+    pub(super) fn gather_rows_impl(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: &[usize],
+        row_len: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let mut out = self.gpu.zeros::<f32>(rows.len() * row_len)?;
+        if out.is_empty() {
+            return Ok(out);
+        }
+        let idx: Vec<u32> = rows
+            .iter()
+            .map(|&r| u32_of(r, "gather row"))
+            .collect::<Result<_>>()?;
+        let idx = self.gpu.upload(&idx)?;
+        let total = (rows.len() * row_len) as u64;
+        launch!(self.gpu, kernels::layers::GATHER_ROWS_F32, self.elementwise(total);
+            x.as_view(),
+            idx.as_view(),
+            rows.len() as u64,
+            row_len as u64,
+            mut out.as_view_mut()
+        );
+        Ok(out)
     }
 
     pub(super) fn relu_forward_impl(&self, x: &mut CudaSlice<f32>) -> Result<()> {

@@ -391,11 +391,8 @@ impl Backend for Cuda {
         Ok(Box::new(crate::dist::NcclComm::new(self, env, timeout)?))
     }
     fn gather_rows(&self, x: &Self::Buf, rows: &[usize], row_len: usize) -> Result<Self::Buf> {
-        // Through the host (f32, so exact), as the trainer has always unshuffled; a gather
-        // kernel that keeps the step on the device is the GPU-step issue's work.
         super::check_gather(x.len(), rows, row_len)?;
-        let host = self.download_f32(x)?;
-        self.upload_f32(&super::gather_host(&host, rows, row_len)?)
+        self.gather_rows_impl(x, rows, row_len)
     }
     fn count_non_finite(&self, bufs: &[&Self::Buf]) -> Result<Vec<u64>> {
         Cuda::count_non_finite(self, bufs)
