@@ -83,11 +83,13 @@ moco_bn_eval_stats_f32(const float *__restrict__ running_mean, const float *__re
     invstd[ch] = (float)(1.0 / sqrt((double)running_var[ch] + (double)eps));
 }
 
-// y = (x - mean[b, ch]) invstd[b, ch] gamma[ch] + beta[ch].
+// y = (x - mean[b, ch]) invstd[b, ch] gamma[ch] + beta[ch], then, in the same pass, + residual
+// (when not null) and the ReLU (when relu): the fused epilogue of a ResNet block.
 extern "C" __global__ void __launch_bounds__(256)
 moco_bn_apply_f32(const float *__restrict__ x, float *__restrict__ y, const float *__restrict__ gamma,
                   const float *__restrict__ beta, const float *__restrict__ mean,
-                  const float *__restrict__ invstd, MocoBnShape bn) {
+                  const float *__restrict__ invstd, MocoBnShape bn, const float *__restrict__ residual,
+                  uint32_t relu) {
     const uint32_t n = bn.n, c = bn.c, g = bn.groups;
     const uint64_t hw = bn.hw;
     const uint64_t total = (uint64_t)n * c * hw;
@@ -97,15 +99,27 @@ moco_bn_apply_f32(const float *__restrict__ x, float *__restrict__ y, const floa
         const uint32_t b = (uint32_t)((plane / c) % g);
         // (x - mean) first: keeps the precision of values near the mean.
         const float scale = gamma[ch] * invstd[b * c + ch];
-        y[i] = fmaf(x[i] - mean[b * c + ch], scale, beta[ch]);
+        float v = fmaf(x[i] - mean[b * c + ch], scale, beta[ch]);
+        if (residual) v += residual[i];
+        // NaN propagates, as in PyTorch (NaN <= 0 is false).
+        if (relu && v <= 0.0f) v = 0.0f;
+        y[i] = v;
     }
 }
 
-// grid (C, G): sums[2 (b C + ch)] = sum dy, sums[2 (b C + ch) + 1] = sum dy xhat.
+// The incoming gradient, through the ReLU that followed the BatchNorm when relu_out (that
+// ReLU's output) is not null: dy where relu_out > 0, else 0.
+__device__ __forceinline__ float masked_dy(const float *__restrict__ dy, const float *__restrict__ relu_out,
+                                           uint64_t i) {
+    return (relu_out && !(relu_out[i] > 0.0f)) ? 0.0f : dy[i];
+}
+
+// grid (C, G): sums[2 (b C + ch)] = sum dy, sums[2 (b C + ch) + 1] = sum dy xhat (dy masked
+// by the ReLU after the BatchNorm when relu_out is not null).
 extern "C" __global__ void __launch_bounds__(256)
 moco_bn_bwd_reduce_f32(const float *__restrict__ x, const float *__restrict__ dy,
                        const float *__restrict__ mean, const float *__restrict__ invstd,
-                       float *__restrict__ sums, MocoBnShape bn) {
+                       float *__restrict__ sums, MocoBnShape bn, const float *__restrict__ relu_out) {
     const uint32_t n = bn.n, c = bn.c, g = bn.groups;
     const uint64_t hw = bn.hw;
     __shared__ double scratch[32];
@@ -115,7 +129,7 @@ moco_bn_bwd_reduce_f32(const float *__restrict__ x, const float *__restrict__ dy
     double sdy = 0.0, sdx = 0.0;
     for (uint64_t j = threadIdx.x; j < m; j += blockDim.x) {
         const uint64_t i = group_index(j, hw, b, g, c, ch);
-        const double d = dy[i];
+        const double d = masked_dy(dy, relu_out, i);
         sdy += d;
         sdx += d * ((double)x[i] - mu) * is;
     }
@@ -143,12 +157,13 @@ moco_bn_bwd_params_f32(const float *__restrict__ sums, float *__restrict__ dgamm
 }
 
 // Training mode: dx = gamma invstd (dy - sdy / M - xhat sdx / M). With train = 0 (inference
-// statistics are constants): dx = gamma invstd dy.
+// statistics are constants): dx = gamma invstd dy. dy is masked by the ReLU after the
+// BatchNorm when relu_out is not null.
 extern "C" __global__ void __launch_bounds__(256)
 moco_bn_bwd_dx_f32(const float *__restrict__ x, const float *__restrict__ dy, float *__restrict__ dx,
                    const float *__restrict__ gamma, const float *__restrict__ mean,
                    const float *__restrict__ invstd, const float *__restrict__ sums, MocoBnShape bn,
-                   uint32_t train) {
+                   uint32_t train, const float *__restrict__ relu_out) {
     const uint32_t n = bn.n, c = bn.c, g = bn.groups;
     const uint64_t hw = bn.hw;
     const uint64_t total = (uint64_t)n * c * hw;
@@ -162,9 +177,9 @@ moco_bn_bwd_dx_f32(const float *__restrict__ x, const float *__restrict__ dy, fl
         const float a = gamma[ch] * is;
         if (train) {
             const float xhat = (x[i] - mean[s]) * is;
-            dx[i] = a * (dy[i] - sums[2 * s] * inv_m - xhat * sums[2 * s + 1] * inv_m);
+            dx[i] = a * (masked_dy(dy, relu_out, i) - sums[2 * s] * inv_m - xhat * sums[2 * s + 1] * inv_m);
         } else {
-            dx[i] = a * dy[i];
+            dx[i] = a * masked_dy(dy, relu_out, i);
         }
     }
 }

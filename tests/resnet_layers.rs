@@ -37,6 +37,7 @@ on_every_backend!(
     batchnorm_train_forward_and_running_stats_match_reference,
     pools_relu_linear_match_reference,
     gather_rows_matches_the_host_gather,
+    batchnorm_fused_epilogue_and_relu_backward_match_the_f64_composition,
 );
 
 /// The shuffle-BN row gather (on the GPU a kernel: nothing comes back to the host) equals
@@ -63,6 +64,104 @@ fn gather_rows_matches_the_host_gather<B: Backend>(be: &B) {
         be.gather_rows(&xd, &[0], row + 1).is_err(),
         "not whole rows"
     );
+}
+
+/// The fused BatchNorm epilogue `relu(bn(x) + residual)` and the backward through the ReLU
+/// (`relu_bn_backward_train`, dy masked inside) against the separate operations in f64
+/// (`Cpu<f64>`: bn, add, ReLU; ReLU backward, bn backward), on edge shapes: groups of 2 and
+/// 3, odd channel counts, 1x1 spatial.
+fn batchnorm_fused_epilogue_and_relu_backward_match_the_f64_composition<B: Backend>(be: &B) {
+    let r64 = Cpu::<f64>::new();
+    let hp = BnParams::default();
+    for &(n, c, hw, g) in &[(4, 3, 1, 2), (6, 5, 9, 3), (8, 7, 4, 2), (2, 1, 25, 1)] {
+        let s = BnShape::new(n, c, hw, g, true).unwrap();
+        let x: Vec<f32> = normal(s.len(), 130).iter().map(|v| 1.5 * v + 0.2).collect();
+        let res = normal(s.len(), 131);
+        let dy = normal(s.len(), 132);
+        let (params, off, running0) = bn_setup(c, 133);
+        for (with_res, relu) in [(true, true), (false, true), (true, false)] {
+            let what = format!("{s:?} residual {with_res} relu {relu}");
+            // f64 composition.
+            let up64 = |v: &[f32]| f64s(v);
+            let (x64, p64) = (up64(&x), up64(&params));
+            let mut run64 = up64(&running0);
+            let mut y64 = vec![0.0; s.len()];
+            let (mut m64, mut is64) = (vec![0.0; g * c], vec![0.0; g * c]);
+            r64.bn_forward_train(
+                &s, hp, &x64, &p64, off, &mut run64, &mut y64, &mut m64, &mut is64,
+            )
+            .unwrap();
+            if with_res {
+                r64.add_assign(&mut y64, &up64(&res)).unwrap();
+            }
+            if relu {
+                r64.relu_forward(&mut y64).unwrap();
+            }
+            // The backend's fused forward.
+            let (xd, pd, rd) = (up(be, &x), up(be, &params), up(be, &res));
+            let mut rund = up(be, &running0);
+            let mut yd = up(be, &vec![f32::NAN; s.len()]);
+            let (mut md, mut isd) = (up(be, &vec![0.0; g * c]), up(be, &vec![0.0; g * c]));
+            be.bn_forward_train_fused(
+                &s,
+                hp,
+                &xd,
+                &pd,
+                off,
+                &mut rund,
+                with_res.then_some(&rd),
+                relu,
+                &mut yd,
+                &mut md,
+                &mut isd,
+            )
+            .unwrap();
+            let y = down(be, &yd);
+            assert_close(&format!("fused y {what}"), &y, &f32s(&y64), 1e-5, 1e-5);
+            assert_close(
+                &format!("running {what}"),
+                &down(be, &rund),
+                &f32s(&run64),
+                1e-6,
+                1e-6,
+            );
+            if !relu {
+                continue;
+            }
+            // Backward through the ReLU: mask by the f64 output, then bn backward.
+            let mut d64 = up64(&dy);
+            r64.relu_backward(&y64, &mut d64).unwrap();
+            let mut dx64 = vec![0.0; s.len()];
+            let mut g64 = vec![0.0; params.len()];
+            r64.bn_backward_train(&s, &x64, &p64, off, &m64, &is64, &d64, &mut dx64, &mut g64)
+                .unwrap();
+            let dyd = up(be, &dy);
+            let mut dxd = up(be, &vec![f32::NAN; s.len()]);
+            let mut gd = up(be, &vec![0.0; params.len()]);
+            be.relu_bn_backward_train(&s, &xd, &pd, off, &md, &isd, &yd, &dyd, &mut dxd, &mut gd)
+                .unwrap();
+            assert_eq!(down(be, &dyd), dy, "dy unchanged {what}");
+            // Relative to the incoming gradient: with two values per group the exact dx
+            // nearly cancels, so its own norm is no scale for f32 rounding.
+            let scale = dy.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+            for (name, got, want) in [
+                ("dx", down(be, &dxd), &dx64),
+                ("dgamma/dbeta", down(be, &gd), &g64),
+            ] {
+                let err = got
+                    .iter()
+                    .zip(want.iter())
+                    .map(|(&a, &b)| (a as f64 - b).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{name} {what}: error {err:.3e}, 1e-5 of |dy| is {:.3e}",
+                    1e-5 * scale
+                );
+            }
+        }
+    }
 }
 
 fn cuda_backend() -> Cuda {

@@ -419,6 +419,39 @@ impl Disjoint {
     }
 }
 
+/// A kernel argument that is a buffer or the null pointer (an optional input such as the
+/// residual of a fused BatchNorm epilogue; the kernel tests it for null).
+pub(crate) enum Nullable<'a, T> {
+    /// The buffer.
+    Some(CudaView<'a, T>),
+    /// The null device pointer.
+    Null(u64),
+}
+
+impl<'a, T> Nullable<'a, T> {
+    /// `Some(view)` for a buffer, the null pointer for `None`.
+    pub fn from(view: Option<CudaView<'a, T>>) -> Self {
+        match view {
+            Some(v) => Nullable::Some(v),
+            None => Nullable::Null(0),
+        }
+    }
+}
+
+// SAFETY: pushes exactly what cudarc pushes for the view (a pointer to its device address,
+// with its stream-synchronization records), or a pointer to a zero u64 (the null device
+// pointer, the width of a device address); both live as long as the `Nullable` borrowed.
+unsafe impl<'a, 'b: 'a, 'c: 'b, T> cudarc::driver::PushKernelArg<&'b Nullable<'c, T>>
+    for cudarc::driver::LaunchArgs<'a>
+{
+    fn arg(&mut self, arg: &'b Nullable<'c, T>) -> &mut Self {
+        match arg {
+            Nullable::Some(v) => self.arg(v),
+            Nullable::Null(z) => self.arg(z),
+        }
+    }
+}
+
 /// Launches `kernel` on `gpu`'s stream with `cfg` and the arguments in order. Each
 /// argument is evaluated into a local that lives until the launch and pushed by
 /// reference: scalars by value type, buffers as [`CudaView`]s, and written buffers as

@@ -210,7 +210,27 @@ impl Backend for Cuda {
         mean: &mut CudaSlice<f32>,
         invstd: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.bn_forward_train_impl(s, hp, x, params, off, running, y, mean, invstd)
+        self.bn_forward_train_fused_impl(
+            s, hp, x, params, off, running, None, false, y, mean, invstd,
+        )
+    }
+    fn bn_forward_train_fused(
+        &self,
+        s: &BnShape,
+        hp: BnParams,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        running: &mut CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+        mean: &mut CudaSlice<f32>,
+        invstd: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.bn_forward_train_fused_impl(
+            s, hp, x, params, off, running, residual, relu, y, mean, invstd,
+        )
     }
     fn bn_forward_eval(
         &self,
@@ -236,7 +256,33 @@ impl Backend for Cuda {
         dx: &mut CudaSlice<f32>,
         grads: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.bn_backward_train_impl(s, x, params, off, mean, invstd, dy, dx, grads)
+        self.relu_bn_backward_train_impl(s, x, params, off, mean, invstd, None, dy, dx, grads)
+    }
+    fn relu_bn_backward_train(
+        &self,
+        s: &BnShape,
+        x: &CudaSlice<f32>,
+        params: &CudaSlice<f32>,
+        off: BnOffsets,
+        mean: &CudaSlice<f32>,
+        invstd: &CudaSlice<f32>,
+        relu_out: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.relu_bn_backward_train_impl(
+            s,
+            x,
+            params,
+            off,
+            mean,
+            invstd,
+            Some(relu_out),
+            dy,
+            dx,
+            grads,
+        )
     }
     fn bn_backward_eval(
         &self,

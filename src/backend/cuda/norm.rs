@@ -5,7 +5,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{bn_abi, u32_of, Cuda};
 use crate::backend::{BnOffsets, BnParams, BnShape};
-use crate::cuda::{kernels, launch, view, view_mut, Disjoint, BLOCK};
+use crate::cuda::{kernels, launch, view, view_mut, Disjoint, Nullable, BLOCK};
 use crate::error::Result;
 
 impl Cuda {
@@ -18,8 +18,10 @@ impl Cuda {
         }
     }
 
+    /// Training-mode BatchNorm with the fused epilogue `y = relu(bn(x) + residual)` (the
+    /// add when `residual` is given, the ReLU when `relu`) in the normalize pass.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn bn_forward_train_impl(
+    pub(super) fn bn_forward_train_fused_impl(
         &self,
         s: &BnShape,
         hp: BnParams,
@@ -27,12 +29,18 @@ impl Cuda {
         params: &CudaSlice<f32>,
         off: BnOffsets,
         running: &mut CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
         y: &mut CudaSlice<f32>,
         mean: &mut CudaSlice<f32>,
         invstd: &mut CudaSlice<f32>,
     ) -> Result<()> {
         s.check_forward(x.len(), params.len(), off, running.len(), y.len())?;
         s.check_stats(mean.len(), invstd.len())?;
+        let residual = match residual {
+            Some(r) => Some(view("batchnorm residual", r, 0, s.len())?),
+            None => None,
+        };
         let (c, g) = (s.c, s.groups);
         let running_at = Disjoint::new(
             "batchnorm running stats",
@@ -73,7 +81,9 @@ impl Cuda {
             view("batchnorm beta", params, off.beta, c)?,
             view("batchnorm mean", mean, 0, g * c)?,
             view("batchnorm invstd", invstd, 0, g * c)?,
-            abi
+            abi,
+            Nullable::from(residual),
+            u32::from(relu)
         );
         Ok(())
     }
@@ -101,13 +111,18 @@ impl Cuda {
             view("batchnorm beta", params, off.beta, c)?,
             mean.as_view(),
             invstd.as_view(),
-            bn_abi(&BnShape { groups: 1, ..*s })?
+            bn_abi(&BnShape { groups: 1, ..*s })?,
+            Nullable::<f32>::Null(0),
+            0u32
         );
         Ok(())
     }
 
+    /// Training-mode backward; through the ReLU that followed the BatchNorm when
+    /// `relu_out` (its output) is given, masking `dy` inside the two passes (`dy` itself is
+    /// not changed).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn bn_backward_train_impl(
+    pub(super) fn relu_bn_backward_train_impl(
         &self,
         s: &BnShape,
         x: &CudaSlice<f32>,
@@ -115,6 +130,7 @@ impl Cuda {
         off: BnOffsets,
         mean: &CudaSlice<f32>,
         invstd: &CudaSlice<f32>,
+        relu_out: Option<&CudaSlice<f32>>,
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
         grads: &mut CudaSlice<f32>,
@@ -125,7 +141,11 @@ impl Cuda {
             off,
             (mean.len(), invstd.len()),
         )?;
-        self.bn_backward_common(s, x, params, off, mean, invstd, dy, dx, grads, true)
+        if let Some(r) = relu_out {
+            crate::backend::check_len("batchnorm relu output", r.len(), 0, s.len())?;
+        }
+        let mode = (true, relu_out);
+        self.bn_backward_common(s, x, params, off, mean, invstd, dy, dx, grads, mode)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -151,7 +171,18 @@ impl Cuda {
         let mut invstd = self.gpu.zeros::<f32>(s.c)?;
         self.eval_stats(hp, running, off, s.c, &mut mean, &mut invstd)?;
         let s1 = BnShape { groups: 1, ..*s };
-        self.bn_backward_common(&s1, x, params, off, &mean, &invstd, dy, dx, grads, false)
+        self.bn_backward_common(
+            &s1,
+            x,
+            params,
+            off,
+            &mean,
+            &invstd,
+            dy,
+            dx,
+            grads,
+            (false, None),
+        )
     }
 
     /// The inference-mode statistics (mean, 1 / sqrt(var + eps)) from the running ones.
@@ -189,8 +220,12 @@ impl Cuda {
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
         grads: &mut CudaSlice<f32>,
-        train: bool,
+        (train, relu_out): (bool, Option<&CudaSlice<f32>>),
     ) -> Result<()> {
+        let relu_out = match relu_out {
+            Some(r) => Some(view("batchnorm relu output", r, 0, s.len())?),
+            None => None,
+        };
         let (c, g) = (s.c, s.groups);
         let grads_at = Disjoint::new("batchnorm grads", grads.len(), off.gamma, off.beta, c)?;
         let abi = bn_abi(s)?;
@@ -206,7 +241,8 @@ impl Cuda {
             meanv.slice(..),
             invstdv.slice(..),
             mut sums.as_view_mut(),
-            abi
+            abi,
+            Nullable::from(relu_out.as_ref().map(|r| r.slice(..)))
         );
         {
             let (mut lo, mut hi) = grads.split_at_mut(grads_at.mid);
@@ -228,7 +264,8 @@ impl Cuda {
             invstdv,
             sums.as_view(),
             abi,
-            u32::from(train)
+            u32::from(train),
+            Nullable::from(relu_out)
         );
         Ok(())
     }
