@@ -44,6 +44,14 @@ pub enum Error {
         /// The library's message.
         message: String,
     },
+    /// A cuDNN call failed, or cuDNN could not be loaded.
+    #[error("cuDNN error in {call}: {message}")]
+    Cudnn {
+        /// The cuDNN call that failed.
+        call: &'static str,
+        /// The library's status or message.
+        message: String,
+    },
     /// An argument was invalid (shape, length, range); nothing was launched or changed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

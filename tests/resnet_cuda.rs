@@ -301,7 +301,10 @@ fn pools_relu_add_linear_sgd_match_cpu() {
 }
 
 fn whole(arch: Arch, mlp: bool, n: usize, cin: usize, size: usize, splits: usize) {
-    let g = cuda();
+    whole_on(cuda(), arch, mlp, n, cin, size, splits);
+}
+
+fn whole_on(g: Cuda, arch: Arch, mlp: bool, n: usize, cin: usize, size: usize, splits: usize) {
     let cfg = EncoderConfig {
         arch,
         in_channels: cin,
@@ -378,4 +381,15 @@ fn resnet18_cifar_matches_cpu() {
 fn resnet18_and_resnet50_imagenet_layouts_match_cpu() {
     whole(Arch::Resnet18, false, 4, 3, 64, 1);
     whole(Arch::Resnet50, true, 4, 3, 64, 2);
+}
+
+/// The whole networks with cuDNN convolutions against the CPU backend.
+#[test]
+#[ignore = "needs a CUDA GPU and cuDNN 9"]
+fn resnets_with_cudnn_convolutions_match_cpu() {
+    let dnn =
+        || Cuda::with_conv(test_gpu(), moco::backend::cuda::ConvBackend::Cudnn).expect("cuDNN");
+    whole_on(dnn(), Arch::Resnet8, true, 64, 3, 32, 8);
+    whole_on(dnn(), Arch::Resnet18Cifar, true, 16, 3, 32, 2);
+    whole_on(dnn(), Arch::Resnet50, true, 4, 3, 64, 2);
 }

@@ -2,6 +2,7 @@
 //! layer, run on every backend by [`on_every_backend!`] (the CPU's f32 path always, the
 //! CUDA backend when a GPU is present: those are `#[ignore]`d here and run by
 //! `scripts/gpu-check`); gradients by finite differences in f64, SGD and the LR schedules.
+use moco::backend::cuda::ConvBackend;
 use moco::backend::{
     Backend, BnOffsets, BnParams, BnShape, ConvShape, Cpu, Cuda, LinearShape, PoolShape,
 };
@@ -9,7 +10,8 @@ use moco::model::reference as r;
 use moco::testing::{assert_close, normal, uniform};
 
 /// Instantiates each generic test body `fn name<B: Backend>(be: &B)` once per backend:
-/// `cpu::name` on `Cpu<f32>`, and `cuda::name` on the first GPU (ignored without one).
+/// `cpu::name` on `Cpu<f32>`, `cuda::name` on the first GPU with im2col convolutions and
+/// `cudnn::name` with cuDNN's (both ignored without a GPU).
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod cpu {
@@ -25,7 +27,16 @@ macro_rules! on_every_backend {
                 #[test]
                 #[ignore = "needs a CUDA GPU"]
                 fn $name() {
-                    super::$name(&super::cuda_backend());
+                    super::$name(&super::cuda_backend(super::ConvBackend::Im2col));
+                }
+            )*
+        }
+        mod cudnn {
+            $(
+                #[test]
+                #[ignore = "needs a CUDA GPU and cuDNN 9"]
+                fn $name() {
+                    super::$name(&super::cuda_backend(super::ConvBackend::Cudnn));
                 }
             )*
         }
@@ -164,8 +175,8 @@ fn batchnorm_fused_epilogue_and_relu_backward_match_the_f64_composition<B: Backe
     }
 }
 
-fn cuda_backend() -> Cuda {
-    Cuda::new(moco::testing::test_gpu()).expect("CUDA backend")
+fn cuda_backend(conv: ConvBackend) -> Cuda {
+    Cuda::with_conv(moco::testing::test_gpu(), conv).expect("CUDA backend")
 }
 
 /// Host values into a new buffer of `be`.

@@ -179,6 +179,7 @@ fn bad_configs_are_errors() {
         ("infonce", "fastest"),
         ("device", "tpu"),
         ("preset", "v9"),
+        ("conv", "winograd"),
     ] {
         let p = dir.path().join(format!("{key}.toml"));
         std::fs::write(&p, format!("{key} = \"{value}\"\n")).unwrap();
@@ -186,7 +187,13 @@ fn bad_configs_are_errors() {
         assert!(e.contains(value), "{key}: {e:?} should mention {value:?}");
     }
     // And the names round-trip through config.json.
-    let c = TrainConfig::preset("v1").unwrap();
+    let mut c = TrainConfig::preset("v1").unwrap();
+    assert_eq!(
+        c.conv,
+        moco::backend::cuda::ConvBackend::Im2col,
+        "im2col by default"
+    );
+    c.conv = "cudnn".parse().unwrap();
     c.save(dir.path()).unwrap();
     assert_eq!(
         TrainConfig::load(&dir.path().join("config.json")).unwrap(),

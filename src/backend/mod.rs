@@ -23,7 +23,7 @@ pub use cuda::Cuda;
 
 /// Shape of a 2-D convolution without bias: `x` N x Cin x H x W, `w` Cout x Cin x K x K,
 /// `y` N x Cout x Ho x Wo with `Ho = (H + 2 pad - K) / stride + 1`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConvShape {
     /// Batch size N.
     pub n: usize,

@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// auto, cpu, cuda, cuda:N. [auto]
     #[arg(long, default_value = "auto")]
     pub device: moco::DeviceSpec,
+    /// Convolutions on the GPU: im2col, cudnn or auto. [im2col]
+    #[arg(long, default_value = "im2col", value_name = "im2col|cudnn|auto")]
+    pub conv: moco::backend::cuda::ConvBackend,
     /// Timed steps. [20]
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -97,7 +100,7 @@ impl Job for BenchJob {
         let with_data = t0.elapsed().as_secs_f64();
         let n = (self.steps * self.cfg.batch_size) as f64;
         Ok(format!(
-            "{{\"arch\":\"{}\",\"batch_size\":{},\"image_size\":{},\"moco_k\":{},\"device\":\"{}\",\"steps\":{},\"ms_per_step\":{:.3},\"images_per_sec\":{:.1},\"images_per_sec_with_data\":{:.1},\"infonce\":\"{}\"}}",
+            "{{\"arch\":\"{}\",\"batch_size\":{},\"image_size\":{},\"moco_k\":{},\"device\":\"{}\",\"steps\":{},\"ms_per_step\":{:.3},\"images_per_sec\":{:.1},\"images_per_sec_with_data\":{:.1},\"infonce\":\"{}\",\"conv\":\"{}\"}}",
             self.cfg.arch,
             self.cfg.batch_size,
             self.cfg.image_size,
@@ -107,7 +110,8 @@ impl Job for BenchJob {
             1e3 * compute / self.steps as f64,
             n / compute,
             n / with_data,
-            self.cfg.infonce
+            self.cfg.infonce,
+            self.cfg.conv
         ))
     }
 }
@@ -160,10 +164,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     cfg.bn_splits = if a.batch_size.is_multiple_of(8) { 8 } else { 1 };
     cfg.epochs = 1;
     cfg.device = a.device;
+    cfg.conv = a.conv;
     cfg.validate()?;
     let device = a.device.resolve().to_string();
     let line = super::dispatch(
         &device,
+        a.conv,
         BenchJob {
             cfg,
             steps: a.steps,

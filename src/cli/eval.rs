@@ -2,6 +2,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use moco::backend::cuda::ConvBackend;
 use moco::backend::Backend;
 use moco::eval::linear::{linear_probe, LinearConfig};
 use moco::train::Trainer;
@@ -155,5 +156,5 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     };
     super::set_threads(common.threads)?;
     let device = common.device.resolve().to_string();
-    super::dispatch(&device, EvalJob { common, what })
+    super::dispatch(&device, ConvBackend::Im2col, EvalJob { common, what })
 }

@@ -89,6 +89,11 @@ pub fn run(args: InfoArgs) -> Result<()> {
             );
         }
     }
+    if moco::backend::cuda::cudnn_present() {
+        println!("cudnn: loadable (--conv cudnn or auto)");
+    } else {
+        println!("cudnn: not found (convolutions use im2col + SGEMM)");
+    }
     {
         use moco::dist::nccl::{nccl_status, nccl_version, NcclStatus};
         match nccl_status() {

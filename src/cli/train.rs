@@ -113,6 +113,10 @@ pub struct TrainArgs {
     /// InfoNCE on the GPU: fused (default) or unfused (cuBLAS).
     #[arg(long)]
     pub infonce: Option<moco::ops::InfoNceImpl>,
+    /// Convolutions on the GPU: im2col (SGEMM, default), cudnn, or auto (cuDNN when it
+    /// loads, else im2col). [im2col]
+    #[arg(long, value_name = "im2col|cudnn|auto")]
+    pub conv: Option<moco::backend::cuda::ConvBackend>,
     /// Image folders: what to do with an image that cannot be decoded: error (stop, naming
     /// it) or skip (leave it out, report each and the count). [error]
     #[arg(long, value_name = "error|skip")]
@@ -195,7 +199,8 @@ impl TrainArgs {
              warmup_epochs => warmup_epochs, wd => weight_decay, moco_k => moco_k,
              moco_m => moco_m, moco_t => moco_t, bn_splits => bn_splits, seed => seed,
              device => device, threads => threads, workers => workers,
-             knn_every => knn_every, infonce => infonce, bad_images => bad_images);
+             knn_every => knn_every, infonce => infonce, bad_images => bad_images,
+             conv => conv);
         if self.data.is_some() {
             c.data = self.data.clone();
         }
@@ -598,6 +603,9 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
         if let Some(d) = args.device {
             cfg.device = d;
         }
+        if let Some(c) = args.conv {
+            cfg.conv = c;
+        }
         if let Some(t) = args.threads {
             cfg.threads = t;
         }
@@ -653,6 +661,7 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
     }
     super::dispatch(
         &device,
+        cfg.conv,
         TrainJob {
             cfg,
             dir,

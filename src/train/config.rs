@@ -165,6 +165,9 @@ pub struct TrainConfig {
     pub knn_every: usize,
     /// InfoNCE on the GPU: `fused` or `unfused`.
     pub infonce: InfoNceImpl,
+    /// Convolutions on the GPU: `im2col` (SGEMM), `cudnn`, or `auto` (cuDNN when it
+    /// loads, else im2col).
+    pub conv: crate::backend::cuda::ConvBackend,
     /// Image folders: what to do with an image that cannot be decoded: `error` (stop,
     /// naming it) or `skip` (leave it out, report each and the count).
     pub bad_images: BadImages,
@@ -207,6 +210,7 @@ impl Default for TrainConfig {
             knn_t: 0.1,
             knn_every: 1,
             infonce: InfoNceImpl::Fused,
+            conv: crate::backend::cuda::ConvBackend::Im2col,
             bad_images: BadImages::Error,
         }
     }

@@ -3,14 +3,23 @@
 //! the weight gradient's GEMM and scatters the columns back with col2im.
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
+use std::sync::{Mutex, MutexGuard};
+
+use super::cudnn::Cudnn;
 use super::{conv_abi, Cuda};
 use crate::backend::{check_len, ConvShape};
 use crate::cuda::{kernels, launch, view, view_mut};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Upper bound on the im2col buffer of one convolution (elements): the batch is processed in
 /// chunks of samples whose columns fit.
 const COL_BUDGET: usize = 1 << 26;
+
+/// The cuDNN state, or an error if a thread panicked while holding it.
+fn lock(m: &Mutex<Cudnn>) -> Result<MutexGuard<'_, Cudnn>> {
+    m.lock()
+        .map_err(|_| Error::invalid("cuDNN state poisoned by a panic on another thread"))
+}
 
 /// Samples per im2col chunk.
 fn conv_chunk(s: &ConvShape) -> usize {
@@ -93,6 +102,11 @@ impl Cuda {
     ) -> Result<()> {
         s.check_forward(x.len(), (w.len(), w_off), y.len())?;
         let wv = view("conv2d weight", w, w_off, s.w_len())?;
+        if let Some(dnn) = &self.cudnn {
+            let xv = view("conv2d x", x, 0, s.x_len())?;
+            let mut yv = view_mut("conv2d y", y, 0, s.y_len())?;
+            return lock(dnn)?.forward(s, &xv, &wv, &mut yv);
+        }
         let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
         let nb = conv_chunk(s);
         let mut col = self.gpu.zeros::<f32>(ckk * nb * hwo)?;
@@ -137,6 +151,15 @@ impl Cuda {
         )?;
         let wv = view("conv2d weight", w, w_off, s.w_len())?;
         let mut dwv = view_mut("conv2d dw", dw, dw_off, s.w_len())?;
+        if let Some(dnn) = &self.cudnn {
+            let xv = view("conv2d x", x, 0, s.x_len())?;
+            let dyv = view("conv2d dy", dy, 0, s.y_len())?;
+            let mut dxv = match dx {
+                Some(d) => Some(view_mut("conv2d dx", d, 0, s.x_len())?),
+                None => None,
+            };
+            return lock(dnn)?.backward(s, &xv, &wv, &dyv, dxv.as_mut(), &mut dwv);
+        }
         let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
         let nb = conv_chunk(s);
         let mut col = self.gpu.zeros::<f32>(ckk * nb * hwo)?;

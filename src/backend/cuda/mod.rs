@@ -12,6 +12,8 @@
 //! panic) and passes them straight to the kernel through the crate's `launch!` macro: no
 //! raw addresses or byte offsets. Results are deterministic run to run:
 //! the kernels gather instead of using atomics, and reductions have a fixed order.
+use std::sync::{Arc, Mutex};
+
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{Backend, BnOffsets, BnParams, BnShape, ConvShape, LinearShape, PoolShape};
@@ -21,6 +23,7 @@ use crate::error::{CudaResultExt, Error, Result};
 use crate::ops::{self, ContrastShape, InfoNceImpl, InfoNceStats};
 
 mod conv;
+mod cudnn;
 pub(crate) mod gemm;
 mod layers;
 mod norm;
@@ -28,15 +31,24 @@ mod optim;
 #[cfg(test)]
 mod tests;
 
+pub use cudnn::{cudnn_present, ConvBackend};
+
 /// The CUDA backend on one [`Gpu`] (cheap to clone).
 #[derive(Clone)]
 pub struct Cuda {
     gpu: Gpu,
+    /// cuDNN's state when convolutions run through it, else im2col + SGEMM.
+    cudnn: Option<Arc<Mutex<cudnn::Cudnn>>>,
+    /// Why [`ConvBackend::Auto`] fell back to im2col, if it did.
+    fallback: Option<String>,
 }
 
 impl std::fmt::Debug for Cuda {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cuda").field("gpu", &self.gpu).finish()
+        f.debug_struct("Cuda")
+            .field("gpu", &self.gpu)
+            .field("conv", &self.conv_backend())
+            .finish()
     }
 }
 
@@ -87,11 +99,51 @@ fn bn_abi(s: &BnShape) -> Result<MocoBnShape> {
 }
 
 impl Cuda {
-    /// The backend on `gpu`; creates the GPU's cuBLAS handle now, so a missing cuBLAS is
-    /// an error here rather than in the first convolution.
+    /// The backend on `gpu` with im2col + SGEMM convolutions (see [`Cuda::with_conv`]);
+    /// creates the GPU's cuBLAS handle now, so a missing cuBLAS is an error here rather
+    /// than in the first convolution.
     pub fn new(gpu: Gpu) -> Result<Cuda> {
+        Cuda::with_conv(gpu, ConvBackend::Im2col)
+    }
+
+    /// The backend on `gpu` with the given convolution backend. [`ConvBackend::Cudnn`] is an
+    /// error when cuDNN cannot be loaded; [`ConvBackend::Auto`] then falls back to im2col
+    /// and says why in [`Cuda::conv_fallback`].
+    pub fn with_conv(gpu: Gpu, conv: ConvBackend) -> Result<Cuda> {
         gpu.blas()?;
-        Ok(Cuda { gpu })
+        let (cudnn, fallback) = match conv {
+            ConvBackend::Im2col => (None, None),
+            ConvBackend::Cudnn => (Some(cudnn::Cudnn::new(&gpu)?), None),
+            ConvBackend::Auto => match cudnn::Cudnn::new(&gpu) {
+                Ok(c) => (Some(c), None),
+                Err(e) => (None, Some(format!("{e}; convolutions use im2col + SGEMM"))),
+            },
+        };
+        Ok(Cuda {
+            gpu,
+            cudnn: cudnn.map(|c| Arc::new(Mutex::new(c))),
+            fallback,
+        })
+    }
+
+    /// How this backend computes convolutions: [`ConvBackend::Cudnn`] or
+    /// [`ConvBackend::Im2col`].
+    pub fn conv_backend(&self) -> ConvBackend {
+        if self.cudnn.is_some() {
+            ConvBackend::Cudnn
+        } else {
+            ConvBackend::Im2col
+        }
+    }
+
+    /// Why [`ConvBackend::Auto`] chose im2col (cuDNN missing or failing), if it did.
+    pub fn conv_fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
+    /// The cuDNN version loaded, when convolutions run through it.
+    pub fn cudnn_version(&self) -> Option<usize> {
+        self.cudnn.as_ref().map(|_| cudnn::Cudnn::version())
     }
 
     /// Opens GPU `ordinal` (new stream) and creates the backend on it.

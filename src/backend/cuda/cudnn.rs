@@ -1,0 +1,481 @@
+//! Convolutions through cuDNN 9, loaded at run time like the driver: a build and a binary
+//! without cuDNN still work, and [`ConvBackend::Auto`] falls back to im2col + SGEMM when
+//! libcudnn cannot be loaded.
+//!
+//! One [`Plan`] per convolution shape holds the descriptors and the three algorithms
+//! (forward, backward data, backward filter), chosen once by timing them
+//! (`cudnnFind*`, as PyTorch's `cudnn.benchmark = True`) among the deterministic ones in
+//! real fp32 (`CUDNN_FMA_MATH`: no TF32, as PyTorch with TF32 off), falling back to the
+//! heuristic when timing fails. All plans share one workspace, grown to the largest need.
+//! Everything runs on the GPU's stream; the handle is used under a mutex.
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::str::FromStr;
+
+use cudarc::cudnn::{result as dnn, sys};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+
+use crate::backend::ConvShape;
+use crate::cuda::Gpu;
+use crate::error::{CudaResultExt, Error, Result};
+
+/// How the CUDA backend computes convolutions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ConvBackend {
+    /// cuDNN when libcudnn loads, else im2col ([`Cuda::conv_fallback`](super::Cuda::conv_fallback)
+    /// says why).
+    Auto,
+    /// cuDNN; an error when libcudnn cannot be loaded.
+    Cudnn,
+    /// im2col + cuBLAS SGEMM: the default until the cuDNN path has passed the GPU suite,
+    /// then the fallback and a second reference.
+    #[default]
+    Im2col,
+}
+
+impl std::fmt::Display for ConvBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConvBackend::Auto => "auto",
+            ConvBackend::Cudnn => "cudnn",
+            ConvBackend::Im2col => "im2col",
+        })
+    }
+}
+
+impl FromStr for ConvBackend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(ConvBackend::Auto),
+            "cudnn" => Ok(ConvBackend::Cudnn),
+            "im2col" => Ok(ConvBackend::Im2col),
+            _ => Err(Error::invalid(format!(
+                "unknown convolution backend {s:?}: auto, cudnn or im2col"
+            ))),
+        }
+    }
+}
+
+serde_via_str!(ConvBackend);
+
+fn dnn_err(call: &'static str) -> impl Fn(dnn::CudnnError) -> Error {
+    move |e| Error::Cudnn {
+        call,
+        message: format!("{:?}", e.0),
+    }
+}
+
+fn c_int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| Error::invalid(format!("{what} = {v} exceeds cuDNN's 32-bit dimensions")))
+}
+
+/// True when libcudnn can be loaded (never panics, unlike a first cudarc cuDNN call
+/// without the library).
+pub fn cudnn_present() -> bool {
+    // SAFETY: only tries to dlopen libcudnn and drops the handle.
+    unsafe { sys::is_culib_present() }
+}
+
+struct Handle(sys::cudnnHandle_t);
+struct TensorDesc(sys::cudnnTensorDescriptor_t);
+struct FilterDesc(sys::cudnnFilterDescriptor_t);
+struct ConvDesc(sys::cudnnConvolutionDescriptor_t);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreate and destroyed once; an error here cannot be acted
+        // on, so it is ignored rather than panicking in drop.
+        let _ = unsafe { dnn::destroy_handle(self.0) };
+    }
+}
+impl Drop for TensorDesc {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreateTensorDescriptor, destroyed once.
+        let _ = unsafe { dnn::destroy_tensor_descriptor(self.0) };
+    }
+}
+impl Drop for FilterDesc {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreateFilterDescriptor, destroyed once.
+        let _ = unsafe { dnn::destroy_filter_descriptor(self.0) };
+    }
+}
+impl Drop for ConvDesc {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreateConvolutionDescriptor, destroyed once.
+        let _ = unsafe { dnn::destroy_convolution_descriptor(self.0) };
+    }
+}
+
+fn nchw(n: usize, c: usize, h: usize, w: usize) -> Result<TensorDesc> {
+    let d = TensorDesc(
+        dnn::create_tensor_descriptor().map_err(dnn_err("cudnnCreateTensorDescriptor"))?,
+    );
+    // SAFETY: a freshly created descriptor, set to a dense NCHW f32 layout.
+    unsafe {
+        dnn::set_tensor4d_descriptor(
+            d.0,
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            [
+                c_int(n, "n")?,
+                c_int(c, "c")?,
+                c_int(h, "h")?,
+                c_int(w, "w")?,
+            ],
+        )
+    }
+    .map_err(dnn_err("cudnnSetTensor4dDescriptor"))?;
+    Ok(d)
+}
+
+/// The descriptors and algorithms of one convolution shape.
+struct Plan {
+    x: TensorDesc,
+    w: FilterDesc,
+    y: TensorDesc,
+    conv: ConvDesc,
+    fwd: sys::cudnnConvolutionFwdAlgo_t,
+    bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
+    bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
+    /// The largest workspace of the three, in bytes.
+    workspace: usize,
+}
+
+/// The first timed result that succeeded, is deterministic and uses FMA math.
+macro_rules! pick {
+    ($perf:expr, $count:expr) => {
+        $perf[..$count.max(0) as usize].iter().find(|p| {
+            p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                && p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
+                && p.mathType == sys::cudnnMathType_t::CUDNN_FMA_MATH
+        })
+    };
+}
+
+impl Plan {
+    fn new(h: &Handle, s: &ConvShape) -> Result<Plan> {
+        let x = nchw(s.n, s.cin, s.h, s.w)?;
+        let y = nchw(s.n, s.cout, s.ho, s.wo)?;
+        let w = FilterDesc(
+            dnn::create_filter_descriptor().map_err(dnn_err("cudnnCreateFilterDescriptor"))?,
+        );
+        let (k, pad, stride) = (
+            c_int(s.k, "k")?,
+            c_int(s.pad, "pad")?,
+            c_int(s.stride, "stride")?,
+        );
+        // SAFETY: fresh descriptors, set to the shape's dense layouts; the convolution is a
+        // cross-correlation (PyTorch's) in f32 with FMA math only.
+        unsafe {
+            dnn::set_filter4d_descriptor(
+                w.0,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                [c_int(s.cout, "cout")?, c_int(s.cin, "cin")?, k, k],
+            )
+        }
+        .map_err(dnn_err("cudnnSetFilter4dDescriptor"))?;
+        let conv = ConvDesc(
+            dnn::create_convolution_descriptor()
+                .map_err(dnn_err("cudnnCreateConvolutionDescriptor"))?,
+        );
+        // SAFETY: as above.
+        unsafe {
+            dnn::set_convolution2d_descriptor(
+                conv.0,
+                pad,
+                pad,
+                stride,
+                stride,
+                1,
+                1,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )
+        }
+        .map_err(dnn_err("cudnnSetConvolution2dDescriptor"))?;
+        // SAFETY: as above.
+        unsafe { dnn::set_convolution_math_type(conv.0, sys::cudnnMathType_t::CUDNN_FMA_MATH) }
+            .map_err(dnn_err("cudnnSetConvolutionMathType"))?;
+
+        const N: usize = 16;
+        let mut count = 0i32;
+        // SAFETY (the three searches): the handle and descriptors are valid; each perf
+        // array holds N entries and cuDNN writes at most `requested = N` of them.
+        let mut fp: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+        let found = unsafe {
+            sys::cudnnFindConvolutionForwardAlgorithm(
+                h.0,
+                x.0,
+                w.0,
+                conv.0,
+                y.0,
+                N as i32,
+                &mut count,
+                fp.as_mut_ptr(),
+            )
+        };
+        let fwd = match (found.result(), pick!(fp, count)) {
+            (Ok(()), Some(p)) => (p.algo, p.memory),
+            _ => (
+                sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                0,
+            ),
+        };
+        let mut bp: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+        let found = unsafe {
+            sys::cudnnFindConvolutionBackwardDataAlgorithm(
+                h.0,
+                w.0,
+                y.0,
+                conv.0,
+                x.0,
+                N as i32,
+                &mut count,
+                bp.as_mut_ptr(),
+            )
+        };
+        let bwd_data = match (found.result(), pick!(bp, count)) {
+            (Ok(()), Some(p)) => (p.algo, p.memory),
+            _ => (
+                sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+                0,
+            ),
+        };
+        let mut wp: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+        let found = unsafe {
+            sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+                h.0,
+                x.0,
+                y.0,
+                conv.0,
+                w.0,
+                N as i32,
+                &mut count,
+                wp.as_mut_ptr(),
+            )
+        };
+        let bwd_filter = match (found.result(), pick!(wp, count)) {
+            (Ok(()), Some(p)) => (p.algo, p.memory),
+            _ => (
+                sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+                0,
+            ),
+        };
+        // The fallbacks' workspace sizes (a timed pick reports its own).
+        let mut ws = [fwd.1, bwd_data.1, bwd_filter.1];
+        // SAFETY: valid handle and descriptors; each call writes one usize.
+        unsafe {
+            ws[0] = ws[0].max(
+                dnn::get_convolution_forward_workspace_size(h.0, x.0, w.0, conv.0, y.0, fwd.0)
+                    .map_err(dnn_err("cudnnGetConvolutionForwardWorkspaceSize"))?,
+            );
+            ws[1] = ws[1].max(
+                dnn::get_convolution_backward_data_workspace_size(
+                    h.0, w.0, y.0, conv.0, x.0, bwd_data.0,
+                )
+                .map_err(dnn_err("cudnnGetConvolutionBackwardDataWorkspaceSize"))?,
+            );
+            ws[2] = ws[2].max(
+                dnn::get_convolution_backward_filter_workspace_size(
+                    h.0,
+                    x.0,
+                    y.0,
+                    conv.0,
+                    w.0,
+                    bwd_filter.0,
+                )
+                .map_err(dnn_err("cudnnGetConvolutionBackwardFilterWorkspaceSize"))?,
+            );
+        }
+        Ok(Plan {
+            x,
+            w,
+            y,
+            conv,
+            fwd: fwd.0,
+            bwd_data: bwd_data.0,
+            bwd_filter: bwd_filter.0,
+            workspace: ws.into_iter().max().unwrap_or(0),
+        })
+    }
+}
+
+/// cuDNN on one GPU: the handle (bound to the GPU's stream), the plans by shape, and the
+/// shared workspace.
+pub(crate) struct Cudnn {
+    gpu: Gpu,
+    handle: Handle,
+    plans: HashMap<ConvShape, Plan>,
+    workspace: Option<CudaSlice<u8>>,
+}
+
+// SAFETY: the raw handle and descriptors are only used by the thread holding the mutex
+// around `Cudnn` (the Cuda backend's), with the GPU's context bound to that thread first;
+// cuDNN handles may be used from any thread one at a time.
+unsafe impl Send for Cudnn {}
+
+impl Cudnn {
+    /// Loads cuDNN and creates a handle on `gpu`'s stream.
+    pub fn new(gpu: &Gpu) -> Result<Cudnn> {
+        if !cudnn_present() {
+            return Err(Error::Cudnn {
+                call: "dlopen(libcudnn)",
+                message: "cuDNN 9 not found; add its lib directory (e.g. site-packages/nvidia/cudnn/lib) to LD_LIBRARY_PATH, or use --conv im2col".into(),
+            });
+        }
+        gpu.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        let handle = Handle(dnn::create_handle().map_err(dnn_err("cudnnCreate"))?);
+        // SAFETY: a valid handle and the GPU's live stream.
+        unsafe { dnn::set_stream(handle.0, gpu.stream().cu_stream() as _) }
+            .map_err(dnn_err("cudnnSetStream"))?;
+        Ok(Cudnn {
+            gpu: gpu.clone(),
+            handle,
+            plans: HashMap::new(),
+            workspace: None,
+        })
+    }
+
+    /// The cuDNN version the library reports (e.g. 91002 for 9.10.2).
+    pub fn version() -> usize {
+        dnn::get_version()
+    }
+
+    /// The plan of `s` and a workspace of its size, creating both on first use.
+    fn prepare(&mut self, s: &ConvShape) -> Result<(&Plan, Option<&mut CudaSlice<u8>>)> {
+        self.gpu
+            .context()
+            .bind_to_thread()
+            .call("cuCtxSetCurrent")?;
+        if !self.plans.contains_key(s) {
+            let plan = Plan::new(&self.handle, s)?;
+            self.plans.insert(*s, plan);
+        }
+        let plan = &self.plans[s];
+        if plan.workspace > self.workspace.as_ref().map_or(0, |w| w.len()) {
+            self.workspace = None; // free the old one first
+            self.workspace = Some(self.gpu.zeros::<u8>(plan.workspace)?);
+        }
+        let ws = self.workspace.as_mut().filter(|_| plan.workspace > 0);
+        Ok((plan, ws))
+    }
+
+    /// `y = conv(x, w)`; the views were checked against `s` by the caller.
+    pub fn forward(
+        &mut self,
+        s: &ConvShape,
+        x: &CudaView<'_, f32>,
+        w: &CudaView<'_, f32>,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let stream = self.gpu.stream().clone();
+        let handle = self.handle.0;
+        let (plan, ws) = self.prepare(s)?;
+        let (xp, _gx) = x.device_ptr(&stream);
+        let (wp, _gw) = w.device_ptr(&stream);
+        let (yp, _gy) = y.device_ptr_mut(&stream);
+        let (wsp, ws_len, _gws) = match ws {
+            Some(b) => {
+                let len = b.len();
+                let (p, g) = b.device_ptr_mut(&stream);
+                (p, len, Some(g))
+            }
+            None => (0, 0, None),
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the descriptors describe exactly the views' layouts (checked by the
+        // caller against `s`), the workspace holds `ws_len` bytes, alpha and beta are host
+        // f32 scalars; everything is on the handle's stream.
+        unsafe {
+            dnn::convolution_forward(
+                handle,
+                &alpha as *const f32 as *const c_void,
+                plan.x.0,
+                xp as *const c_void,
+                plan.w.0,
+                wp as *const c_void,
+                plan.conv.0,
+                plan.fwd,
+                wsp as *mut c_void,
+                ws_len,
+                &beta as *const f32 as *const c_void,
+                plan.y.0,
+                yp as *mut c_void,
+            )
+        }
+        .map_err(dnn_err("cudnnConvolutionForward"))
+    }
+
+    /// `dx = dL/dx` (overwritten) when `dx` is given, and `dw += dL/dw`.
+    pub fn backward(
+        &mut self,
+        s: &ConvShape,
+        x: &CudaView<'_, f32>,
+        w: &CudaView<'_, f32>,
+        dy: &CudaView<'_, f32>,
+        dx: Option<&mut CudaViewMut<'_, f32>>,
+        dw: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let stream = self.gpu.stream().clone();
+        let handle = self.handle.0;
+        let (plan, ws) = self.prepare(s)?;
+        let (xp, _gx) = x.device_ptr(&stream);
+        let (wp, _gw) = w.device_ptr(&stream);
+        let (dyp, _gdy) = dy.device_ptr(&stream);
+        let (dwp, _gdw) = dw.device_ptr_mut(&stream);
+        let (wsp, ws_len, _gws) = match ws {
+            Some(b) => {
+                let len = b.len();
+                let (p, g) = b.device_ptr_mut(&stream);
+                (p, len, Some(g))
+            }
+            None => (0, 0, None),
+        };
+        let (one, zero) = (1.0f32, 0.0f32);
+        if let Some(dx) = dx {
+            let (dxp, _gdx) = dx.device_ptr_mut(&stream);
+            // SAFETY: as in `forward`; dx is overwritten (beta 0).
+            unsafe {
+                dnn::convolution_backward_data(
+                    handle,
+                    &one as *const f32 as *const c_void,
+                    plan.w.0,
+                    wp as *const c_void,
+                    plan.y.0,
+                    dyp as *const c_void,
+                    plan.conv.0,
+                    plan.bwd_data,
+                    wsp as *mut c_void,
+                    ws_len,
+                    &zero as *const f32 as *const c_void,
+                    plan.x.0,
+                    dxp as *mut c_void,
+                )
+            }
+            .map_err(dnn_err("cudnnConvolutionBackwardData"))?;
+        }
+        // SAFETY: as in `forward`; dw accumulates (beta 1), as every backend's gradients do.
+        unsafe {
+            dnn::convolution_backward_filter(
+                handle,
+                &one as *const f32 as *const c_void,
+                plan.x.0,
+                xp as *const c_void,
+                plan.y.0,
+                dyp as *const c_void,
+                plan.conv.0,
+                plan.bwd_filter,
+                wsp as *mut c_void,
+                ws_len,
+                &one as *const f32 as *const c_void,
+                plan.w.0,
+                dwp as *mut c_void,
+            )
+        }
+        .map_err(dnn_err("cudnnConvolutionBackwardFilter"))
+    }
+}
