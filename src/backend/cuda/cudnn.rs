@@ -144,14 +144,22 @@ struct Plan {
     workspace: usize,
 }
 
-/// The first timed result that succeeded, is deterministic and uses FMA math.
+/// The fastest timed result (cuDNN sorts them by time) that succeeded, is deterministic
+/// and runs without tensor cores (the descriptor asks for FMA math; a result that reports
+/// a tensor-op math type is skipped).
 macro_rules! pick {
     ($perf:expr, $count:expr) => {
-        $perf[..$count.max(0) as usize].iter().find(|p| {
-            p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
-                && p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
-                && p.mathType == sys::cudnnMathType_t::CUDNN_FMA_MATH
-        })
+        $perf[..($count.max(0) as usize).min($perf.len())]
+            .iter()
+            .find(|p| {
+                p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                    && p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
+                    && matches!(
+                        p.mathType,
+                        sys::cudnnMathType_t::CUDNN_FMA_MATH
+                            | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+                    )
+            })
     };
 }
 
