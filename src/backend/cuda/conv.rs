@@ -109,11 +109,13 @@ impl Cuda {
         }
         let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
         let nb = conv_chunk(s);
-        let mut col = self.gpu.zeros::<f32>(ckk * nb * hwo)?;
-        let mut yt = self.gpu.zeros::<f32>(s.cout * nb * hwo)?;
+        let mut guard = super::lock(&self.scratch.conv)?;
+        let (col, yt) = &mut *guard;
+        let col = super::grow(&self.gpu, col, ckk * nb * hwo)?;
+        let yt = super::grow(&self.gpu, yt, s.cout * nb * hwo)?;
         for n0 in (0..s.n).step_by(nb) {
             let m = nb.min(s.n - n0);
-            self.im2col(s, x, n0, m, &mut col)?;
+            self.im2col(s, x, n0, m, col)?;
             // Yt (Cout x m HoWo) = W (Cout x CKK) col (CKK x m HoWo)
             self.gemm_rm(
                 (false, false),
@@ -162,14 +164,16 @@ impl Cuda {
         }
         let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
         let nb = conv_chunk(s);
-        let mut col = self.gpu.zeros::<f32>(ckk * nb * hwo)?;
-        let mut dyt = self.gpu.zeros::<f32>(s.cout * nb * hwo)?;
+        let mut guard = super::lock(&self.scratch.conv)?;
+        let (col, dyt) = &mut *guard;
+        let col = super::grow(&self.gpu, col, ckk * nb * hwo)?;
+        let dyt = super::grow(&self.gpu, dyt, s.cout * nb * hwo)?;
         for n0 in (0..s.n).step_by(nb) {
             let m = nb.min(s.n - n0);
             // dYt (Cout x m HoWo) from dy (m x Cout x HoWo).
             let src = view("permute src", dy, n0 * ys, m * ys)?;
             self.permute01(src, dyt.as_view_mut(), (m, s.cout, hwo))?;
-            self.im2col(s, x, n0, m, &mut col)?;
+            self.im2col(s, x, n0, m, col)?;
             // dW (Cout x CKK) += dYt (Cout x K) col^T (K x CKK), K = m HoWo.
             self.gemm_rm(
                 (false, true),
@@ -191,7 +195,7 @@ impl Cuda {
                     0.0,
                     &mut col.as_view_mut(),
                 )?;
-                self.col2im(s, &col, n0, m, dx)?;
+                self.col2im(s, col, n0, m, dx)?;
             }
         }
         Ok(())

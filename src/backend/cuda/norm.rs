@@ -52,7 +52,8 @@ impl Cuda {
         let abi = bn_abi(s)?;
         let (c32, g32) = (abi.c, abi.groups);
         let xv = view("batchnorm x", x, 0, s.len())?;
-        let mut var = self.gpu.zeros::<f32>(g * c)?;
+        let mut guard = super::lock(&self.scratch.bn)?;
+        let var = super::grow(&self.gpu, &mut guard, g * c)?;
         launch!(self.gpu, kernels::norm::BN_STATS_F32, Self::per_group_channel(c32, g32);
             xv.slice(..),
             mut view_mut("batchnorm mean", mean, 0, g * c)?,
@@ -101,9 +102,11 @@ impl Cuda {
     ) -> Result<()> {
         s.check_forward(x.len(), params.len(), off, running.len(), y.len())?;
         let c = s.c;
-        let mut mean = self.gpu.zeros::<f32>(c)?;
-        let mut invstd = self.gpu.zeros::<f32>(c)?;
-        self.eval_stats(hp, running, off, c, &mut mean, &mut invstd)?;
+        let mut guard = super::lock(&self.scratch.eval)?;
+        let (mean, invstd) = &mut *guard;
+        let mean = super::grow(&self.gpu, mean, c)?;
+        let invstd = super::grow(&self.gpu, invstd, c)?;
+        self.eval_stats(hp, running, off, c, mean, invstd)?;
         launch!(self.gpu, kernels::norm::BN_APPLY_F32, self.elementwise(s.len() as u64);
             view("batchnorm x", x, 0, s.len())?,
             mut view_mut("batchnorm y", y, 0, s.len())?,
@@ -167,17 +170,19 @@ impl Cuda {
             off,
             running.len(),
         )?;
-        let mut mean = self.gpu.zeros::<f32>(s.c)?;
-        let mut invstd = self.gpu.zeros::<f32>(s.c)?;
-        self.eval_stats(hp, running, off, s.c, &mut mean, &mut invstd)?;
+        let mut guard = super::lock(&self.scratch.eval)?;
+        let (mean, invstd) = &mut *guard;
+        let mean = super::grow(&self.gpu, mean, s.c)?;
+        let invstd = super::grow(&self.gpu, invstd, s.c)?;
+        self.eval_stats(hp, running, off, s.c, mean, invstd)?;
         let s1 = BnShape { groups: 1, ..*s };
         self.bn_backward_common(
             &s1,
             x,
             params,
             off,
-            &mean,
-            &invstd,
+            mean,
+            invstd,
             dy,
             dx,
             grads,
@@ -234,7 +239,8 @@ impl Cuda {
         let dyv = view("batchnorm dy", dy, 0, s.len())?;
         let meanv = view("batchnorm mean", mean, 0, g * c)?;
         let invstdv = view("batchnorm invstd", invstd, 0, g * c)?;
-        let mut sums = self.gpu.zeros::<f32>(2 * g * c)?;
+        let mut guard = super::lock(&self.scratch.bn)?;
+        let sums = super::grow(&self.gpu, &mut guard, 2 * g * c)?;
         launch!(self.gpu, kernels::norm::BN_BWD_REDUCE_F32, Self::per_group_channel(c32, g32);
             xv.slice(..),
             dyv.slice(..),
