@@ -175,6 +175,36 @@ fn batchnorm_fused_epilogue_and_relu_backward_match_the_f64_composition<B: Backe
     }
 }
 
+/// `--tf32`: the convolutions through cuDNN and im2col with TF32 tensor cores stay within
+/// TF32's rounding (10-bit mantissa inputs: rel <= 5e-4) of the f64 reference.
+#[test]
+#[ignore = "needs a CUDA GPU and cuDNN 9"]
+fn tf32_convolutions_stay_within_tf32_rounding() {
+    for conv in [ConvBackend::Cudnn, ConvBackend::Im2col] {
+        let be = Cuda::with_options(
+            moco::testing::test_gpu(),
+            moco::backend::cuda::CudaOptions { conv, tf32: true },
+        )
+        .unwrap();
+        for (ci, &(n, cin, hw, cout, k, st, p)) in CONV_CASES.iter().enumerate() {
+            let s = ConvShape::new(n, cin, hw, cout, k, st, p).unwrap();
+            let x = normal(s.x_len(), 10 + ci as u64);
+            let w = normal(s.w_len(), 20 + ci as u64);
+            let mut yd = up(&be, &vec![f32::NAN; s.y_len()]);
+            be.conv2d_forward(&s, &up(&be, &x), &up(&be, &w), 0, &mut yd)
+                .unwrap();
+            let yr = r::conv2d(&s, &f64s(&x), &f64s(&w));
+            assert_close(
+                &format!("tf32 {conv} y {s:?}"),
+                &down(&be, &yd),
+                &f32s(&yr),
+                5e-4,
+                5e-2,
+            );
+        }
+    }
+}
+
 fn cuda_backend(conv: ConvBackend) -> Cuda {
     Cuda::with_conv(moco::testing::test_gpu(), conv).expect("CUDA backend")
 }

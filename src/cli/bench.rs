@@ -32,6 +32,9 @@ pub struct BenchArgs {
     /// Convolutions on the GPU: im2col, cudnn or auto. [im2col]
     #[arg(long, default_value = "im2col", value_name = "im2col|cudnn|auto")]
     pub conv: moco::backend::cuda::ConvBackend,
+    /// TF32 tensor cores for GPU convolutions and GEMMs (default: real fp32).
+    #[arg(long)]
+    pub tf32: bool,
     /// Timed steps. [20]
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -100,7 +103,7 @@ impl Job for BenchJob {
         let with_data = t0.elapsed().as_secs_f64();
         let n = (self.steps * self.cfg.batch_size) as f64;
         Ok(format!(
-            "{{\"arch\":\"{}\",\"batch_size\":{},\"image_size\":{},\"moco_k\":{},\"device\":\"{}\",\"steps\":{},\"ms_per_step\":{:.3},\"images_per_sec\":{:.1},\"images_per_sec_with_data\":{:.1},\"infonce\":\"{}\",\"conv\":\"{}\"}}",
+            "{{\"arch\":\"{}\",\"batch_size\":{},\"image_size\":{},\"moco_k\":{},\"device\":\"{}\",\"steps\":{},\"ms_per_step\":{:.3},\"images_per_sec\":{:.1},\"images_per_sec_with_data\":{:.1},\"infonce\":\"{}\",\"conv\":\"{}\",\"tf32\":{}}}",
             self.cfg.arch,
             self.cfg.batch_size,
             self.cfg.image_size,
@@ -111,7 +114,8 @@ impl Job for BenchJob {
             n / compute,
             n / with_data,
             self.cfg.infonce,
-            self.cfg.conv
+            self.cfg.conv,
+            self.cfg.tf32
         ))
     }
 }
@@ -165,11 +169,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     cfg.epochs = 1;
     cfg.device = a.device;
     cfg.conv = a.conv;
+    cfg.tf32 = a.tf32;
     cfg.validate()?;
     let device = a.device.resolve().to_string();
     let line = super::dispatch(
         &device,
-        a.conv,
+        moco::backend::cuda::CudaOptions {
+            conv: a.conv,
+            tf32: a.tf32,
+        },
         BenchJob {
             cfg,
             steps: a.steps,

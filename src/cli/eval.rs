@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use moco::backend::cuda::ConvBackend;
+use moco::backend::cuda::CudaOptions;
 use moco::backend::Backend;
 use moco::eval::linear::{linear_probe, LinearConfig};
 use moco::train::Trainer;
@@ -156,5 +156,5 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     };
     super::set_threads(common.threads)?;
     let device = common.device.resolve().to_string();
-    super::dispatch(&device, ConvBackend::Im2col, EvalJob { common, what })
+    super::dispatch(&device, CudaOptions::default(), EvalJob { common, what })
 }

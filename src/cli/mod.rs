@@ -5,7 +5,7 @@ pub mod export;
 pub mod info;
 pub mod train;
 
-use moco::backend::cuda::ConvBackend;
+use moco::backend::cuda::CudaOptions;
 use moco::backend::Backend;
 use moco::backend::{Cpu, Cuda};
 use moco::{Device, Result};
@@ -18,15 +18,15 @@ pub trait Job {
     fn run<B: Backend>(self, be: B) -> Result<Self::Out>;
 }
 
-/// Resolves `device` (`auto` included), sets up its backend (on a GPU with the
-/// convolution backend `conv`) and runs `job` on it.
-pub fn dispatch<J: Job>(device: &str, conv: ConvBackend, job: J) -> Result<J::Out> {
+/// Resolves `device` (`auto` included), sets up its backend (on a GPU with `opts`: the
+/// convolution backend, TF32) and runs `job` on it.
+pub fn dispatch<J: Job>(device: &str, opts: CudaOptions, job: J) -> Result<J::Out> {
     let dev: Device = device.parse()?;
     match dev {
         Device::Cpu => job.run(Cpu::<f32>::new()),
         Device::Cuda(i) => {
             let gpu = moco::cuda::Gpu::new(i)?;
-            let be = Cuda::with_conv(gpu, conv)?;
+            let be = Cuda::with_options(gpu, opts)?;
             if let Some(why) = be.conv_fallback() {
                 eprintln!("moco: {why}");
             }

@@ -117,6 +117,9 @@ pub struct TrainArgs {
     /// loads, else im2col). [im2col]
     #[arg(long, value_name = "im2col|cudnn|auto")]
     pub conv: Option<moco::backend::cuda::ConvBackend>,
+    /// TF32 tensor cores for GPU convolutions and GEMMs (default: real fp32).
+    #[arg(long)]
+    pub tf32: bool,
     /// Image folders: what to do with an image that cannot be decoded: error (stop, naming
     /// it) or skip (leave it out, report each and the count). [error]
     #[arg(long, value_name = "error|skip")]
@@ -215,6 +218,9 @@ impl TrainArgs {
         }
         if self.symmetric {
             c.symmetric = true;
+        }
+        if self.tf32 {
+            c.tf32 = true;
         }
         c.validate()?;
         Ok(c)
@@ -606,6 +612,9 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
         if let Some(c) = args.conv {
             cfg.conv = c;
         }
+        if args.tf32 {
+            cfg.tf32 = true;
+        }
         if let Some(t) = args.threads {
             cfg.threads = t;
         }
@@ -661,7 +670,10 @@ pub fn run(args: TrainArgs) -> Result<Outcome> {
     }
     super::dispatch(
         &device,
-        cfg.conv,
+        moco::backend::cuda::CudaOptions {
+            conv: cfg.conv,
+            tf32: cfg.tf32,
+        },
         TrainJob {
             cfg,
             dir,

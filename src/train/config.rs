@@ -168,6 +168,9 @@ pub struct TrainConfig {
     /// Convolutions on the GPU: `im2col` (SGEMM), `cudnn`, or `auto` (cuDNN when it
     /// loads, else im2col).
     pub conv: crate::backend::cuda::ConvBackend,
+    /// TF32 tensor cores for GPU convolutions and GEMMs (off: real fp32, as PyTorch with
+    /// TF32 off).
+    pub tf32: bool,
     /// Image folders: what to do with an image that cannot be decoded: `error` (stop,
     /// naming it) or `skip` (leave it out, report each and the count).
     pub bad_images: BadImages,
@@ -211,6 +214,7 @@ impl Default for TrainConfig {
             knn_every: 1,
             infonce: InfoNceImpl::Fused,
             conv: crate::backend::cuda::ConvBackend::Im2col,
+            tf32: false,
             bad_images: BadImages::Error,
         }
     }

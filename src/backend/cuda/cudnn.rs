@@ -6,7 +6,8 @@
 //! (forward, backward data, backward filter), chosen once by timing them
 //! (`cudnnFind*`, as PyTorch's `cudnn.benchmark = True`) among the deterministic ones in
 //! real fp32 (`CUDNN_FMA_MATH`: no TF32, as PyTorch with TF32 off), falling back to the
-//! heuristic when timing fails. All plans share one workspace, grown to the largest need.
+//! heuristic when timing fails; with `--tf32`, tensor-core TF32 is allowed instead. All
+//! plans share one workspace, grown to the largest need.
 //! Everything runs on the GPU's stream; the handle is used under a mutex.
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -144,27 +145,28 @@ struct Plan {
     workspace: usize,
 }
 
-/// The fastest timed result (cuDNN sorts them by time) that succeeded, is deterministic
-/// and runs without tensor cores (the descriptor asks for FMA math; a result that reports
-/// a tensor-op math type is skipped).
+/// The fastest timed result (cuDNN sorts them by time) that succeeded and is
+/// deterministic; in real fp32 (`tf32` false) also one that runs without tensor cores (the
+/// descriptor asks for FMA math; a result that reports a tensor-op math type is skipped).
 macro_rules! pick {
-    ($perf:expr, $count:expr) => {
+    ($perf:expr, $count:expr, $tf32:expr) => {
         $perf[..($count.max(0) as usize).min($perf.len())]
             .iter()
             .find(|p| {
                 p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
                     && p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
-                    && matches!(
-                        p.mathType,
-                        sys::cudnnMathType_t::CUDNN_FMA_MATH
-                            | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-                    )
+                    && ($tf32
+                        || matches!(
+                            p.mathType,
+                            sys::cudnnMathType_t::CUDNN_FMA_MATH
+                                | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+                        ))
             })
     };
 }
 
 impl Plan {
-    fn new(h: &Handle, s: &ConvShape) -> Result<Plan> {
+    fn new(h: &Handle, s: &ConvShape, tf32: bool) -> Result<Plan> {
         let x = nchw(s.n, s.cin, s.h, s.w)?;
         let y = nchw(s.n, s.cout, s.ho, s.wo)?;
         let w = FilterDesc(
@@ -205,8 +207,13 @@ impl Plan {
             )
         }
         .map_err(dnn_err("cudnnSetConvolution2dDescriptor"))?;
+        let math = if tf32 {
+            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+        } else {
+            sys::cudnnMathType_t::CUDNN_FMA_MATH
+        };
         // SAFETY: as above.
-        unsafe { dnn::set_convolution_math_type(conv.0, sys::cudnnMathType_t::CUDNN_FMA_MATH) }
+        unsafe { dnn::set_convolution_math_type(conv.0, math) }
             .map_err(dnn_err("cudnnSetConvolutionMathType"))?;
 
         const N: usize = 16;
@@ -226,7 +233,7 @@ impl Plan {
                 fp.as_mut_ptr(),
             )
         };
-        let fwd = match (found.result(), pick!(fp, count)) {
+        let fwd = match (found.result(), pick!(fp, count, tf32)) {
             (Ok(()), Some(p)) => (p.algo, p.memory),
             _ => (
                 sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
@@ -246,7 +253,7 @@ impl Plan {
                 bp.as_mut_ptr(),
             )
         };
-        let bwd_data = match (found.result(), pick!(bp, count)) {
+        let bwd_data = match (found.result(), pick!(bp, count, tf32)) {
             (Ok(()), Some(p)) => (p.algo, p.memory),
             _ => (
                 sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
@@ -266,7 +273,7 @@ impl Plan {
                 wp.as_mut_ptr(),
             )
         };
-        let bwd_filter = match (found.result(), pick!(wp, count)) {
+        let bwd_filter = match (found.result(), pick!(wp, count, tf32)) {
             (Ok(()), Some(p)) => (p.algo, p.memory),
             _ => (
                 sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
@@ -316,6 +323,8 @@ impl Plan {
 /// shared workspace.
 pub(crate) struct Cudnn {
     gpu: Gpu,
+    /// TF32 tensor cores allowed (`--tf32`), else real fp32.
+    tf32: bool,
     handle: Handle,
     plans: HashMap<ConvShape, Plan>,
     workspace: Option<CudaSlice<u8>>,
@@ -328,7 +337,7 @@ unsafe impl Send for Cudnn {}
 
 impl Cudnn {
     /// Loads cuDNN and creates a handle on `gpu`'s stream.
-    pub fn new(gpu: &Gpu) -> Result<Cudnn> {
+    pub fn new(gpu: &Gpu, tf32: bool) -> Result<Cudnn> {
         if !cudnn_present() {
             return Err(Error::Cudnn {
                 call: "dlopen(libcudnn)",
@@ -342,6 +351,7 @@ impl Cudnn {
             .map_err(dnn_err("cudnnSetStream"))?;
         Ok(Cudnn {
             gpu: gpu.clone(),
+            tf32,
             handle,
             plans: HashMap::new(),
             workspace: None,
@@ -360,7 +370,7 @@ impl Cudnn {
             .bind_to_thread()
             .call("cuCtxSetCurrent")?;
         if !self.plans.contains_key(s) {
-            let plan = Plan::new(&self.handle, s)?;
+            let plan = Plan::new(&self.handle, s, self.tf32)?;
             self.plans.insert(*s, plan);
         }
         let plan = &self.plans[s];

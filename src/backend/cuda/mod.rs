@@ -33,6 +33,17 @@ mod tests;
 
 pub use cudnn::{cudnn_present, ConvBackend};
 
+/// How a [`Cuda`] backend computes: its convolution backend and whether TF32 tensor cores
+/// may be used (for convolutions and every cuBLAS GEMM on the GPU, as PyTorch's
+/// `allow_tf32` flags). The default is im2col in real fp32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CudaOptions {
+    /// Convolution backend.
+    pub conv: ConvBackend,
+    /// TF32 tensor cores for convolutions and GEMMs.
+    pub tf32: bool,
+}
+
 /// A grow-only device buffer, allocated on first use.
 type Slot = Option<CudaSlice<f32>>;
 
@@ -143,11 +154,36 @@ impl Cuda {
     /// error when cuDNN cannot be loaded; [`ConvBackend::Auto`] then falls back to im2col
     /// and says why in [`Cuda::conv_fallback`].
     pub fn with_conv(gpu: Gpu, conv: ConvBackend) -> Result<Cuda> {
-        gpu.blas()?;
-        let (cudnn, fallback) = match conv {
+        Cuda::with_options(
+            gpu,
+            CudaOptions {
+                conv,
+                ..CudaOptions::default()
+            },
+        )
+    }
+
+    /// The backend on `gpu` with `opts`. TF32 is a setting of the GPU's cuBLAS handle, so
+    /// it applies to every GEMM on this [`Gpu`] (the contrastive logits included).
+    pub fn with_options(gpu: Gpu, opts: CudaOptions) -> Result<Cuda> {
+        let blas = gpu.blas()?;
+        let mode = if opts.tf32 {
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: a valid handle of this GPU; the math mode is a plain enum setting.
+        unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }
+            .result()
+            .map_err(|e| Error::Cublas {
+                call: "cublasSetMathMode",
+                message: format!("{e:?}"),
+            })?;
+        let tf32 = opts.tf32;
+        let (cudnn, fallback) = match opts.conv {
             ConvBackend::Im2col => (None, None),
-            ConvBackend::Cudnn => (Some(cudnn::Cudnn::new(&gpu)?), None),
-            ConvBackend::Auto => match cudnn::Cudnn::new(&gpu) {
+            ConvBackend::Cudnn => (Some(cudnn::Cudnn::new(&gpu, tf32)?), None),
+            ConvBackend::Auto => match cudnn::Cudnn::new(&gpu, tf32) {
                 Ok(c) => (Some(c), None),
                 Err(e) => (None, Some(format!("{e}; convolutions use im2col + SGEMM"))),
             },
