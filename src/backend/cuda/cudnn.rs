@@ -178,7 +178,7 @@ impl Plan {
             c_int(s.stride, "stride")?,
         );
         // SAFETY: fresh descriptors, set to the shape's dense layouts; the convolution is a
-        // cross-correlation (PyTorch's) in f32 with FMA math only.
+        // cross-correlation (PyTorch's) in f32; the math type is set below.
         unsafe {
             dnn::set_filter4d_descriptor(
                 w.0,
@@ -218,9 +218,10 @@ impl Plan {
 
         const N: usize = 16;
         let mut count = 0i32;
-        // SAFETY (the three searches): the handle and descriptors are valid; each perf
-        // array holds N entries and cuDNN writes at most `requested = N` of them.
+        // SAFETY: a perf struct is plain C data (enums, numbers); all-zero is a valid value.
         let mut fp: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+        // SAFETY: the handle and descriptors are valid; the perf array holds N entries and
+        // cuDNN writes at most `requested = N` of them, and one int to `count`.
         let found = unsafe {
             sys::cudnnFindConvolutionForwardAlgorithm(
                 h.0,
@@ -240,7 +241,9 @@ impl Plan {
                 0,
             ),
         };
+        // SAFETY: as above.
         let mut bp: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+        // SAFETY: as for the forward search.
         let found = unsafe {
             sys::cudnnFindConvolutionBackwardDataAlgorithm(
                 h.0,
@@ -260,7 +263,9 @@ impl Plan {
                 0,
             ),
         };
+        // SAFETY: as above.
         let mut wp: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
+        // SAFETY: as for the forward search.
         let found = unsafe {
             sys::cudnnFindConvolutionBackwardFilterAlgorithm(
                 h.0,
