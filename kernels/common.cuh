@@ -2,6 +2,7 @@
 #pragma once
 #include <stdint.h>
 #include "moco_abi.h"
+#include <cuda_bf16.h>
 
 #define MOCO_FULL_MASK 0xffffffffu
 

@@ -104,3 +104,18 @@ extern "C" __global__ void __launch_bounds__(256) moco_ema_multi_f32(const MocoT
         for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) key[i] = ema(key[i], query[i], m, omm);
     }
 }
+
+// Flat-buffer form that also writes the key encoder's bf16 copy in the same pass (the
+// weights a bf16 forward reads): key = m key + (1 - m) query in f32 exactly as moco_ema_f32,
+// then key_bf16 = round-to-nearest-even(key). 14 bytes per element; scalar grid-stride (the
+// bf16 store breaks the float4 alignment pairing of the f32-only kernel).
+extern "C" __global__ void __launch_bounds__(256) moco_ema_bf16copy_f32(float *__restrict__ key,
+                                                                       const float *__restrict__ query,
+                                                                       __nv_bfloat16 *__restrict__ key_bf16,
+                                                                       MocoEmaArgs args) {
+    for (uint64_t i = moco_global_tid(); i < args.n; i += moco_grid_threads()) {
+        const float k = ema(key[i], query[i], args.m, args.one_minus_m);
+        key[i] = k;
+        key_bf16[i] = __float2bfloat16_rn(k);
+    }
+}

@@ -197,3 +197,69 @@ fn cuda_multi_tensor_matches_cpu() {
         1e-6,
     );
 }
+
+/// The bf16-copy reference: the f32 key exactly as the plain update, and its copy the
+/// round-to-nearest-even bf16 of each new key (checked bit by bit against `half`, and on a
+/// tie, where truncation would differ); nothing changes on a length error.
+#[test]
+fn bf16_copy_reference_rounds_the_updated_key() {
+    use half::bf16;
+    let q = uniform(1000, 5);
+    let k0 = uniform(1000, 6);
+    let mut k = k0.clone();
+    let mut copy = vec![bf16::ZERO; 1000];
+    moco::ops::momentum_update_bf16_copy_cpu(&mut k, &q, &mut copy, 0.99).unwrap();
+    assert_eq!(k, naive(&k0, &q, 0.99));
+    for (c, &v) in copy.iter().zip(&k) {
+        assert_eq!(c.to_bits(), bf16::from_f32(v).to_bits());
+    }
+    // m = 1 keeps the key: 1 + 2^-8 + 2^-16 rounds up (above the tie), 1 + 2^-8 to even.
+    let mut k = vec![1.0 + 2f32.powi(-8) + 2f32.powi(-16), 1.0 + 2f32.powi(-8)];
+    let mut copy = vec![bf16::ZERO; 2];
+    moco::ops::momentum_update_bf16_copy_cpu(&mut k, &[0.0, 0.0], &mut copy, 1.0).unwrap();
+    assert_eq!(copy, vec![bf16::from_f32(1.0 + 2f32.powi(-7)), bf16::ONE]);
+    let mut short = vec![bf16::ZERO; 1];
+    let e =
+        moco::ops::momentum_update_bf16_copy_cpu(&mut k, &[0.0, 0.0], &mut short, 0.5).unwrap_err();
+    assert!(e.to_string().contains("equal length"), "{e}");
+    assert_eq!(short, vec![bf16::ZERO], "nothing changed on error");
+}
+
+/// CUDA: the f32 key equals the f32-only kernel's result bit for bit, and the bf16 copy is
+/// exactly the rounding of that key, at lengths and offsets that are not multiples of 4.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_bf16_copy_matches_the_f32_update_and_rounds_it() {
+    use half::bf16;
+    let gpu = moco::testing::test_gpu();
+    for &n in &[1usize, 3, 255, 4097, 1_000_003] {
+        let q = uniform(n + 1, 7);
+        let k0 = uniform(n + 1, 8);
+        let qd = gpu.upload(&q).unwrap();
+        let mut plain = gpu.upload(&k0).unwrap();
+        let mut fused = gpu.upload(&k0).unwrap();
+        let mut copy = gpu.zeros::<bf16>(n).unwrap();
+        momentum_update(&gpu, &mut plain.slice_mut(1..), &qd.slice(1..), 0.99).unwrap();
+        moco::ops::momentum_update_bf16_copy(
+            &gpu,
+            &mut fused.slice_mut(1..),
+            &qd.slice(1..),
+            &mut copy,
+            0.99,
+        )
+        .unwrap();
+        let (plain, fused) = (gpu.download(&plain).unwrap(), gpu.download(&fused).unwrap());
+        assert_eq!(plain, fused, "n={n}: the f32 key as the f32-only kernel");
+        let copy = gpu.download(&copy).unwrap();
+        for (i, (c, &v)) in copy.iter().zip(&fused[1..]).enumerate() {
+            assert_eq!(c.to_bits(), bf16::from_f32(v).to_bits(), "n={n} [{i}]");
+        }
+        assert_close(
+            "bf16 copy vs cpu",
+            &fused[1..],
+            &naive(&k0[1..], &q[1..], 0.99),
+            1e-6,
+            1e-6,
+        );
+    }
+}

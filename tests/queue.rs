@@ -148,3 +148,56 @@ fn cuda_enqueue_matches_cpu_with_wraparound() {
     // N > K is an error.
     assert!(enqueue(&gpu, &mut qd, &gpu.upload(&[0.0f32; 14]).unwrap(), 6, 2, 0).is_err());
 }
+
+/// The bf16 queue: the f32 queue's rows rounded to bf16, wrap-around included; bad input
+/// is refused and changes nothing.
+#[test]
+fn bf16_enqueue_reference_rounds_each_key() {
+    use half::bf16;
+    let (k, c) = (5usize, 3usize);
+    let mut q32 = vec![0.0f32; k * c];
+    let mut q16 = vec![bf16::ZERO; k * c];
+    let mut ptr = 3;
+    for step in 0..4u64 {
+        let keys = normal(3 * c, 40 + step);
+        let p32 = moco::ops::enqueue_cpu(&mut q32, &keys, k, c, ptr).unwrap();
+        let p16 = moco::ops::enqueue_bf16_cpu(&mut q16, &keys, k, c, ptr).unwrap();
+        assert_eq!(p16, p32);
+        ptr = p32;
+        let want: Vec<bf16> = q32.iter().map(|&v| bf16::from_f32(v)).collect();
+        assert_eq!(q16, want, "step {step}");
+    }
+    let before = q16.clone();
+    assert!(moco::ops::enqueue_bf16_cpu(&mut q16, &[0.0; 6], k, c, 5).is_err());
+    assert!(moco::ops::enqueue_bf16_cpu(&mut q16, &[0.0; 7], k, c, 0).is_err());
+    assert_eq!(q16, before, "nothing changed on error");
+}
+
+/// CUDA: the bf16 enqueue equals the CPU reference bit for bit (the same f32 keys, the same
+/// rounding), with wrap-around.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_bf16_enqueue_matches_cpu() {
+    use half::bf16;
+    let gpu = moco::testing::test_gpu();
+    for &(k, c, n) in &[(1usize, 1usize, 1usize), (33, 3, 7), (4096, 128, 257)] {
+        let mut host = vec![bf16::ZERO; k * c];
+        let mut dev = gpu.zeros::<bf16>(k * c).unwrap();
+        let (mut ph, mut pd) = (k - 1, k - 1);
+        for step in 0..4u64 {
+            let keys = normal(n * c, 50 + step);
+            ph = moco::ops::enqueue_bf16_cpu(&mut host, &keys, k, c, ph).unwrap();
+            pd = moco::ops::enqueue_bf16(&gpu, &mut dev, &gpu.upload(&keys).unwrap(), k, c, pd)
+                .unwrap();
+            assert_eq!(pd, ph);
+            let got: Vec<u16> = gpu
+                .download(&dev)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let want: Vec<u16> = host.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "K={k} C={c} N={n} step {step}");
+        }
+    }
+}

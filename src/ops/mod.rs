@@ -33,7 +33,7 @@ pub use contrast::{
     InfoNceStats, NORMALIZE_EPS,
 };
 pub use momentum::{
-    momentum_update, momentum_update_cpu, momentum_update_host, momentum_update_multi,
-    momentum_update_multi_cpu,
+    momentum_update, momentum_update_bf16_copy, momentum_update_bf16_copy_cpu, momentum_update_cpu,
+    momentum_update_host, momentum_update_multi, momentum_update_multi_cpu,
 };
-pub use queue::{enqueue, enqueue_cpu, initial_keys, Queue};
+pub use queue::{enqueue, enqueue_bf16, enqueue_bf16_cpu, enqueue_cpu, initial_keys, Queue};

@@ -112,6 +112,81 @@ where
     Ok(())
 }
 
+/// CPU reference of the update that also writes the key encoder's bf16 copy (the weights
+/// a bf16 forward reads): [`momentum_update_cpu`], then `key_bf16[i]` = the new `key[i]`
+/// rounded to the nearest bf16 (ties to even). Nothing changes on error.
+///
+/// ```
+/// use half::bf16;
+/// let mut key = vec![1.0f32, 2.0];
+/// let mut copy = vec![bf16::ZERO; 2];
+/// moco::ops::momentum_update_bf16_copy_cpu(&mut key, &[3.0, 4.0], &mut copy, 0.5).unwrap();
+/// assert_eq!(key, vec![2.0, 3.0]);
+/// assert_eq!(copy, vec![bf16::from_f32(2.0), bf16::from_f32(3.0)]);
+/// ```
+pub fn momentum_update_bf16_copy_cpu(
+    key: &mut [f32],
+    query: &[f32],
+    key_bf16: &mut [half::bf16],
+    m: f32,
+) -> Result<()> {
+    check_momentum(m)?;
+    check_lengths(key.len(), query.len())?;
+    check_lengths(key.len(), key_bf16.len())?;
+    momentum_update_cpu(key, query, m)?;
+    for (d, &k) in key_bf16.iter_mut().zip(key.iter()) {
+        *d = half::bf16::from_f32(k);
+    }
+    Ok(())
+}
+
+/// CUDA: [`momentum_update`] that also writes the key encoder's bf16 copy in the same pass
+/// (no extra pass over the parameters): `key` is updated in f32 exactly as
+/// [`momentum_update`] does, and `key_bf16` receives it rounded to nearest even. Checked
+/// before launching: `m` in [0, 1], equal lengths, one device.
+pub fn momentum_update_bf16_copy<K, Q, C>(
+    gpu: &Gpu,
+    key: &mut K,
+    query: &Q,
+    key_bf16: &mut C,
+    m: f32,
+) -> Result<()>
+where
+    K: DeviceBufMut<f32> + ?Sized,
+    Q: DeviceBuf<f32> + ?Sized,
+    C: DeviceBufMut<half::bf16> + ?Sized,
+{
+    check_momentum(m)?;
+    check_lengths(key.len(), query.len())?;
+    check_lengths(key.len(), key_bf16.len())?;
+    gpu.check_same_device("key", key)?;
+    gpu.check_same_device("query", query)?;
+    gpu.check_same_device("key_bf16", key_bf16)?;
+    let n = key.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let args = MocoEmaArgs {
+        n,
+        m,
+        one_minus_m: (1.0 - m as f64) as f32,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (gpu.grid_for(n, 1), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // moco_ema_bf16copy_f32(float*, const float*, bf16*, MocoEmaArgs): all three hold
+    // args.n elements (checked above).
+    launch!(gpu, kernels::momentum::EMA_BF16COPY_F32, cfg;
+        mut key.view_mut(),
+        query.view(),
+        mut key_bf16.view_mut(),
+        args
+    );
+    Ok(())
+}
+
 /// Elements per block of the multi-tensor update (a multiple of 4 so chunk starts keep the
 /// tensor's 16-byte alignment).
 pub const MULTI_CHUNK: usize = 1 << 16;

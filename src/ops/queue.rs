@@ -110,6 +110,79 @@ where
     Ok((ptr + n) % k)
 }
 
+/// CPU reference of the bf16 queue (`--queue-dtype bf16`): [`enqueue_cpu`] with each f32
+/// key element rounded to the nearest bf16 (ties to even), as the GPU's `enqueue_bf16`.
+///
+/// ```
+/// use half::bf16;
+/// let mut q = vec![bf16::ZERO; 2];
+/// let ptr = moco::ops::enqueue_bf16_cpu(&mut q, &[1.0 + 1.0 / 256.0], 2, 1, 1).unwrap();
+/// // 1 + 2^-8 lies halfway between bf16 neighbours 1 and 1 + 2^-7: ties to even gives 1.
+/// assert_eq!(q, vec![bf16::ZERO, bf16::ONE]);
+/// assert_eq!(ptr, 0);
+/// ```
+pub fn enqueue_bf16_cpu(
+    queue: &mut [half::bf16],
+    keys: &[f32],
+    k: usize,
+    c: usize,
+    ptr: usize,
+) -> Result<usize> {
+    let n = check_enqueue(queue.len(), keys.len(), k, c, ptr)?;
+    for i in 0..n {
+        let row = (ptr + i) % k;
+        for (d, &v) in queue[row * c..(row + 1) * c]
+            .iter_mut()
+            .zip(&keys[i * c..(i + 1) * c])
+        {
+            *d = half::bf16::from_f32(v);
+        }
+    }
+    Ok((ptr + n) % k)
+}
+
+/// CUDA: the circular enqueue of f32 keys into a queue stored in bf16 (half the memory of
+/// an f32 queue), each element rounded to nearest even; returns the new pointer. The same
+/// checks as [`enqueue`].
+pub fn enqueue_bf16<Q, K>(
+    gpu: &Gpu,
+    queue: &mut Q,
+    keys: &K,
+    k: usize,
+    c: usize,
+    ptr: usize,
+) -> Result<usize>
+where
+    Q: DeviceBufMut<half::bf16> + ?Sized,
+    K: DeviceBuf<f32> + ?Sized,
+{
+    let n = check_enqueue(queue.len(), keys.len(), k, c, ptr)?;
+    gpu.check_same_device::<half::bf16, Q>("queue", queue)?;
+    gpu.check_same_device::<f32, K>("keys", keys)?;
+    if n == 0 {
+        return Ok(ptr);
+    }
+    let args = MocoEnqueueArgs {
+        n: n as u64,
+        c: c as u64,
+        k: k as u64,
+        ptr: ptr as u64,
+    };
+    let total = (n * c) as u64;
+    let cfg = LaunchConfig {
+        grid_dim: (gpu.grid_for(total, 1), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // (bf16*, const float*, MocoEnqueueArgs): as `enqueue`, with a bf16 destination.
+    launch!(gpu, kernels::queue::ENQUEUE_BF16, cfg;
+        mut queue.view_mut(),
+        keys.view(),
+        args
+    );
+    Ok((ptr + n) % k)
+}
+
 /// The MoCo queue on backend `B`: K keys of dimension C, one per row, in the backend's own
 /// buffer (and so its precision: f64 on [`Cpu<f64>`](crate::backend::Cpu)), and the write
 /// pointer.
