@@ -1029,3 +1029,62 @@ fn every_output_is_written_whatever_it_held() {
         d.copy_from_slice(&v)
     });
 }
+
+/// The SGD step that writes the parameters' bf16 copy: the f32 state exactly as the plain
+/// step, the copy the rounding of the new parameters; a wrong copy length changes nothing.
+#[test]
+fn sgd_bf16_copy_reference_is_the_step_then_the_rounding() {
+    use half::bf16;
+    let be = Cpu::<f32>::new();
+    let n = 1000;
+    let (p0, g, b0) = (normal(n, 140), normal(n, 141), normal(n, 142));
+    let hp = (0.06, 0.9, 5e-4);
+    let (mut p1, mut b1) = (p0.clone(), b0.clone());
+    be.sgd_step(&mut p1, &g, &mut b1, hp.0, hp.1, hp.2).unwrap();
+    let (mut p2, mut b2, mut copy) = (p0.clone(), b0.clone(), vec![bf16::ZERO; n]);
+    be.sgd_step_bf16_copy(&mut p2, &g, &mut b2, &mut copy, hp)
+        .unwrap();
+    assert_eq!((&p2, &b2), (&p1, &b1));
+    assert!(copy
+        .iter()
+        .zip(&p2)
+        .all(|(c, &p)| c.to_bits() == bf16::from_f32(p).to_bits()));
+    let mut short = vec![bf16::ZERO; n - 1];
+    assert!(be
+        .sgd_step_bf16_copy(&mut p2, &g, &mut b2, &mut short, hp)
+        .is_err());
+    assert_eq!((&p2, &b2), (&p1, &b1), "nothing changed on error");
+}
+
+/// CUDA: the same, bit for bit against the GPU's own plain step.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_sgd_bf16_copy_matches_the_plain_step_and_rounds_it() {
+    use half::bf16;
+    let be = cuda_backend(ConvBackend::Im2col);
+    let gpu = be.gpu().clone();
+    for &n in &[1usize, 5, 4097, 1_000_003] {
+        let (p0, g, b0) = (normal(n, 150), normal(n, 151), normal(n, 152));
+        let hp = (0.06, 0.9, 5e-4);
+        let gd = up(&be, &g);
+        let (mut p1, mut b1) = (up(&be, &p0), up(&be, &b0));
+        be.sgd_step(&mut p1, &gd, &mut b1, hp.0, hp.1, hp.2)
+            .unwrap();
+        let (mut p2, mut b2) = (up(&be, &p0), up(&be, &b0));
+        let mut copy = gpu.zeros::<bf16>(n).unwrap();
+        be.sgd_step_bf16_copy(&mut p2, &gd, &mut b2, &mut copy, hp)
+            .unwrap();
+        let (p1, p2) = (down(&be, &p1), down(&be, &p2));
+        assert_eq!(p1, p2, "n={n}: params as the plain step");
+        assert_eq!(
+            down(&be, &b1),
+            down(&be, &b2),
+            "n={n}: momentum as the plain step"
+        );
+        let copy = gpu.download(&copy).unwrap();
+        assert!(copy
+            .iter()
+            .zip(&p2)
+            .all(|(c, &p)| c.to_bits() == bf16::from_f32(p).to_bits()));
+    }
+}

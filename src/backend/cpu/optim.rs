@@ -43,6 +43,42 @@ impl<T: Scalar> Cpu<T> {
     }
 }
 
+impl Cpu<f32> {
+    /// CPU reference of `Cuda::sgd_step_bf16_copy`: the f32 SGD step, then `params_bf16`
+    /// receives the new parameters rounded to the nearest bf16 (ties to even). Nothing
+    /// changes on error.
+    ///
+    /// ```
+    /// use half::bf16;
+    /// let be = moco::backend::Cpu::<f32>::new();
+    /// let (mut p, mut buf, mut copy) = (vec![1.0f32], vec![0.0f32], vec![bf16::ZERO]);
+    /// be.sgd_step_bf16_copy(&mut p, &[0.5], &mut buf, &mut copy, (0.1, 0.9, 0.0)).unwrap();
+    /// assert_eq!(p, vec![0.95]);
+    /// assert_eq!(copy, vec![bf16::from_f32(0.95)]);
+    /// ```
+    pub fn sgd_step_bf16_copy(
+        &self,
+        params: &mut [f32],
+        grads: &[f32],
+        momentum_buf: &mut [f32],
+        params_bf16: &mut [half::bf16],
+        (lr, momentum, weight_decay): (f64, f64, f64),
+    ) -> Result<()> {
+        if params_bf16.len() != params.len() {
+            return Err(Error::invalid(format!(
+                "sgd: the bf16 copy has {} elements, the parameters {}",
+                params_bf16.len(),
+                params.len()
+            )));
+        }
+        self.sgd_step_impl(params, grads, momentum_buf, lr, momentum, weight_decay)?;
+        for (d, &p) in params_bf16.iter_mut().zip(params.iter()) {
+            *d = half::bf16::from_f32(p);
+        }
+        Ok(())
+    }
+}
+
 pub(crate) fn check_sgd(
     p: usize,
     g: usize,
