@@ -1088,3 +1088,22 @@ fn cuda_sgd_bf16_copy_matches_the_plain_step_and_rounds_it() {
             .all(|(c, &p)| c.to_bits() == bf16::from_f32(p).to_bits()));
     }
 }
+
+/// TF32 is a mode of the GPU's shared cuBLAS handle: a second backend on the same `Gpu`
+/// asking for the other mode is refused, the same mode is fine, and a separate `Gpu` may
+/// choose freely.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tf32_mode_is_per_gpu_handle_and_conflicts_are_errors() {
+    use moco::backend::cuda::CudaOptions;
+    let gpu = moco::testing::test_gpu();
+    let tf32 = CudaOptions {
+        tf32: true,
+        ..CudaOptions::default()
+    };
+    Cuda::with_options(gpu.clone(), tf32).unwrap();
+    Cuda::with_options(gpu.clone(), tf32).unwrap();
+    let e = Cuda::new(gpu.clone()).unwrap_err().to_string();
+    assert!(e.contains("TF32 mode"), "{e}");
+    Cuda::new(moco::testing::test_gpu()).unwrap();
+}

@@ -114,6 +114,8 @@ struct Inner {
     functions: Mutex<HashMap<Kernel, CudaFunction>>,
     /// The one cuBLAS handle of this GPU, bound to its stream (created on first use).
     blas: Mutex<Option<Arc<CudaBlas>>>,
+    /// TF32 mode of that handle, once a user has chosen it.
+    tf32: Mutex<Option<bool>>,
     sm_count: u32,
 }
 
@@ -170,6 +172,7 @@ impl Gpu {
                 modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
                 blas: Mutex::new(None),
+                tf32: Mutex::new(None),
                 sm_count,
             }),
         })
@@ -219,6 +222,39 @@ impl Gpu {
             .expect("function cache")
             .insert(kernel, f.clone());
         Ok(f)
+    }
+
+    /// Sets the cuBLAS handle's math mode: TF32 tensor cores for every SGEMM on this GPU
+    /// (`on`) or full fp32 (the default). The first call decides; a later call asking for
+    /// the other mode is an error, since the handle (and so the mode) is shared by every
+    /// user of this `Gpu` and its clones.
+    pub fn set_tf32(&self, on: bool) -> Result<()> {
+        let mut chosen = self.inner.tf32.lock().expect("tf32 mode");
+        match *chosen {
+            Some(mode) if mode == on => return Ok(()),
+            Some(mode) => {
+                return Err(Error::invalid(format!(
+                    "this Gpu's cuBLAS handle is already in {} mode; open a separate Gpu (Gpu::new) for a backend with tf32 = {on}",
+                    if mode { "TF32" } else { "full fp32" }
+                )))
+            }
+            None => {}
+        }
+        let blas = self.blas()?;
+        let mode = if on {
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: a valid handle of this GPU; the math mode is a plain enum setting.
+        unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }
+            .result()
+            .map_err(|e| Error::Cublas {
+                call: "cublasSetMathMode",
+                message: format!("{e:?}"),
+            })?;
+        *chosen = Some(on);
+        Ok(())
     }
 
     /// The GPU's cuBLAS handle, bound to [`Gpu::stream`]; created on first use, then shared

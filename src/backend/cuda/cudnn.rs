@@ -207,8 +207,10 @@ impl Plan {
             )
         }
         .map_err(dnn_err("cudnnSetConvolution2dDescriptor"))?;
+        // TF32 as PyTorch's `allow_tf32`: the default math type, which lets cuDNN use tensor
+        // cores for f32 data on Ampere and later.
         let math = if tf32 {
-            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+            sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
         } else {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
         };
@@ -327,12 +329,14 @@ impl Plan {
 /// cuDNN on one GPU: the handle (bound to the GPU's stream), the plans by shape, and the
 /// shared workspace.
 pub(crate) struct Cudnn {
-    gpu: Gpu,
     /// TF32 tensor cores allowed (`--tf32`), else real fp32.
     tf32: bool,
     handle: Handle,
     plans: HashMap<ConvShape, Plan>,
     workspace: Option<CudaSlice<u8>>,
+    /// Last, so that the handle, the descriptors and the workspace go before the GPU's
+    /// stream and context can (fields drop in order).
+    gpu: Gpu,
 }
 
 // SAFETY: the raw handle and descriptors are only used by the thread holding the mutex
@@ -354,13 +358,18 @@ impl Cudnn {
         // SAFETY: a valid handle and the GPU's live stream.
         unsafe { dnn::set_stream(handle.0, gpu.stream().cu_stream() as _) }
             .map_err(dnn_err("cudnnSetStream"))?;
-        Ok(Cudnn {
-            gpu: gpu.clone(),
+        let c = Cudnn {
             tf32,
             handle,
             plans: HashMap::new(),
             workspace: None,
-        })
+            gpu: gpu.clone(),
+        };
+        // One tiny plan now, so that a cuDNN that loads but cannot plan (a missing
+        // sub-library, no usable algorithm) fails here, where `auto` can still fall back.
+        let probe = ConvShape::new(1, 1, (3, 3), 1, 3, 1, 1)?;
+        Plan::new(&c.handle, &probe, tf32)?;
+        Ok(c)
     }
 
     /// The cuDNN version the library reports (e.g. 91002 for 9.10.2).

@@ -79,7 +79,8 @@ fn check_operand(what: &str, len: usize, rows: usize, cols: usize, ld: usize) ->
 }
 
 /// `C = alpha op(A) op(B) + beta C`, column-major, on `gpu`'s cuBLAS handle and stream
-/// (full fp32, no TF32). Nothing is launched when C is empty.
+/// (full fp32 unless the GPU is in TF32 mode, [`Gpu::set_tf32`]). Nothing is launched when
+/// C is empty.
 pub(crate) fn sgemm(
     gpu: &Gpu,
     g: ColMajorGemm,

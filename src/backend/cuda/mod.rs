@@ -1,5 +1,6 @@
-//! The CUDA backend: convolutions as im2col + cuBLAS SGEMM (full fp32, no TF32), every other
-//! layer a kernel from `kernels/{conv,norm,layers,optim}.cu`, all on the [`Gpu`]'s stream.
+//! The CUDA backend: convolutions as im2col + cuBLAS SGEMM or through cuDNN (full fp32
+//! unless `tf32`), every other layer a kernel from `kernels/{conv,norm,layers,optim}.cu`,
+//! all on the [`Gpu`]'s stream.
 //!
 //! One module per kernel file, as the CPU twin: `conv` (im2col, col2im, permutes), `norm`
 //! (BatchNorm), `layers` (ReLU, add, pools, linear, the non-finite count), `optim` (SGD)
@@ -10,8 +11,10 @@
 //! through the shape types (the same messages as the CPU backend) before anything is
 //! launched, takes views of its buffers (a range out of bounds is an error, never a
 //! panic) and passes them straight to the kernel through the crate's `launch!` macro: no
-//! raw addresses or byte offsets. Results are deterministic run to run:
-//! the kernels gather instead of using atomics, and reductions have a fixed order.
+//! raw addresses or byte offsets. With im2col, results are deterministic run to run: the
+//! kernels gather instead of using atomics, and reductions have a fixed order. cuDNN's
+//! algorithms are deterministic ones too, but chosen by timing, so two runs may pick
+//! different algorithms and differ in the last bits.
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
@@ -163,22 +166,12 @@ impl Cuda {
         )
     }
 
-    /// The backend on `gpu` with `opts`. TF32 is a setting of the GPU's cuBLAS handle, so
-    /// it applies to every GEMM on this [`Gpu`] (the contrastive logits included).
+    /// The backend on `gpu` with `opts`. TF32 is a setting of the GPU's shared cuBLAS
+    /// handle ([`Gpu::set_tf32`]), so it applies to every GEMM on this [`Gpu`] and its
+    /// clones (the contrastive logits included); a backend asking for the other setting
+    /// than an earlier one on the same `Gpu` is an error (open a separate `Gpu`).
     pub fn with_options(gpu: Gpu, opts: CudaOptions) -> Result<Cuda> {
-        let blas = gpu.blas()?;
-        let mode = if opts.tf32 {
-            cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
-        } else {
-            cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH
-        };
-        // SAFETY: a valid handle of this GPU; the math mode is a plain enum setting.
-        unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }
-            .result()
-            .map_err(|e| Error::Cublas {
-                call: "cublasSetMathMode",
-                message: format!("{e:?}"),
-            })?;
+        gpu.blas()?;
         let tf32 = opts.tf32;
         let (cudnn, fallback) = match opts.conv {
             ConvBackend::Im2col => (None, None),
@@ -188,6 +181,7 @@ impl Cuda {
                 Err(e) => (None, Some(format!("{e}; convolutions use im2col + SGEMM"))),
             },
         };
+        gpu.set_tf32(tf32)?;
         Ok(Cuda {
             gpu,
             scratch: Arc::new(Scratch::default()),
