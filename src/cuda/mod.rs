@@ -340,6 +340,27 @@ impl Gpu {
     }
 }
 
+/// A grow-only device workspace buffer, allocated on first use (the backend's scratch, the
+/// contrastive workspace).
+pub(crate) type Slot = Option<CudaSlice<f32>>;
+
+/// The buffer in `slot`, grown (never shrunk; the old one freed first, stream-ordered) to
+/// at least `n` elements. Its contents are whatever the last user left.
+pub(crate) fn grow<'a>(gpu: &Gpu, slot: &'a mut Slot, n: usize) -> Result<&'a mut CudaSlice<f32>> {
+    if slot.as_ref().is_none_or(|b| b.len() < n.max(1)) {
+        *slot = None;
+        *slot = Some(gpu.zeros::<f32>(n.max(1))?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| Error::invalid("workspace buffer missing after allocation"))
+}
+
+/// A mutex's state, or an error (not a panic) if a thread panicked while holding it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| Error::invalid("CUDA state poisoned by a panic on another thread"))
+}
+
 /// A device buffer an operation reads: a [`CudaSlice`] or a view of one. Operations take
 /// it whole or by range, as a [`CudaView`], and hand views straight to the kernel.
 pub trait DeviceBuf<T>: DeviceSlice<T> {

@@ -71,6 +71,24 @@ pub fn momentum_update_host<S: Scalar>(key: &mut [S], query: &[S], m: f64) -> Re
     Ok(())
 }
 
+/// The checks every flat EMA launch makes (`m` in [0, 1], equal lengths, one device) and
+/// its arguments; `None` when there is nothing to update.
+fn ema_args<K, Q>(gpu: &Gpu, key: &K, query: &Q, m: f32) -> Result<Option<MocoEmaArgs>>
+where
+    K: DeviceBuf<f32> + ?Sized,
+    Q: DeviceBuf<f32> + ?Sized,
+{
+    check_momentum(m)?;
+    check_lengths(key.len(), query.len())?;
+    gpu.check_same_device("key", key)?;
+    gpu.check_same_device("query", query)?;
+    Ok((!key.is_empty()).then(|| MocoEmaArgs {
+        n: key.len() as u64,
+        m,
+        one_minus_m: (1.0 - m as f64) as f32,
+    }))
+}
+
 /// CUDA: the same update in one vectorized launch over a flat buffer on `gpu`'s stream.
 ///
 /// Any length and alignment: a 16-byte vector path covers the aligned middle, scalar code the
@@ -84,19 +102,10 @@ where
     K: DeviceBufMut<f32> + ?Sized,
     Q: DeviceBuf<f32> + ?Sized,
 {
-    check_momentum(m)?;
-    check_lengths(key.len(), query.len())?;
-    gpu.check_same_device("key", key)?;
-    gpu.check_same_device("query", query)?;
-    let n = key.len() as u64;
-    if n == 0 {
+    let Some(args) = ema_args(gpu, key, query, m)? else {
         return Ok(());
-    }
-    let args = MocoEmaArgs {
-        n,
-        m,
-        one_minus_m: (1.0 - m as f64) as f32,
     };
+    let n = args.n;
     let cfg = LaunchConfig {
         grid_dim: (gpu.grid_for(n.div_ceil(4), 4), 1, 1),
         block_dim: (BLOCK, 1, 1),
@@ -156,21 +165,12 @@ where
     Q: DeviceBuf<f32> + ?Sized,
     C: DeviceBufMut<half::bf16> + ?Sized,
 {
-    check_momentum(m)?;
-    check_lengths(key.len(), query.len())?;
     check_lengths(key.len(), key_bf16.len())?;
-    gpu.check_same_device("key", key)?;
-    gpu.check_same_device("query", query)?;
     gpu.check_same_device("key_bf16", key_bf16)?;
-    let n = key.len() as u64;
-    if n == 0 {
+    let Some(args) = ema_args(gpu, key, query, m)? else {
         return Ok(());
-    }
-    let args = MocoEmaArgs {
-        n,
-        m,
-        one_minus_m: (1.0 - m as f64) as f32,
     };
+    let n = args.n;
     let cfg = LaunchConfig {
         grid_dim: (gpu.grid_for(n, 1), 1, 1),
         block_dim: (BLOCK, 1, 1),

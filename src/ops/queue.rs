@@ -82,8 +82,23 @@ where
     Q: DeviceBufMut<f32> + ?Sized,
     K: DeviceBuf<f32> + ?Sized,
 {
+    enqueue_launch(gpu, kernels::queue::ENQUEUE_F32, queue, keys, (k, c, ptr))
+}
+
+/// The checks and the launch of both enqueue kernels (f32 or bf16 queue, f32 keys).
+fn enqueue_launch<T, Q, K>(
+    gpu: &Gpu,
+    kernel: crate::cuda::Kernel,
+    queue: &mut Q,
+    keys: &K,
+    (k, c, ptr): (usize, usize, usize),
+) -> Result<usize>
+where
+    Q: DeviceBufMut<T> + ?Sized,
+    K: DeviceBuf<f32> + ?Sized,
+{
     let n = check_enqueue(queue.len(), keys.len(), k, c, ptr)?;
-    gpu.check_same_device::<f32, Q>("queue", queue)?;
+    gpu.check_same_device::<T, Q>("queue", queue)?;
     gpu.check_same_device::<f32, K>("keys", keys)?;
     if n == 0 {
         return Ok(ptr);
@@ -100,9 +115,10 @@ where
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
-    // (float*, const float*, MocoEnqueueArgs): keys hold n*c floats, the queue k*c, and
-    // every destination row (ptr + i) mod k is < k (ptr < k, n <= k checked above).
-    launch!(gpu, kernels::queue::ENQUEUE_F32, cfg;
+    // (T*, const float*, MocoEnqueueArgs) with T the queue's element type: keys hold n*c
+    // floats, the queue k*c elements, and every destination row (ptr + i) mod k is < k
+    // (ptr < k, n <= k checked above).
+    launch!(gpu, kernel, cfg;
         mut queue.view_mut(),
         keys.view(),
         args
@@ -156,31 +172,7 @@ where
     Q: DeviceBufMut<half::bf16> + ?Sized,
     K: DeviceBuf<f32> + ?Sized,
 {
-    let n = check_enqueue(queue.len(), keys.len(), k, c, ptr)?;
-    gpu.check_same_device::<half::bf16, Q>("queue", queue)?;
-    gpu.check_same_device::<f32, K>("keys", keys)?;
-    if n == 0 {
-        return Ok(ptr);
-    }
-    let args = MocoEnqueueArgs {
-        n: n as u64,
-        c: c as u64,
-        k: k as u64,
-        ptr: ptr as u64,
-    };
-    let total = (n * c) as u64;
-    let cfg = LaunchConfig {
-        grid_dim: (gpu.grid_for(total, 1), 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // (bf16*, const float*, MocoEnqueueArgs): as `enqueue`, with a bf16 destination.
-    launch!(gpu, kernels::queue::ENQUEUE_BF16, cfg;
-        mut queue.view_mut(),
-        keys.view(),
-        args
-    );
-    Ok((ptr + n) % k)
+    enqueue_launch(gpu, kernels::queue::ENQUEUE_BF16, queue, keys, (k, c, ptr))
 }
 
 /// The MoCo queue on backend `B`: K keys of dimension C, one per row, in the backend's own

@@ -3,23 +3,14 @@
 //! the weight gradient's GEMM and scatters the columns back with col2im.
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
-use std::sync::{Mutex, MutexGuard};
-
-use super::cudnn::Cudnn;
 use super::{conv_abi, Cuda};
 use crate::backend::{check_len, ConvShape};
-use crate::cuda::{kernels, launch, view, view_mut};
-use crate::error::{Error, Result};
+use crate::cuda::{grow, kernels, launch, lock, view, view_mut};
+use crate::error::Result;
 
 /// Upper bound on the im2col buffer of one convolution (elements): the batch is processed in
 /// chunks of samples whose columns fit.
 const COL_BUDGET: usize = 1 << 26;
-
-/// The cuDNN state, or an error if a thread panicked while holding it.
-fn lock(m: &Mutex<Cudnn>) -> Result<MutexGuard<'_, Cudnn>> {
-    m.lock()
-        .map_err(|_| Error::invalid("cuDNN state poisoned by a panic on another thread"))
-}
 
 /// Samples per im2col chunk.
 fn conv_chunk(s: &ConvShape) -> usize {
@@ -109,10 +100,10 @@ impl Cuda {
         }
         let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
         let nb = conv_chunk(s);
-        let mut guard = super::lock(&self.scratch.conv)?;
+        let mut guard = lock(&self.scratch.conv)?;
         let (col, yt) = &mut *guard;
-        let col = super::grow(&self.gpu, col, ckk * nb * hwo)?;
-        let yt = super::grow(&self.gpu, yt, s.cout * nb * hwo)?;
+        let col = grow(&self.gpu, col, ckk * nb * hwo)?;
+        let yt = grow(&self.gpu, yt, s.cout * nb * hwo)?;
         for n0 in (0..s.n).step_by(nb) {
             let m = nb.min(s.n - n0);
             self.im2col(s, x, n0, m, col)?;
@@ -164,10 +155,10 @@ impl Cuda {
         }
         let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
         let nb = conv_chunk(s);
-        let mut guard = super::lock(&self.scratch.conv)?;
+        let mut guard = lock(&self.scratch.conv)?;
         let (col, dyt) = &mut *guard;
-        let col = super::grow(&self.gpu, col, ckk * nb * hwo)?;
-        let dyt = super::grow(&self.gpu, dyt, s.cout * nb * hwo)?;
+        let col = grow(&self.gpu, col, ckk * nb * hwo)?;
+        let dyt = grow(&self.gpu, dyt, s.cout * nb * hwo)?;
         for n0 in (0..s.n).step_by(nb) {
             let m = nb.min(s.n - n0);
             // dYt (Cout x m HoWo) from dy (m x Cout x HoWo).

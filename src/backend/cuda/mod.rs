@@ -47,8 +47,7 @@ pub struct CudaOptions {
     pub tf32: bool,
 }
 
-/// A grow-only device buffer, allocated on first use.
-type Slot = Option<CudaSlice<f32>>;
+use crate::cuda::Slot;
 
 /// Grow-only scratch buffers, reused from call to call so that a step allocates nothing
 /// after the first: every operation writes each scratch element it later reads, so none
@@ -61,22 +60,6 @@ struct Scratch {
     eval: Mutex<(Slot, Slot)>,
     /// A BatchNorm's batch variance (forward) or per-(group, channel) sums (backward).
     bn: Mutex<Slot>,
-}
-
-/// The scratch buffer in `slot`, grown (never shrunk) to at least `n` elements.
-fn grow<'a>(gpu: &Gpu, slot: &'a mut Slot, n: usize) -> Result<&'a mut CudaSlice<f32>> {
-    if slot.as_ref().is_none_or(|b| b.len() < n.max(1)) {
-        *slot = None; // free the old buffer first (stream-ordered)
-        *slot = Some(gpu.zeros::<f32>(n.max(1))?);
-    }
-    slot.as_mut()
-        .ok_or_else(|| Error::invalid("scratch buffer missing after allocation"))
-}
-
-/// A scratch group, or an error if a thread panicked while holding it.
-fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
-    m.lock()
-        .map_err(|_| Error::invalid("CUDA scratch buffers poisoned by a panic on another thread"))
 }
 
 /// The CUDA backend on one [`Gpu`] (cheap to clone).

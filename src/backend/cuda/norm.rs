@@ -5,7 +5,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{bn_abi, u32_of, Cuda};
 use crate::backend::{BnOffsets, BnParams, BnShape};
-use crate::cuda::{kernels, launch, view, view_mut, Disjoint, Nullable, BLOCK};
+use crate::cuda::{grow, kernels, launch, lock, view, view_mut, Disjoint, Nullable, BLOCK};
 use crate::error::Result;
 
 impl Cuda {
@@ -52,8 +52,8 @@ impl Cuda {
         let abi = bn_abi(s)?;
         let (c32, g32) = (abi.c, abi.groups);
         let xv = view("batchnorm x", x, 0, s.len())?;
-        let mut guard = super::lock(&self.scratch.bn)?;
-        let var = super::grow(&self.gpu, &mut guard, g * c)?;
+        let mut guard = lock(&self.scratch.bn)?;
+        let var = grow(&self.gpu, &mut guard, g * c)?;
         launch!(self.gpu, kernels::norm::BN_STATS_F32, Self::per_group_channel(c32, g32);
             xv.slice(..),
             mut view_mut("batchnorm mean", mean, 0, g * c)?,
@@ -102,10 +102,10 @@ impl Cuda {
     ) -> Result<()> {
         s.check_forward(x.len(), params.len(), off, running.len(), y.len())?;
         let c = s.c;
-        let mut guard = super::lock(&self.scratch.eval)?;
+        let mut guard = lock(&self.scratch.eval)?;
         let (mean, invstd) = &mut *guard;
-        let mean = super::grow(&self.gpu, mean, c)?;
-        let invstd = super::grow(&self.gpu, invstd, c)?;
+        let mean = grow(&self.gpu, mean, c)?;
+        let invstd = grow(&self.gpu, invstd, c)?;
         self.eval_stats(hp, running, off, c, mean, invstd)?;
         launch!(self.gpu, kernels::norm::BN_APPLY_F32, self.elementwise(s.len() as u64);
             view("batchnorm x", x, 0, s.len())?,
@@ -115,7 +115,7 @@ impl Cuda {
             mean.as_view(),
             invstd.as_view(),
             bn_abi(&BnShape { groups: 1, ..*s })?,
-            Nullable::<f32>::Null(0),
+            Nullable::<f32>::from(None),
             0u32
         );
         Ok(())
@@ -170,10 +170,10 @@ impl Cuda {
             off,
             running.len(),
         )?;
-        let mut guard = super::lock(&self.scratch.eval)?;
+        let mut guard = lock(&self.scratch.eval)?;
         let (mean, invstd) = &mut *guard;
-        let mean = super::grow(&self.gpu, mean, s.c)?;
-        let invstd = super::grow(&self.gpu, invstd, s.c)?;
+        let mean = grow(&self.gpu, mean, s.c)?;
+        let invstd = grow(&self.gpu, invstd, s.c)?;
         self.eval_stats(hp, running, off, s.c, mean, invstd)?;
         let s1 = BnShape { groups: 1, ..*s };
         self.bn_backward_common(
@@ -239,8 +239,8 @@ impl Cuda {
         let dyv = view("batchnorm dy", dy, 0, s.len())?;
         let meanv = view("batchnorm mean", mean, 0, g * c)?;
         let invstdv = view("batchnorm invstd", invstd, 0, g * c)?;
-        let mut guard = super::lock(&self.scratch.bn)?;
-        let sums = super::grow(&self.gpu, &mut guard, 2 * g * c)?;
+        let mut guard = lock(&self.scratch.bn)?;
+        let sums = grow(&self.gpu, &mut guard, 2 * g * c)?;
         launch!(self.gpu, kernels::norm::BN_BWD_REDUCE_F32, Self::per_group_channel(c32, g32);
             xv.slice(..),
             dyv.slice(..),

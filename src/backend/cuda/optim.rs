@@ -1,5 +1,6 @@
 //! SGD on the GPU (`kernels/optim.cu`): one elementwise pass over the flat parameter,
-//! gradient and momentum buffers.
+//! gradient and momentum buffers, optionally writing the parameters' bf16 copy in the same
+//! pass.
 use cudarc::driver::CudaSlice;
 
 use super::Cuda;
@@ -17,28 +18,13 @@ impl Cuda {
         momentum: f64,
         weight_decay: f64,
     ) -> Result<()> {
-        check_sgd(
-            params.len(),
-            grads.len(),
-            momentum_buf.len(),
-            lr,
-            momentum,
-            weight_decay,
-        )?;
-        let n = params.len() as u64;
-        if n == 0 {
-            return Ok(());
-        }
-        launch!(self.gpu, kernels::optim::SGD_F32, self.elementwise(n);
-            mut params.as_view_mut(),
-            grads.as_view(),
-            mut momentum_buf.as_view_mut(),
-            n,
-            lr as f32,
-            momentum as f32,
-            weight_decay as f32
-        );
-        Ok(())
+        self.sgd(
+            params,
+            grads,
+            momentum_buf,
+            None,
+            (lr, momentum, weight_decay),
+        )
     }
 
     /// [`Backend::sgd_step`](crate::backend::Backend::sgd_step) that also writes the
@@ -51,6 +37,19 @@ impl Cuda {
         grads: &CudaSlice<f32>,
         momentum_buf: &mut CudaSlice<f32>,
         params_bf16: &mut CudaSlice<half::bf16>,
+        hp: (f64, f64, f64),
+    ) -> Result<()> {
+        self.sgd(params, grads, momentum_buf, Some(params_bf16), hp)
+    }
+
+    /// Both SGD kernels: the checks, then `moco_sgd_f32`, or `moco_sgd_bf16copy_f32` when a
+    /// bf16 copy is asked for (the same arithmetic, plus the rounded store).
+    fn sgd(
+        &self,
+        params: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        momentum_buf: &mut CudaSlice<f32>,
+        params_bf16: Option<&mut CudaSlice<half::bf16>>,
         (lr, momentum, weight_decay): (f64, f64, f64),
     ) -> Result<()> {
         check_sgd(
@@ -61,27 +60,42 @@ impl Cuda {
             momentum,
             weight_decay,
         )?;
-        if params_bf16.len() != params.len() {
-            return Err(Error::invalid(format!(
-                "sgd: the bf16 copy has {} elements, the parameters {}",
-                params_bf16.len(),
-                params.len()
-            )));
+        if let Some(copy) = &params_bf16 {
+            if copy.len() != params.len() {
+                return Err(Error::invalid(format!(
+                    "sgd: the bf16 copy has {} elements, the parameters {}",
+                    copy.len(),
+                    params.len()
+                )));
+            }
         }
         let n = params.len() as u64;
         if n == 0 {
             return Ok(());
         }
-        launch!(self.gpu, kernels::optim::SGD_BF16COPY_F32, self.elementwise(n);
-            mut params.as_view_mut(),
-            grads.as_view(),
-            mut momentum_buf.as_view_mut(),
-            mut params_bf16.as_view_mut(),
-            n,
-            lr as f32,
-            momentum as f32,
-            weight_decay as f32
-        );
+        let (lr, momentum, wd) = (lr as f32, momentum as f32, weight_decay as f32);
+        let cfg = self.elementwise(n);
+        match params_bf16 {
+            None => launch!(self.gpu, kernels::optim::SGD_F32, cfg;
+                mut params.as_view_mut(),
+                grads.as_view(),
+                mut momentum_buf.as_view_mut(),
+                n,
+                lr,
+                momentum,
+                wd
+            ),
+            Some(copy) => launch!(self.gpu, kernels::optim::SGD_BF16COPY_F32, cfg;
+                mut params.as_view_mut(),
+                grads.as_view(),
+                mut momentum_buf.as_view_mut(),
+                mut copy.as_view_mut(),
+                n,
+                lr,
+                momentum,
+                wd
+            ),
+        }
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 
 use super::{ContrastShape, InfoNceImpl, InfoNceStats, NORMALIZE_EPS};
 use crate::backend::cuda::gemm::{sgemm, ColMajorGemm};
-use crate::cuda::{kernels, launch, DeviceBuf, DeviceBufMut, Gpu};
+use crate::cuda::{grow, kernels, launch, DeviceBuf, DeviceBufMut, Gpu};
 use crate::error::{CudaResultExt, Error, Result};
 
 /// Largest feature dimension the fused kernel handles (padded tiles of 64, 128 or 256).
@@ -33,19 +33,8 @@ struct Workspace {
 
 /// The first `n` elements of the workspace buffer in `slot`, grown (never shrunk) to hold
 /// them.
-fn ensure<'a>(
-    gpu: &Gpu,
-    slot: &'a mut Option<CudaSlice<f32>>,
-    n: usize,
-) -> Result<CudaViewMut<'a, f32>> {
-    if slot.as_ref().is_none_or(|b| b.len() < n.max(1)) {
-        *slot = None; // free the old buffer first
-        *slot = Some(gpu.zeros::<f32>(n.max(1))?);
-    }
-    match slot {
-        Some(b) => Ok(b.slice_mut(0..n)),
-        None => Err(Error::invalid("workspace buffer missing after allocation")),
-    }
+fn ensure<'a>(gpu: &Gpu, slot: Slot<'a>, n: usize) -> Result<CudaViewMut<'a, f32>> {
+    Ok(grow(gpu, slot, n)?.slice_mut(0..n))
 }
 
 /// One warp per row of an `n x c` launch.
