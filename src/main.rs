@@ -24,6 +24,8 @@ enum Command {
     Export(cli::export::ExportArgs),
     /// End-to-end training-step throughput (images/s) as one JSON line.
     Bench(cli::bench::BenchArgs),
+    /// Data-loader throughput alone (read, decode, two augmented views), as one JSON line.
+    BenchData(cli::bench_data::BenchDataArgs),
     /// Version, whether this build has CUDA kernels, the GPUs found, and (--arch) models.
     Info(cli::info::InfoArgs),
 }
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Eval(c) => cli::eval::run(c),
         Command::Export(a) => cli::export::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::BenchData(a) => cli::bench_data::run(a),
         Command::Info(a) => cli::info::run(a),
     };
     match res {

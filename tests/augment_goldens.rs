@@ -124,6 +124,7 @@ fn pixels_match_torchvision_v2() {
                         OpParams::Grayscale(view["gray"].as_bool().unwrap()),
                         OpParams::HorizontalFlip(view["flip"].as_bool().unwrap()),
                     ],
+                    resize: None,
                 }
             };
             let want = f32s(&view["out"]);

@@ -1,5 +1,6 @@
 //! Subcommands of the `moco` binary.
 pub mod bench;
+pub mod bench_data;
 pub mod eval;
 pub mod export;
 pub mod info;

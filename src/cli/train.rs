@@ -394,6 +394,7 @@ impl TrainJob {
             eprintln!("epoch 0 (untrained): kNN top-1 {}", fmt_pct(Some(knn)));
             t.save_checkpoint(&self.dir)?;
         }
+        let (mut skips_seen, mut skips_shown) = (0u64, 0usize);
         while t.epoch() < cfg.epochs {
             let epoch = t.epoch() + 1;
             let t0 = Instant::now();
@@ -472,6 +473,18 @@ impl TrainJob {
                 m.images_per_sec.unwrap_or(0.0),
                 m.seconds
             );
+            if let Some(log) = t.skip_log().filter(|l| l.count > skips_seen) {
+                for e in log.first.iter().skip(skips_shown) {
+                    eprintln!("moco: skipped {e}");
+                }
+                skips_shown = log.first.len();
+                eprintln!(
+                    "moco: {} images could not be read or decoded in epoch {epoch} and were replaced by the next image ({} so far; --bad-images skip)",
+                    log.count - skips_seen,
+                    log.count
+                );
+                skips_seen = log.count;
+            }
             if t.agree(self.stop.load(Ordering::Relaxed))? {
                 eprintln!(
                     "stopped after epoch {epoch}; continue with `moco train --resume {}`",

@@ -52,6 +52,7 @@ use std::str::FromStr;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+use super::source::{Image, Layout};
 use crate::{Error, Result};
 
 /// How the `size x size` view is cut from the stored image.
@@ -70,6 +71,14 @@ pub enum Crop {
     Center {
         /// Side of the square as a fraction of the shorter side, in (0, 1].
         fraction: f32,
+    },
+    /// torchvision `Resize(resize)` then `CenterCrop(size)`, the evaluation transform for
+    /// photos (`resize` 256 for 224 px views): the whole image resized so its shorter side
+    /// is `resize` (the longer side `int(resize * long / short)`, as torchvision), and the
+    /// centred `size x size` window of that kept. `resize` must be at least the view size.
+    ResizeCenter {
+        /// Target of the shorter side before the center crop.
+        resize: usize,
     },
 }
 
@@ -244,6 +253,24 @@ impl Augment {
         Self::preset(Preset::Eval, size, mean, std)
     }
 
+    /// The evaluation transform for photos of any size, torchvision's `Resize(256)` +
+    /// `CenterCrop(224)` scaled to `size` (the shorter side resized to `round(size * 8 /
+    /// 7)`, 256 for 224, then the centred `size x size` window), normalized.
+    ///
+    /// ```
+    /// use moco::data::augment::{Augment, Crop};
+    /// let a = Augment::eval_photo(224, &[0.5; 3], &[0.25; 3]).unwrap();
+    /// assert_eq!(a.crop, Crop::ResizeCenter { resize: 256 });
+    /// ```
+    pub fn eval_photo(size: usize, mean: &[f32], std: &[f32]) -> Result<Augment> {
+        let mut a = Self::preset(Preset::Eval, size, mean, std)?;
+        a.crop = Crop::ResizeCenter {
+            resize: (size * 8 + 3) / 7,
+        };
+        a.validate()?;
+        Ok(a)
+    }
+
     /// Checks every parameter; the constructors call it, [`Augment::apply`] too.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid(format!("augmentation: {m}")));
@@ -278,6 +305,15 @@ impl Augment {
             Crop::Center { fraction } => {
                 if !(fraction > 0.0 && fraction <= 1.0) {
                     return bad(format!("center-crop fraction {fraction} not in (0, 1]"));
+                }
+            }
+            Crop::ResizeCenter { resize } => {
+                if resize < self.size || resize > 4 * 4096 {
+                    return bad(format!(
+                        "resize {resize} before the center crop must be in {}..={}",
+                        self.size,
+                        4 * 4096
+                    ));
                 }
             }
         }
@@ -328,26 +364,25 @@ impl Augment {
         rng: &mut R,
         out: &mut [f32],
     ) -> Result<()> {
-        let params = self.sample(c, h, w, rng)?;
-        self.apply_params(src, c, h, w, &params, out)
+        self.apply_image(&Image::chw(c, h, w, src)?, rng, out)
     }
 
-    /// Checks the shapes of one call (source `c x h x w`, `out` of `c x size x size`).
-    fn check_shapes(
+    /// Augments one [`Image`] of any size and layout (a decoded photo, HWC, or a CHW
+    /// image of an in-memory set): [`Augment::sample`] for its size, then
+    /// [`Augment::apply_params_image`]. Draw twice from one image for MoCo's two views.
+    pub fn apply_image<R: Rng + ?Sized>(
         &self,
-        src_len: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-        out_len: usize,
+        img: &Image<'_>,
+        rng: &mut R,
+        out: &mut [f32],
     ) -> Result<()> {
+        let params = self.sample(img.channels, img.height, img.width, rng)?;
+        self.apply_params_image(img, &params, out)
+    }
+
+    /// Checks the shapes of one call (an image of `c` channels, `out` of `c x size x size`).
+    fn check_shapes(&self, c: usize, out_len: usize) -> Result<()> {
         self.validate()?;
-        let expect = c.checked_mul(h).and_then(|v| v.checked_mul(w));
-        if c == 0 || h == 0 || w == 0 || expect != Some(src_len) {
-            return Err(Error::invalid(format!(
-                "augment: source of {src_len} bytes is not {c}x{h}x{w}"
-            )));
-        }
         if self.mean.len() != c {
             return Err(Error::invalid(format!(
                 "augment: {} normalization means for {c}-channel images",
@@ -379,11 +414,14 @@ impl Augment {
                 "augment: empty or oversized image {c}x{h}x{w}"
             )));
         }
-        let region = match self.crop {
+        let (region, resize) = match self.crop {
             Crop::RandomResized { scale, ratio } => {
-                random_resized_crop_params(h, w, scale, ratio, rng)
+                (random_resized_crop_params(h, w, scale, ratio, rng), None)
             }
-            Crop::Center { fraction } => center_crop_params(h, w, fraction),
+            Crop::Center { fraction } => (center_crop_params(h, w, fraction), None),
+            Crop::ResizeCenter { resize } => {
+                ((0, 0, h, w), Some(resize_shorter_side(h, w, resize)))
+            }
         };
         let mut ops = Vec::with_capacity(self.ops.len());
         for op in &self.ops {
@@ -406,11 +444,15 @@ impl Augment {
                 Op::HorizontalFlip { p } => OpParams::HorizontalFlip(rng.random::<f32>() < p),
             });
         }
-        Ok(ViewParams { region, ops })
+        Ok(ViewParams {
+            region,
+            resize,
+            ops,
+        })
     }
 
     /// Applies drawn parameters (from [`Augment::sample`], or built by hand, for example
-    /// from torchvision's) to `src` (`c x h x w` `u8`), writing the normalized
+    /// from torchvision's) to `src` (`c x h x w` `u8`, CHW), writing the normalized
     /// `c x size x size` view to `out`. Deterministic: no randomness.
     pub fn apply_params(
         &self,
@@ -421,7 +463,18 @@ impl Augment {
         params: &ViewParams,
         out: &mut [f32],
     ) -> Result<()> {
-        self.check_shapes(src.len(), c, h, w, out.len())?;
+        self.apply_params_image(&Image::chw(c, h, w, src)?, params, out)
+    }
+
+    /// [`Augment::apply_params`] on an [`Image`] of any layout.
+    pub fn apply_params_image(
+        &self,
+        img: &Image<'_>,
+        params: &ViewParams,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (c, h, w) = (img.channels, img.height, img.width);
+        self.check_shapes(c, out.len())?;
         let (top, left, rh, rw) = params.region;
         if rh == 0
             || rw == 0
@@ -433,6 +486,19 @@ impl Augment {
                 params.region
             )));
         }
+        let s = self.size;
+        let (full, window) = match params.resize {
+            None => ((s, s), (0, 0)),
+            Some((fh, fw)) => {
+                if fh < s || fw < s || fh > MAX_RESIZE_SIDE || fw > MAX_RESIZE_SIDE {
+                    return Err(Error::invalid(format!(
+                        "augment: resize to {fh}x{fw} before a center crop of {s} (each side must be in {s}..={MAX_RESIZE_SIDE})"
+                    )));
+                }
+                let off = |n: usize| round_half_even((n - s) as f64 / 2.0);
+                ((fh, fw), (off(fh), off(fw)))
+            }
+        };
         if params.ops.len() != self.ops.len() {
             return Err(Error::invalid(format!(
                 "augment: {} drawn parameters for {} steps",
@@ -440,8 +506,7 @@ impl Augment {
                 self.ops.len()
             )));
         }
-        let s = self.size;
-        resized_crop(src, c, h, w, params.region, s, s, out);
+        resample(img, params.region, full, window, (s, s), out);
         let mut scratch = Vec::new();
         for (op, drawn) in self.ops.iter().zip(&params.ops) {
             match (op, drawn) {
@@ -504,6 +569,10 @@ impl Augment {
 pub struct ViewParams {
     /// Crop region `(top, left, height, width)` in source pixels.
     pub region: (usize, usize, usize, usize),
+    /// `None`: the region is resized to the view. `Some((height, width))` (for
+    /// [`Crop::ResizeCenter`]): the region is resized to `height x width` and the centred
+    /// view-sized window of that is kept.
+    pub resize: Option<(usize, usize)>,
     /// One entry per [`Op`] of the transform, in order.
     pub ops: Vec<OpParams>,
 }
@@ -663,13 +732,23 @@ pub fn random_resized_crop_params<R: Rng + ?Sized>(
 /// clamping (`align_corners=False`); downscaling, the filter widens with the factor, so
 /// every source pixel contributes (no aliasing).
 pub fn resize_taps(n_in: usize, n_out: usize) -> Vec<(usize, Vec<f32>)> {
+    resize_taps_range(n_in, n_out, 0..n_out)
+}
+
+/// The taps of [`resize_taps`] for the outputs in `range` only (a window of a larger
+/// resize, as `Resize` followed by `CenterCrop`).
+pub fn resize_taps_range(
+    n_in: usize,
+    n_out: usize,
+    range: std::ops::Range<usize>,
+) -> Vec<(usize, Vec<f32>)> {
     let scale = n_in as f64 / n_out as f64;
     let (support, inv) = if scale >= 1.0 {
         (scale, 1.0 / scale)
     } else {
         (1.0, 1.0)
     };
-    (0..n_out)
+    range
         .map(|i| {
             let center = scale * (i as f64 + 0.5);
             // C++ `(int64_t)` truncation, as PyTorch; both bounds are >= -0.5 here.
@@ -695,6 +774,24 @@ pub fn resize_taps(n_in: usize, n_out: usize) -> Vec<(usize, Vec<f32>)> {
         .collect()
 }
 
+/// Largest side of the intermediate image of [`Crop::ResizeCenter`] (only the window is
+/// computed; this bounds the arithmetic of the window's position).
+pub const MAX_RESIZE_SIDE: usize = 1 << 24;
+
+/// torchvision `Resize(size)` of an `h x w` image: `(height, width)` with the shorter side
+/// `size` and the longer side `int(size * long / short)` (truncated, as torchvision),
+/// capped at [`MAX_RESIZE_SIDE`].
+pub fn resize_shorter_side(h: usize, w: usize, size: usize) -> (usize, usize) {
+    let long = |l: usize, s: usize| {
+        ((size as u128 * l as u128 / s.max(1) as u128) as usize).clamp(size, MAX_RESIZE_SIDE)
+    };
+    if h <= w {
+        (size, long(w, h))
+    } else {
+        (long(h, w), size)
+    }
+}
+
 /// Cuts `region = (top, left, height, width)` out of the `u8` CHW image `src` (`c x h x w`)
 /// and resizes it to `oh x ow` with torchvision's antialiased bilinear filter
 /// ([`resize_taps`]; rows first, then columns), writing values in [0, 1] to `out`
@@ -713,24 +810,65 @@ pub fn resized_crop(
     ow: usize,
     out: &mut [f32],
 ) {
+    assert_eq!(src.len(), c * h * w, "source is not c x h x w");
+    let img = Image {
+        channels: c,
+        height: h,
+        width: w,
+        layout: Layout::Chw,
+        pixels: std::borrow::Cow::Borrowed(src),
+    };
+    resample(&img, region, (oh, ow), (0, 0), (oh, ow), out);
+}
+
+/// The general crop-and-resize: `region = (top, left, height, width)` of `img` (any
+/// layout) is resized to `full = (height, width)` with the antialiased bilinear filter of
+/// [`resize_taps`], and the `view = (height, width)` window at `offset = (top, left)` of
+/// that is written to `out` (`c x view.0 x view.1`, values in [0, 1]). Only the window is
+/// computed. `full == view` with a zero offset is [`resized_crop`].
+///
+/// Panics if the region leaves the image, the window leaves `full`, or `out` is too short.
+pub fn resample(
+    img: &Image<'_>,
+    region: (usize, usize, usize, usize),
+    full: (usize, usize),
+    offset: (usize, usize),
+    view: (usize, usize),
+    out: &mut [f32],
+) {
     let (top, left, rh, rw) = region;
+    let (c, h, w) = (img.channels, img.height, img.width);
+    let (oh, ow) = view;
     assert!(
         top + rh <= h && left + rw <= w && rh > 0 && rw > 0,
         "crop region leaves the image"
     );
-    let xs = resize_taps(rw, ow);
-    let ys = resize_taps(rh, oh);
+    assert!(
+        offset.0 + oh <= full.0 && offset.1 + ow <= full.1,
+        "window leaves the resized image"
+    );
+    let xs = resize_taps_range(rw, full.1, offset.1..offset.1 + ow);
+    let ys = resize_taps_range(rh, full.0, offset.0..offset.0 + oh);
+    // Rows of the region the vertical taps read.
+    let y_lo = ys.iter().map(|t| t.0).min().unwrap_or(0);
+    let y_hi = ys.iter().map(|(y0, wy)| y0 + wy.len()).max().unwrap_or(0);
+    let (cs, ystride, xstride) = img.strides();
+    let src = &img.pixels[..];
     const INV: f32 = 1.0 / 255.0;
     // Horizontal pass of the region's rows (in [0, 1]), then the vertical pass.
-    let mut tmp = vec![0.0f32; rh * ow];
+    let mut tmp = vec![0.0f32; (y_hi - y_lo) * ow];
     for ch in 0..c {
-        let plane = &src[ch * h * w..(ch + 1) * h * w];
-        for y in 0..rh {
-            let row = &plane[(top + y) * w + left..(top + y) * w + left + rw];
-            for (t, (x0, wx)) in tmp[y * ow..(y + 1) * ow].iter_mut().zip(&xs) {
+        for y in y_lo..y_hi {
+            let base = ch * cs + (top + y) * ystride + left * xstride;
+            for (t, (x0, wx)) in tmp[(y - y_lo) * ow..(y - y_lo + 1) * ow]
+                .iter_mut()
+                .zip(&xs)
+            {
                 let mut acc = 0.0f32;
-                for (k, &wk) in wx.iter().enumerate() {
-                    acc += wk * (row[x0 + k] as f32 * INV);
+                let mut p = base + x0 * xstride;
+                for &wk in wx {
+                    acc += wk * (src[p] as f32 * INV);
+                    p += xstride;
                 }
                 *t = acc;
             }
@@ -740,7 +878,8 @@ pub fn resized_crop(
             let orow = &mut o[y * ow..(y + 1) * ow];
             orow.iter_mut().for_each(|v| *v = 0.0);
             for (k, &wk) in wy.iter().enumerate() {
-                let trow = &tmp[(y0 + k) * ow..(y0 + k + 1) * ow];
+                let r = y0 + k - y_lo;
+                let trow = &tmp[r * ow..(r + 1) * ow];
                 for (ov, &tv) in orow.iter_mut().zip(trow) {
                     *ov += wk * tv;
                 }

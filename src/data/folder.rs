@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use super::source::Image;
 use super::{data_err, Dataset};
 use crate::{Error, Result};
 
@@ -262,18 +263,52 @@ pub fn decode_image(bytes: &[u8], path: &Path, size: usize) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Decodes one image file and returns it as `size x size` RGB, CHW (see [`decode_image`]).
-pub fn load_image(path: &Path, size: usize) -> Result<Vec<u8>> {
-    let len = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len();
-    if len > MAX_FILE_BYTES {
+/// Reads an image file's bytes, refusing anything that is not a regular file (a named
+/// pipe, a device, a directory: opened without blocking, then checked) and anything larger
+/// than [`MAX_FILE_BYTES`] (checked again while reading, in case the file grows).
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // A FIFO opened for reading would wait for a writer; non-blocking it does not.
+        opts.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = opts.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
         return Err(data_err(
             path,
-            format!("{len} bytes is larger than the reader's limit for one image ({MAX_FILE_BYTES} bytes)"),
+            "is not a regular file (a directory, pipe or device named like an image)",
         ));
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(data_err(
+            path,
+            format!(
+                "{} bytes is larger than the reader's limit for one image ({MAX_FILE_BYTES} bytes)",
+                meta.len()
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(data_err(
+            path,
+            format!("grew past the reader's limit for one image ({MAX_FILE_BYTES} bytes) while being read"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Decodes one image file and returns it as `size x size` RGB, CHW (see [`decode_image`]).
+pub fn load_image(path: &Path, size: usize) -> Result<Vec<u8>> {
+    let bytes = read_image_file(path)?;
     decode_image(&bytes, path, size)
 }
 
@@ -283,7 +318,7 @@ pub fn load(root: impl AsRef<Path>, train: bool, image_size: usize) -> Result<Da
     Ok(load_report(root, train, image_size, BadImages::Error)?.0)
 }
 
-/// An image [`load_report`] left out, and why.
+/// An image [`load_report`] or [`FolderIndex::open`] left out, and why.
 #[derive(Debug)]
 pub struct Skipped {
     /// The file.
@@ -292,26 +327,54 @@ pub struct Skipped {
     pub error: Error,
 }
 
-/// As [`load`], with a choice of what to do with images that cannot be decoded: with
-/// [`BadImages::Skip`] they are left out and returned, with their errors, next to the
-/// data set (an error still if no image is left).
-pub fn load_report(
-    root: impl AsRef<Path>,
-    train: bool,
-    image_size: usize,
-    bad_images: BadImages,
-) -> Result<(Dataset, Vec<Skipped>)> {
-    let root = root.as_ref();
-    if !(1..=4096).contains(&image_size) {
-        return Err(Error::invalid(format!(
-            "image size must be in 1..=4096, not {image_size}"
-        )));
+/// The files of one split of an image folder, before anything is decoded.
+struct Listing {
+    name: String,
+    split_root: PathBuf,
+    classes: Vec<String>,
+    files: Vec<(PathBuf, u32)>,
+    skipped: Vec<Skipped>,
+}
+
+/// A directory's entries sorted by name, with their names as UTF-8 (a name that is not
+/// valid UTF-8 is an error naming it: two such names could not be told apart).
+fn read_dir_named(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for p in read_dir_sorted(dir)? {
+        let name = p.file_name().unwrap_or_default();
+        let Some(s) = name.to_str() else {
+            return Err(data_err(
+                &p,
+                format!(
+                    "the name {:?} is not valid UTF-8; rename it (class names and labels are taken from folder names)",
+                    name.to_string_lossy()
+                ),
+            ));
+        };
+        out.push((s.to_string(), p));
     }
-    if !root.is_dir() {
-        return Err(Error::io(
-            root,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
-        ));
+    Ok(out)
+}
+
+/// The class folders under `dir` (sorted; hidden ones, starting with a dot, skipped).
+/// A symlink to a folder counts as a folder.
+fn class_folders(dir: &Path) -> Result<Vec<String>> {
+    Ok(read_dir_named(dir)?
+        .into_iter()
+        .filter(|(n, p)| !n.starts_with('.') && p.is_dir())
+        .map(|(n, _)| n)
+        .collect())
+}
+
+/// Lists one split: classes from `train/` (or the root), files with an image extension
+/// from the split's class folders. An entry named like an image that is not a readable
+/// regular file (a directory, a pipe, a device, a broken link, a link loop) is an error
+/// naming it, or, with [`BadImages::Skip`], left out and reported. A class folder of the
+/// test split that the training split does not have is an error.
+fn list_split(root: &Path, train: bool, bad_images: BadImages) -> Result<Listing> {
+    let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
+    if !meta.is_dir() {
+        return Err(data_err(root, "is not a directory"));
     }
     let train_dir = root.join("train");
     let has_split = train_dir.is_dir();
@@ -332,43 +395,121 @@ pub fn load_report(
             "has a train/ folder but no val/ or test/ folder for the test split",
         ));
     };
-    let classes: Vec<String> = read_dir_sorted(&class_root)?
-        .into_iter()
-        .filter(|p| p.is_dir())
-        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .filter(|n| !n.starts_with('.'))
-        .collect();
+    let classes = class_folders(&class_root)?;
     if classes.is_empty() {
         return Err(data_err(
             &class_root,
             "no class subfolders (expected one folder of images per class)",
         ));
     }
+    if split_root != class_root {
+        let extra: Vec<String> = class_folders(&split_root)?
+            .into_iter()
+            .filter(|c| classes.binary_search(c).is_err())
+            .collect();
+        if !extra.is_empty() {
+            return Err(data_err(
+                &split_root,
+                format!(
+                    "has class folders that {} does not have: {}; both splits must share their classes",
+                    class_root.display(),
+                    extra.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
     let mut files: Vec<(PathBuf, u32)> = Vec::new();
+    let mut skipped = Vec::new();
     for (label, c) in classes.iter().enumerate() {
         let dir = split_root.join(c);
         if !dir.is_dir() {
             continue;
         }
-        for p in read_dir_sorted(&dir)? {
-            if p.is_file() && is_image(&p) {
-                files.push((p, label as u32));
+        for (_, p) in read_dir_named(&dir)? {
+            if !is_image(&p) {
+                continue;
+            }
+            // Follows links: a broken link or a loop fails here.
+            let problem = match std::fs::metadata(&p) {
+                Ok(m) if m.is_file() => None,
+                Ok(m) if m.is_dir() => Some(data_err(&p, "is a directory named like an image")),
+                Ok(_) => Some(data_err(
+                    &p,
+                    "is not a regular file (a pipe, socket or device named like an image)",
+                )),
+                Err(e) => Some(data_err(
+                    &p,
+                    format!("cannot be read ({e}; a broken link or a link loop?)"),
+                )),
+            };
+            match problem {
+                None => files.push((p, label as u32)),
+                Some(e) if bad_images == BadImages::Skip => {
+                    skipped.push(Skipped { path: p, error: e })
+                }
+                Some(e) => return Err(e),
             }
         }
     }
     if files.is_empty() {
         return Err(data_err(
             &split_root,
-            "no .jpg, .jpeg or .png images in the class subfolders",
+            if skipped.is_empty() {
+                "no .jpg, .jpeg or .png images in the class subfolders".to_string()
+            } else {
+                format!(
+                    "none of the {} files named like images is a readable file (first: {})",
+                    skipped.len(),
+                    skipped[0].error
+                )
+            },
         ));
     }
+    let base = root
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "folder".into());
+    let split = if train { "train" } else { "test" };
+    Ok(Listing {
+        name: format!("{base} {split}"),
+        split_root,
+        classes,
+        files,
+        skipped,
+    })
+}
+
+/// As [`load`], with a choice of what to do with images that cannot be decoded: with
+/// [`BadImages::Skip`] they are left out and returned, with their errors, next to the
+/// data set (an error still if no image is left).
+///
+/// This decodes the whole split into memory at one square size (shorter side resized,
+/// center crop): for small folders. Training streams folders instead ([`FolderIndex`]).
+pub fn load_report(
+    root: impl AsRef<Path>,
+    train: bool,
+    image_size: usize,
+    bad_images: BadImages,
+) -> Result<(Dataset, Vec<Skipped>)> {
+    let root = root.as_ref();
+    if !(1..=4096).contains(&image_size) {
+        return Err(Error::invalid(format!(
+            "image size must be in 1..=4096, not {image_size}"
+        )));
+    }
+    let Listing {
+        name,
+        split_root,
+        classes,
+        files,
+        mut skipped,
+    } = list_split(root, train, bad_images)?;
     let decoded: Vec<Result<Vec<u8>>> = files
         .par_iter()
         .map(|(p, _)| load_image(p, image_size))
         .collect();
     let mut images = Vec::new();
     let mut labels = Vec::new();
-    let mut skipped = Vec::new();
     for ((p, l), r) in files.iter().zip(decoded) {
         match r {
             Ok(img) => {
@@ -396,13 +537,8 @@ pub fn load_report(
             ),
         ));
     }
-    let base = root
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "folder".into());
-    let split = if train { "train" } else { "test" };
     let mut ds = Dataset::new(
-        format!("{base} {split}"),
+        name,
         3,
         image_size,
         image_size,
@@ -414,4 +550,152 @@ pub fn load_report(
     ds.std = IMAGENET_STD.to_vec();
     ds.class_names = classes;
     Ok((ds, skipped))
+}
+
+/// How many images a source could not read or decode while training, and the first few
+/// of them (see [`FolderIndex::skip_log`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SkipLog {
+    /// Times an image was replaced because it could not be read or decoded.
+    pub count: u64,
+    /// The first few of those errors (at most [`SkipLog::KEEP`]), one line each.
+    pub first: Vec<String>,
+}
+
+impl SkipLog {
+    /// Errors kept in [`SkipLog::first`].
+    pub const KEEP: usize = 20;
+}
+
+/// One split of an image folder as an index: file paths and labels, nothing decoded.
+///
+/// The loader's workers read and decode image `i` ([`FolderIndex::load`]) each time it is
+/// drawn, so memory does not grow with the folder. Listing is all [`FolderIndex::open`]
+/// does (about a second for 50,000 files on a local disk). Files that turn unreadable
+/// after the listing are handled by the [`BadImages`] policy when they are drawn.
+///
+/// ```no_run
+/// use moco::data::folder::{BadImages, FolderIndex};
+/// let (index, skipped) = FolderIndex::open("data/imagenet", true, BadImages::Error).unwrap();
+/// assert!(skipped.is_empty());
+/// let img = index.load(0).unwrap(); // decoded now, at the photo's own size
+/// println!("{}: {}x{}", index.path(0).unwrap().display(), img.width, img.height);
+/// ```
+#[derive(Debug)]
+pub struct FolderIndex {
+    name: String,
+    files: Vec<PathBuf>,
+    labels: Vec<u32>,
+    classes: Vec<String>,
+    bad_images: BadImages,
+    skips: std::sync::Mutex<SkipLog>,
+}
+
+impl FolderIndex {
+    /// Lists the training (`train = true`) or test split of the folder at `root` (layout
+    /// as [`load`]). Entries named like images that are not readable regular files are
+    /// errors, or with [`BadImages::Skip`] returned as skipped; nothing is decoded.
+    pub fn open(
+        root: impl AsRef<Path>,
+        train: bool,
+        bad_images: BadImages,
+    ) -> Result<(FolderIndex, Vec<Skipped>)> {
+        let l = list_split(root.as_ref(), train, bad_images)?;
+        let (files, labels) = l.files.into_iter().unzip();
+        Ok((
+            FolderIndex {
+                name: l.name,
+                files,
+                labels,
+                classes: l.classes,
+                bad_images,
+                skips: Default::default(),
+            },
+            l.skipped,
+        ))
+    }
+
+    /// Short name ("imagenet train").
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// True when there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// One label per image (the position of its class folder).
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+
+    /// Number of classes (class folders of the training split).
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Class names, in label order.
+    pub fn class_names(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// The policy for images that cannot be read or decoded.
+    pub fn bad_images(&self) -> BadImages {
+        self.bad_images
+    }
+
+    /// The file of image `i`.
+    pub fn path(&self, i: usize) -> Option<&Path> {
+        self.files.get(i).map(PathBuf::as_path)
+    }
+
+    /// Reads and decodes image `i` to RGB at its own size (interleaved, HWC), with the
+    /// bounds of [`decode_rgb`] and [`read_image_file`].
+    pub fn load(&self, i: usize) -> Result<Image<'static>> {
+        let path = self.files.get(i).ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: image {i} is out of range for {} images",
+                self.name,
+                self.files.len()
+            ))
+        })?;
+        let bytes = read_image_file(path)?;
+        let img = decode_rgb(&bytes, path)?;
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        Image::hwc(3, h, w, img.into_raw())
+    }
+
+    /// Records that an image could not be used (the loader calls this under
+    /// [`BadImages::Skip`]).
+    pub fn note_skip(&self, error: &Error) {
+        let mut log = self.skips.lock().unwrap_or_else(|p| p.into_inner());
+        log.count += 1;
+        if log.first.len() < SkipLog::KEEP {
+            log.first.push(error.to_string());
+        }
+    }
+
+    /// The images skipped so far in this process, over every epoch and pass.
+    pub fn skip_log(&self) -> SkipLog {
+        self.skips.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The same index with only its first `n` images (the skip log starts empty).
+    pub fn truncated(&self, n: usize) -> FolderIndex {
+        let n = n.min(self.files.len());
+        FolderIndex {
+            name: self.name.clone(),
+            files: self.files[..n].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            classes: self.classes.clone(),
+            bad_images: self.bad_images,
+            skips: Default::default(),
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Batches of augmented views: seeded shuffling, prefetching workers, resumable.
 //!
-//! A [`Loader`] turns a [`Dataset`] into [`Batch`]es of `f32` NCHW tensors. Epoch `e` visits
+//! A [`Loader`] turns a [`Source`] (a [`Dataset`](super::Dataset) in memory, or an image
+//! folder read and decoded per sample) into [`Batch`]es of `f32` NCHW tensors. Epoch `e` visits
 //! the images in a permutation seeded from `(seed, e)` (training) or in order (eval); the
 //! views of the image at dataset index `i` in epoch `e` are drawn from a ChaCha8 stream
 //! seeded from `(seed, e, i)` (query view first, then key view). The batches therefore
@@ -10,6 +11,15 @@
 //! what the uninterrupted epoch would have from that step on. Batches are built by a
 //! background thread that fills a bounded channel (`prefetch` batches ahead) using a private
 //! rayon pool of `workers` threads; the consumer only waits when the workers fall behind.
+//! Each image is loaded (borrowed, or read and decoded) once per draw and both views are
+//! cut from it, so memory is bounded by the batches in flight.
+//!
+//! A streamed image that cannot be read or decoded when it is drawn ends the epoch with
+//! an error naming the file ([`BadImages::Error`]), or ([`BadImages::Skip`]) is replaced by
+//! the next image in data-set order that loads, keeping the views' random stream of the
+//! original position; each replacement is counted and logged by the source
+//! ([`FolderIndex::skip_log`](super::folder::FolderIndex::skip_log)). More than
+//! [`MAX_CONSECUTIVE_BAD`] unusable images in a row is an error (the data is gone).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -34,9 +44,16 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::augment::Augment;
+use super::folder::BadImages;
+use super::source::{Image, Source};
 use super::synthetic::mix;
-use super::Dataset;
 use crate::{Error, Result};
+
+/// Most loader worker threads (a larger count is refused, not attempted).
+pub const MAX_WORKERS: usize = 256;
+
+/// Most images in a row that [`BadImages::Skip`] replaces before the batch fails.
+pub const MAX_CONSECUTIVE_BAD: usize = 64;
 
 /// One batch, `f32` NCHW.
 #[derive(Clone, Debug, PartialEq)]
@@ -80,7 +97,7 @@ fn build_pool(workers: usize) -> Result<rayon::ThreadPool> {
 /// worker pool are shared).
 #[derive(Clone, Debug)]
 pub struct Loader {
-    dataset: Arc<Dataset>,
+    dataset: Source,
     aug_q: Arc<Augment>,
     aug_k: Option<Arc<Augment>>,
     batch_size: usize,
@@ -98,20 +115,28 @@ impl Loader {
     /// A training loader: two views per image (both with `augment`), shuffled every epoch,
     /// last partial batch dropped; 2 workers, 4 batches of prefetch.
     pub fn train(
-        dataset: Arc<Dataset>,
+        dataset: impl Into<Source>,
         augment: Augment,
         batch_size: usize,
         seed: u64,
     ) -> Result<Loader> {
         let k = Arc::new(augment);
-        Self::new(dataset, k.clone(), Some(k), batch_size, seed, true, true)
+        Self::new(
+            dataset.into(),
+            k.clone(),
+            Some(k),
+            batch_size,
+            seed,
+            true,
+            true,
+        )
     }
 
     /// An evaluation loader: one view per image (`augment`, typically [`Augment::eval`]), in
     /// dataset order, last partial batch kept.
-    pub fn eval(dataset: Arc<Dataset>, augment: Augment, batch_size: usize) -> Result<Loader> {
+    pub fn eval(dataset: impl Into<Source>, augment: Augment, batch_size: usize) -> Result<Loader> {
         Self::new(
-            dataset,
+            dataset.into(),
             Arc::new(augment),
             None,
             batch_size,
@@ -124,7 +149,7 @@ impl Loader {
     /// The general constructor: query augmentation, optional key augmentation (two views
     /// when present), shuffling, dropping of the last partial batch.
     pub fn new(
-        dataset: Arc<Dataset>,
+        dataset: Source,
         aug_q: Arc<Augment>,
         aug_k: Option<Arc<Augment>>,
         batch_size: usize,
@@ -138,12 +163,12 @@ impl Loader {
         dataset.validate()?;
         for a in std::iter::once(&aug_q).chain(aug_k.as_ref()) {
             a.validate()?;
-            if a.mean.len() != dataset.channels {
+            if a.mean.len() != dataset.channels() {
                 return Err(Error::invalid(format!(
                     "augmentation normalizes {} channels but {} has {}",
                     a.mean.len(),
-                    dataset.name,
-                    dataset.channels
+                    dataset.name(),
+                    dataset.channels()
                 )));
             }
         }
@@ -171,7 +196,7 @@ impl Loader {
         if l.steps_per_epoch() == 0 {
             return Err(Error::invalid(format!(
                 "{} has {} images, fewer than one batch of {}{}",
-                l.dataset.name,
+                l.dataset.name(),
                 l.dataset.len(),
                 batch_size,
                 if drop_last {
@@ -186,8 +211,10 @@ impl Loader {
 
     /// Sets the number of worker threads (>= 1). Output does not depend on it.
     pub fn workers(mut self, workers: usize) -> Result<Loader> {
-        if workers == 0 {
-            return Err(Error::invalid("the loader needs at least 1 worker"));
+        if workers == 0 || workers > MAX_WORKERS {
+            return Err(Error::invalid(format!(
+                "the loader takes 1 to {MAX_WORKERS} workers, not {workers}"
+            )));
         }
         self.pool = Arc::new(build_pool(workers)?);
         self.workers = workers;
@@ -225,8 +252,8 @@ impl Loader {
         Ok(self)
     }
 
-    /// The data set.
-    pub fn dataset(&self) -> &Arc<Dataset> {
+    /// The images this loader draws from.
+    pub fn source(&self) -> &Source {
         &self.dataset
     }
 
@@ -238,7 +265,7 @@ impl Loader {
 
     /// Output view shape `(c, h, w)`.
     pub fn view_shape(&self) -> (usize, usize, usize) {
-        (self.dataset.channels, self.aug_q.size, self.aug_q.size)
+        (self.dataset.channels(), self.aug_q.size, self.aug_q.size)
     }
 
     /// Batches per epoch.
@@ -285,35 +312,40 @@ impl Loader {
         let n = indices.len();
         let (c, h, w) = self.view_shape();
         let per = c * h * w;
-        let ds = &*self.dataset;
         let mut x_q = vec![0.0f32; n * per];
         let mut x_k = vec![0.0f32; if self.aug_k.is_some() { n * per } else { 0 }];
-        let work = |(j, q): (usize, &mut [f32]), k: Option<&mut [f32]>| -> Result<()> {
+        let mut used = indices.clone();
+        let work = |((j, q), k): ((usize, &mut [f32]), Option<&mut [f32]>),
+                    slot: &mut usize|
+         -> Result<()> {
             let i = indices[j];
             let mut rng = sample_rng(self.seed, epoch, i);
-            let img = ds.image(i);
-            self.aug_q
-                .apply(img, ds.channels, ds.height, ds.width, &mut rng, q)?;
+            let (got, img) = self.load_or_replace(i)?;
+            *slot = got;
+            self.aug_q.apply_image(&img, &mut rng, q)?;
             if let (Some(a), Some(k)) = (&self.aug_k, k) {
-                a.apply(img, ds.channels, ds.height, ds.width, &mut rng, k)?;
+                a.apply_image(&img, &mut rng, k)?;
             }
             Ok(())
         };
         if self.aug_k.is_some() {
             x_q.par_chunks_mut(per)
                 .zip(x_k.par_chunks_mut(per))
+                .zip(used.par_iter_mut())
                 .enumerate()
-                .try_for_each(|(j, (q, k))| work((j, q), Some(k)))?;
+                .try_for_each(|(j, ((q, k), slot))| work(((j, q), Some(k)), slot))?;
         } else {
             x_q.par_chunks_mut(per)
+                .zip(used.par_iter_mut())
                 .enumerate()
-                .try_for_each(|jq| work(jq, None))?;
+                .try_for_each(|(j, (q, slot))| work(((j, q), None), slot))?;
         }
+        let labels = self.dataset.labels();
         Ok(Batch {
             x_q,
             x_k,
-            labels: indices.iter().map(|&i| ds.labels[i]).collect(),
-            indices,
+            labels: used.iter().map(|&i| labels[i]).collect(),
+            indices: used,
             n,
             c,
             h,
@@ -321,6 +353,33 @@ impl Loader {
             epoch,
             step,
         })
+    }
+
+    /// Image `i`, or under [`BadImages::Skip`] the first of `i + 1, i + 2, ...` (wrapping)
+    /// that loads when it does not; returns the index used. Every replaced image is noted
+    /// in the source's skip log.
+    fn load_or_replace(&self, i: usize) -> Result<(usize, Image<'_>)> {
+        let len = self.dataset.len();
+        let mut first_err = None;
+        for t in 0..=MAX_CONSECUTIVE_BAD.min(len.saturating_sub(1)) {
+            let at = (i + t) % len;
+            match self.dataset.load(at) {
+                Ok(img) => return Ok((at, img)),
+                Err(e) if self.dataset.bad_images() == BadImages::Skip => {
+                    if let Source::Folder(f) = &self.dataset {
+                        f.note_skip(&e);
+                    }
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Other(format!(
+            "{}: {} images in a row from position {i} could not be read or decoded (first: {}); is the data still there?",
+            self.dataset.name(),
+            MAX_CONSECUTIVE_BAD.min(len),
+            first_err.map(|e| e.to_string()).unwrap_or_default()
+        )))
     }
 
     /// All batches of `epoch`, prefetched in the background.

@@ -7,13 +7,15 @@
 //!   KMNIST), [`cifar`] (CIFAR-10/100 binary), [`folder`] (one subfolder per class, JPEG/PNG).
 //!   [`open_dataset`] picks one by name.
 //! * [`augment`]: the MoCo v1 / v2 / CIFAR augmentations and the plain eval transform.
+//! * [`source`]: what a loader draws from: a [`Dataset`] in memory, or an image folder
+//!   indexed and decoded per sample ([`folder::FolderIndex`]), photos at their own size.
 //! * [`loader`]: shuffled, seeded, prefetched batches of two views (training) or one (eval).
 //!
 //! ```
 //! use moco::data::{open_dataset, augment::Augment, loader::Loader};
 //! let train = open_dataset("synthetic", None, true, 32, 0).unwrap();
 //! let aug = Augment::v2(32, &train.mean, &train.std).unwrap();
-//! let loader = Loader::train(train.into(), aug, 64, 7).unwrap();
+//! let loader = Loader::train(train, aug, 64, 7).unwrap();
 //! let batch = loader.epoch(0).next().unwrap();
 //! assert_eq!((batch.n, batch.c, batch.h, batch.w), (64, 3, 32, 32));
 //! assert_eq!(batch.x_q.len(), 64 * 3 * 32 * 32);
@@ -29,10 +31,12 @@ pub mod folder;
 pub mod idx;
 pub mod jpeg;
 pub mod loader;
+pub mod source;
 pub mod synthetic;
 
 pub use augment::Augment;
 pub use loader::{Batch, Loader};
+pub use source::{Image, Layout, Source};
 
 /// Labelled images in memory.
 ///
@@ -310,16 +314,32 @@ pub struct DataSpec {
 }
 
 impl DataSpec {
-    /// Loads the training (`train = true`) or test split.
-    pub fn open(&self, train: bool) -> Result<Dataset> {
-        let path = || {
-            self.path.as_deref().ok_or_else(|| {
-                Error::invalid(format!(
-                    "data set {} needs a path (--data-path DIR)",
-                    self.kind
-                ))
-            })
-        };
+    /// The training (`train = true`) or test split as a loader [`Source`]: image folders
+    /// are indexed and streamed ([`folder::FolderIndex`]: files named like images that are
+    /// not readable files are reported, or are errors under `--bad-images error`), the
+    /// other kinds are loaded into memory ([`DataSpec::open_memory`]).
+    pub fn open(&self, train: bool) -> Result<Source> {
+        if self.kind != DatasetKind::Folder {
+            return Ok(self.open_memory(train)?.into());
+        }
+        let (index, skipped) =
+            folder::FolderIndex::open(self.need_path()?, train, self.bad_images)?;
+        report_skipped(&skipped, index.len(), index.name(), "could not be used");
+        Ok(index.into())
+    }
+
+    fn need_path(&self) -> Result<&Path> {
+        self.path.as_deref().ok_or_else(|| {
+            Error::invalid(format!(
+                "data set {} needs a path (--data-path DIR)",
+                self.kind
+            ))
+        })
+    }
+
+    /// Loads the training (`train = true`) or test split into memory: an image folder is
+    /// decoded whole at `image_size` squares ([`folder::load_report`], for small folders).
+    pub fn open_memory(&self, train: bool) -> Result<Dataset> {
         match self.kind {
             DatasetKind::Synthetic => {
                 let cfg = synthetic::SyntheticConfig {
@@ -329,34 +349,25 @@ impl DataSpec {
                 };
                 cfg.generate(train)
             }
-            DatasetKind::Idx => idx::load_dir(path()?, train),
-            DatasetKind::Cifar10 => cifar::load_cifar10(path()?, train),
-            DatasetKind::Cifar100 => cifar::load_cifar100(path()?, train),
+            DatasetKind::Idx => idx::load_dir(self.need_path()?, train),
+            DatasetKind::Cifar10 => cifar::load_cifar10(self.need_path()?, train),
+            DatasetKind::Cifar100 => cifar::load_cifar100(self.need_path()?, train),
             DatasetKind::Folder => {
-                let (ds, skipped) =
-                    folder::load_report(path()?, train, self.image_size, self.bad_images)?;
-                if !skipped.is_empty() {
-                    for s in skipped.iter().take(20) {
-                        eprintln!("moco: skipped {}", s.error);
-                    }
-                    if skipped.len() > 20 {
-                        eprintln!("moco: ... and {} more", skipped.len() - 20);
-                    }
-                    eprintln!(
-                        "moco: skipped {} of {} images of {} that could not be decoded (--bad-images skip)",
-                        skipped.len(),
-                        skipped.len() + ds.len(),
-                        ds.name
-                    );
-                }
+                let (ds, skipped) = folder::load_report(
+                    self.need_path()?,
+                    train,
+                    self.image_size,
+                    self.bad_images,
+                )?;
+                report_skipped(&skipped, ds.len(), &ds.name, "could not be decoded");
                 Ok(ds)
             }
         }
     }
 
-    /// Loads the training and the test split and checks that they agree
-    /// ([`check_splits`]).
-    pub fn open_splits(&self) -> Result<(Dataset, Dataset)> {
+    /// Opens the training and the test split ([`DataSpec::open`]) and checks that they
+    /// agree ([`check_splits`]).
+    pub fn open_splits(&self) -> Result<(Source, Source)> {
         let train = self.open(true)?;
         let test = self.open(false)?;
         check_splits(&train, &test).map_err(|e| match (&self.path, e) {
@@ -367,28 +378,54 @@ impl DataSpec {
     }
 }
 
-/// Checks that a test split can be evaluated against a training split: the same image
-/// shape, and labels within the training split's classes.
-pub fn check_splits(train: &Dataset, test: &Dataset) -> Result<()> {
-    let (a, b) = (
-        (train.channels, train.height, train.width),
-        (test.channels, test.height, test.width),
+/// Prints each skipped file (the first 20) and their count to stderr.
+fn report_skipped(skipped: &[folder::Skipped], kept: usize, name: &str, why: &str) {
+    if skipped.is_empty() {
+        return;
+    }
+    for s in skipped.iter().take(20) {
+        eprintln!("moco: skipped {}", s.error);
+    }
+    if skipped.len() > 20 {
+        eprintln!("moco: ... and {} more", skipped.len() - 20);
+    }
+    eprintln!(
+        "moco: skipped {} of {} images of {name} that {why} (--bad-images skip)",
+        skipped.len(),
+        skipped.len() + kept,
     );
+}
+
+/// Checks that a test split can be evaluated against a training split: the same channels
+/// (and, for in-memory sets, the same image size), and labels within the training split's
+/// classes.
+pub fn check_splits(train: &Source, test: &Source) -> Result<()> {
+    let shape = |s: &Source| (s.channels(), s.fixed_size());
+    let (a, b) = (shape(train), shape(test));
     if a != b {
+        let show = |(c, hw): (usize, Option<(usize, usize)>)| match hw {
+            Some((h, w)) => format!("{c}x{h}x{w}"),
+            None => format!("{c}-channel photos"),
+        };
         return Err(Error::invalid(format!(
-            "{}: test images are {}x{}x{} (channels x height x width) but the training images ({}) are {}x{}x{}; both splits must have one shape",
-            test.name, b.0, b.1, b.2, train.name, a.0, a.1, a.2
+            "{}: test images are {} (channels x height x width) but the training images ({}) are {}; both splits must have one shape",
+            test.name(),
+            show(b),
+            train.name(),
+            show(a)
         )));
     }
     if let Some((i, &l)) = test
-        .labels
+        .labels()
         .iter()
         .enumerate()
-        .find(|(_, &l)| l as usize >= train.num_classes)
+        .find(|(_, &l)| l as usize >= train.num_classes())
     {
         return Err(Error::invalid(format!(
             "{}: label {l} of test image {i} is not one of the {} classes of the training split ({}); the splits must share their classes",
-            test.name, train.num_classes, train.name
+            test.name(),
+            train.num_classes(),
+            train.name()
         )));
     }
     Ok(())
@@ -419,7 +456,7 @@ pub fn open_dataset(
         seed,
         bad_images: folder::BadImages::Error,
     }
-    .open(train)
+    .open_memory(train)
 }
 
 /// Shorthand for a malformed-file error.

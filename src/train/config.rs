@@ -429,8 +429,12 @@ impl TrainConfig {
         if self.knn_k == 0 || !(self.knn_t.is_finite() && self.knn_t > 0.0) {
             return err("--knn-k must be >= 1 and --knn-t > 0".into());
         }
-        if self.workers == 0 {
-            return err("--workers must be >= 1".into());
+        if self.workers == 0 || self.workers > crate::data::loader::MAX_WORKERS {
+            return err(format!(
+                "--workers must be in 1..={}, not {}",
+                crate::data::loader::MAX_WORKERS,
+                self.workers
+            ));
         }
         Ok(())
     }

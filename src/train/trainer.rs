@@ -3,14 +3,13 @@
 //! checkpoints of a run directory.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::data::synthetic::SyntheticConfig;
-use crate::data::{augment::Preset, Augment, Batch, DataSpec, Dataset, DatasetKind, Loader};
+use crate::data::{augment::Preset, Augment, Batch, DataSpec, DatasetKind, Loader, Source};
 use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::model::{Encoder, InputShape};
@@ -78,8 +77,8 @@ pub struct Trainer<B: Backend> {
     be: B,
     moco: Moco<B>,
     loader: Loader,
-    train_set: Arc<Dataset>,
-    test_set: Arc<Dataset>,
+    train_set: Source,
+    test_set: Source,
     eval_aug: Augment,
     epoch: usize,
     step_in_epoch: usize,
@@ -125,25 +124,27 @@ impl<B: Backend> Trainer<B> {
             memory::estimate(&cfg, 1, 0, 0, 0)?
         };
         memory::check_fits(&pre, memory::host_available_bytes(), device_free)?;
-        let cut = |ds: Dataset, limit: usize| if limit > 0 { ds.truncate(limit) } else { ds };
-        let (train, test) = if spec.kind == DatasetKind::Synthetic {
+        let (train, test): (Source, Source) = if spec.kind == DatasetKind::Synthetic {
             // Only the images that will be used are drawn (image i is the same either way).
             let s = SyntheticConfig {
                 train_len: limited(synth.train_len, cfg.train_limit),
                 test_len: limited(synth.test_len, cfg.test_limit),
                 ..synth.clone()
             };
-            (s.generate(true)?, s.generate(false)?)
+            (s.generate(true)?.into(), s.generate(false)?.into())
         } else {
             let (train, test) = spec.open_splits()?;
-            (cut(train, cfg.train_limit), cut(test, cfg.test_limit))
+            (
+                train.truncate(cfg.train_limit),
+                test.truncate(cfg.test_limit),
+            )
         };
         let post = memory::estimate(
             &cfg,
-            train.channels,
+            train.channels(),
             train.len() as u64,
             test.len() as u64,
-            0, // already in memory
+            0, // in memory already, or streamed
         )?;
         memory::check_fits(&post, memory::host_available_bytes(), device_free)?;
         if train.len() < cfg.batch_size {
@@ -156,24 +157,29 @@ impl<B: Backend> Trainer<B> {
         // Every split is normalized with the training split's statistics, which the reader
         // set (published constants for CIFAR and ImageNet-style folders, the data's own
         // otherwise).
-        let (mean, std) = (train.mean.clone(), train.std.clone());
+        let (mean, std) = (train.mean().to_vec(), train.std().to_vec());
         let preset: Preset = cfg.augment;
         let mut aug = Augment::preset(preset, cfg.image_size, &mean, &std)?;
         if let Some(min) = cfg.crop_scale {
             aug = aug.with_crop_scale(min)?;
         }
-        let eval_aug = Augment::eval(cfg.image_size, &mean, &std)?;
-        let train = Arc::new(train);
+        // Photos of any size: torchvision's Resize(256) + CenterCrop(224), scaled; in-memory
+        // sets are stored at the view size already: the whole image.
+        let eval_aug = if train.streamed() {
+            Augment::eval_photo(cfg.image_size, &mean, &std)?
+        } else {
+            Augment::eval(cfg.image_size, &mean, &std)?
+        };
         let loader =
             Loader::train(train.clone(), aug, cfg.batch_size, cfg.seed)?.workers(cfg.workers)?;
-        let moco = Moco::new(&cfg, be.clone(), train.channels, loader.steps_per_epoch())?;
+        let moco = Moco::new(&cfg, be.clone(), train.channels(), loader.steps_per_epoch())?;
         Ok(Trainer {
             cfg,
             be,
             moco,
             loader,
             train_set: train,
-            test_set: Arc::new(test),
+            test_set: test,
             eval_aug,
             epoch: 0,
             step_in_epoch: 0,
@@ -424,7 +430,7 @@ impl<B: Backend> Trainer<B> {
     /// Backbone features (N x D, inference mode) of every image of `ds`, in order. In a
     /// distributed run the batches are dealt round-robin over the ranks and the features
     /// gathered, so every rank returns all of them.
-    pub fn features(&mut self, ds: &Arc<Dataset>) -> Result<(Vec<f32>, Vec<u32>)> {
+    pub fn features(&mut self, ds: &Source) -> Result<(Vec<f32>, Vec<u32>)> {
         let loader = Loader::eval(ds.clone(), self.eval_aug.clone(), EVAL_BATCH)?
             .workers(self.cfg.workers)?;
         if self.comm.is_some() {
@@ -448,7 +454,7 @@ impl<B: Backend> Trainer<B> {
     /// `r + world`, ...; each round's blocks are gathered.
     fn features_distributed(
         &mut self,
-        ds: &Arc<Dataset>,
+        ds: &Source,
         loader: &Loader,
     ) -> Result<(Vec<f32>, Vec<u32>)> {
         let dim = self.moco.encoder_q().feature_dim();
@@ -481,7 +487,7 @@ impl<B: Backend> Trainer<B> {
                 }
             }
         }
-        Ok((out, ds.labels.clone()))
+        Ok((out, ds.labels().to_vec()))
     }
 
     /// Backbone features and labels of the training split (inference mode, no augmentation).
@@ -494,9 +500,29 @@ impl<B: Backend> Trainer<B> {
         self.features(&self.test_set.clone())
     }
 
+    /// The images of the training and test splits that could not be read or decoded so far
+    /// and were replaced (`--bad-images skip`; see [`crate::data::folder::SkipLog`]), or
+    /// `None` for in-memory data.
+    pub fn skip_log(&self) -> Option<crate::data::folder::SkipLog> {
+        let mut out = None::<crate::data::folder::SkipLog>;
+        for s in [&self.train_set, &self.test_set] {
+            if let Source::Folder(f) = s {
+                let l = f.skip_log();
+                let o = out.get_or_insert_with(Default::default);
+                o.count += l.count;
+                for e in l.first {
+                    if o.first.len() < crate::data::folder::SkipLog::KEEP {
+                        o.first.push(e);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Number of classes of the data set.
     pub fn num_classes(&self) -> usize {
-        self.train_set.num_classes
+        self.train_set.num_classes()
     }
 
     /// The kNN monitor: training-set features as the bank, weighted kNN (k, t from the
@@ -513,7 +539,7 @@ impl<B: Backend> Trainer<B> {
             dim,
             self.cfg.knn_k,
             self.cfg.knn_t,
-            self.train_set.num_classes,
+            self.train_set.num_classes(),
         )
     }
 
