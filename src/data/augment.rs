@@ -849,39 +849,44 @@ pub fn resample(
     );
     let xs = resize_taps_range(rw, full.1, offset.1..offset.1 + ow);
     let ys = resize_taps_range(rh, full.0, offset.0..offset.0 + oh);
-    // Rows of the region the vertical taps read.
-    let y_lo = ys.iter().map(|t| t.0).min().unwrap_or(0);
-    let y_hi = ys.iter().map(|(y0, wy)| y0 + wy.len()).max().unwrap_or(0);
+    // Columns of the region the horizontal taps read.
+    let x_lo = xs.iter().map(|t| t.0).min().unwrap_or(0);
+    let x_hi = xs.iter().map(|(x0, wx)| x0 + wx.len()).max().unwrap_or(0);
     let (cs, ystride, xstride) = img.strides();
     let src = &img.pixels[..];
     const INV: f32 = 1.0 / 255.0;
-    // Horizontal pass of the region's rows (in [0, 1]), then the vertical pass.
-    let mut tmp = vec![0.0f32; (y_hi - y_lo) * ow];
-    for ch in 0..c {
-        for y in y_lo..y_hi {
-            let base = ch * cs + (top + y) * ystride + left * xstride;
-            for (t, (x0, wx)) in tmp[(y - y_lo) * ow..(y - y_lo + 1) * ow]
-                .iter_mut()
-                .zip(&xs)
-            {
-                let mut acc = 0.0f32;
-                let mut p = base + x0 * xstride;
-                for &wk in wx {
-                    acc += wk * (src[p] as f32 * INV);
-                    p += xstride;
-                }
-                *t = acc;
-            }
-        }
-        let o = &mut out[ch * oh * ow..(ch + 1) * oh * ow];
+    // Rows are contiguous runs of `lanes` interleaved channels: one plane of `c` lanes
+    // (HWC) or `c` planes of one lane (CHW).
+    let (planes, lanes) = match img.layout {
+        Layout::Hwc => (1, c),
+        Layout::Chw => (c, 1),
+    };
+    let run = (x_hi - x_lo) * lanes;
+    // Vertical pass first, over contiguous source rows (it vectorizes, and a downscale
+    // does most of its work here), into one row of the region's columns; then the
+    // horizontal pass of that row into each channel's output row.
+    let mut tmp = vec![0.0f32; run];
+    for p in 0..planes {
         for (y, (y0, wy)) in ys.iter().enumerate() {
-            let orow = &mut o[y * ow..(y + 1) * ow];
-            orow.iter_mut().for_each(|v| *v = 0.0);
+            tmp.iter_mut().for_each(|v| *v = 0.0);
             for (k, &wk) in wy.iter().enumerate() {
-                let r = y0 + k - y_lo;
-                let trow = &tmp[r * ow..(r + 1) * ow];
-                for (ov, &tv) in orow.iter_mut().zip(trow) {
-                    *ov += wk * tv;
+                let start = p * cs + (top + y0 + k) * ystride + (left + x_lo) * xstride;
+                let wk = wk * INV;
+                for (t, &v) in tmp.iter_mut().zip(&src[start..start + run]) {
+                    *t += wk * v as f32;
+                }
+            }
+            for l in 0..lanes {
+                let ch = p + l;
+                let orow = &mut out[(ch * oh + y) * ow..(ch * oh + y + 1) * ow];
+                for (o, (x0, wx)) in orow.iter_mut().zip(&xs) {
+                    let mut acc = 0.0f32;
+                    let mut q = (x0 - x_lo) * lanes + l;
+                    for &wk in wx {
+                        acc += wk * tmp[q];
+                        q += lanes;
+                    }
+                    *o = acc;
                 }
             }
         }
@@ -974,12 +979,26 @@ pub fn adjust_hue(img: &mut [f32], c: usize, h: usize, w: usize, shift: f32) {
         } else {
             4.0 + gc - rc
         };
-        let hue = ((hh / 6.0 + 1.0) % 1.0 + shift).rem_euclid(1.0);
+        // `((hh / 6 + 1) % 1 + shift) mod 1` without fmod: `hh / 6 + 1` is in [5/6, 11/6]
+        // and the shifted hue in [-0.5, 1.5), so one exact subtraction or addition each
+        // gives the same value as Python's `%`.
+        let mut hue = hh / 6.0 + 1.0;
+        if hue >= 1.0 {
+            hue -= 1.0;
+        }
+        hue += shift;
+        if hue < 0.0 {
+            hue += 1.0;
+        } else if hue >= 1.0 {
+            hue -= 1.0;
+        }
         let v = maxc;
         let h6 = hue * 6.0;
-        let fi = h6.floor();
-        let f = h6 - fi;
-        let sector = (fi as i32).rem_euclid(6);
+        // h6 is in [0, 6]: truncation is the floor, and 6 (a hue rounded up to 1) is
+        // sector 0.
+        let fi = h6 as i32;
+        let f = h6 - fi as f32;
+        let sector = if fi >= 6 { fi - 6 } else { fi };
         let p = (v * (1.0 - s)).clamp(0.0, 1.0);
         let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
         let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
@@ -1046,6 +1065,15 @@ pub fn gaussian_blur(
         .collect();
     let sum: f32 = kern.iter().sum();
     kern.iter_mut().for_each(|k| *k /= sum);
+    // Taps below 2^-26 (symmetric, at both ends) change no sum of values in [0, 1] by
+    // more than a quarter of f32's rounding step at 1: drop them (a sigma of 0.1 leaves 1
+    // tap of 23, 1.0 leaves 11, 2.0 all 23).
+    let mut half = half;
+    while half > 0 && kern[0] < 1.0 / (1u32 << 26) as f32 {
+        kern.pop();
+        kern.remove(0);
+        half -= 1;
+    }
     let hu = half as usize;
     // scratch = [horizontal result h*w | padded row w + 2 half]
     scratch.clear();

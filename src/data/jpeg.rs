@@ -20,14 +20,21 @@
 //! shortest DC code): a 373-byte progressive file declaring 5391 x 7681 pixels, which
 //! the decoder pads into a 41-megapixel image in seconds, is an error.
 
-/// One Huffman table: canonical codes by length, as in the JPEG standard (annex C).
-#[derive(Clone, Default)]
+/// Bits of a lookahead table entry: codes of up to this many bits decode in one step.
+const LOOKAHEAD: u32 = 9;
+
+/// One Huffman table: canonical codes by length, as in the JPEG standard (annex C), plus a
+/// [`LOOKAHEAD`]-bit table that decodes the short (common) codes with one lookup.
+#[derive(Clone)]
 struct Huffman {
     /// Largest code of each length 1..=16 (index = length), or -1 when there is none.
     maxcode: [i32; 17],
     /// Index into `values` of the first code of each length, minus that code.
     valptr: [i32; 17],
     values: Vec<u8>,
+    /// For every `LOOKAHEAD`-bit prefix: `(length << 8) | value` of the code it starts
+    /// with, or 0 when that code is longer (or the prefix starts no code).
+    fast: Box<[u16; 1 << LOOKAHEAD]>,
 }
 
 impl Huffman {
@@ -36,12 +43,22 @@ impl Huffman {
             maxcode: [-1; 17],
             valptr: [0; 17],
             values: values.to_vec(),
+            fast: Box::new([0; 1 << LOOKAHEAD]),
         };
         let (mut code, mut k) = (0i32, 0usize);
         for len in 1..=16 {
             let n = counts[len - 1] as usize;
             if n > 0 {
                 h.valptr[len] = k as i32 - code;
+                if len as u32 <= LOOKAHEAD {
+                    for (c, &v) in (code..code + n as i32).zip(values.get(k..k + n).unwrap_or(&[]))
+                    {
+                        // Every prefix that starts with this code decodes to it.
+                        let shift = LOOKAHEAD - len as u32;
+                        let first = (c as usize) << shift;
+                        h.fast[first..first + (1 << shift)].fill(((len as u16) << 8) | v as u16);
+                    }
+                }
                 code += n as i32;
                 k += n;
                 h.maxcode[len] = code - 1;
@@ -54,11 +71,18 @@ impl Huffman {
         Ok(h)
     }
 
+    #[inline]
     fn decode(&self, bits: &mut Bits) -> Result<u8, String> {
-        let mut code = 0i32;
-        for len in 1..=16 {
-            code = (code << 1) | bits.bit()? as i32;
+        let ahead = bits.peek16();
+        let e = self.fast[(ahead >> (16 - LOOKAHEAD)) as usize];
+        if e != 0 {
+            bits.consume((e >> 8) as u32)?;
+            return Ok(e as u8);
+        }
+        for len in LOOKAHEAD as usize + 1..=16 {
+            let code = (ahead >> (16 - len)) as i32;
             if code <= self.maxcode[len] {
+                bits.consume(len as u32)?;
                 let i = (self.valptr[len] + code) as usize;
                 return self
                     .values
@@ -67,42 +91,92 @@ impl Huffman {
                     .ok_or_else(|| "corrupt: Huffman code beyond its table".into());
             }
         }
+        // Codes of every length were compared: no code starts with these bits. Past the
+        // end of the data the missing bits read as zeros; say which it is.
+        bits.consume(16)?;
         Err("corrupt: invalid Huffman code in the image data".into())
     }
 }
 
-/// Bits of one restart interval's entropy-coded data (byte stuffing already removed).
+/// Bits of one restart interval's entropy-coded data (byte stuffing already removed), read
+/// MSB first through a 64-bit buffer. Reads past the end see zero bits, and consuming them
+/// is an error.
 struct Bits<'a> {
     data: &'a [u8],
+    /// Next byte of `data` to load into `acc`.
     pos: usize,
-    bit: u8,
+    /// Buffered bits, left-aligned.
+    acc: u64,
+    /// Valid bits in `acc` (zero padding past the end counts as valid).
+    n: u32,
+    /// Bits consumed so far.
+    used: usize,
 }
 
-impl Bits<'_> {
-    fn bit(&mut self) -> Result<u32, String> {
-        let byte = *self
-            .data
-            .get(self.pos)
-            .ok_or("corrupt or truncated: the image data ends before its last block")?;
-        let b = (byte >> (7 - self.bit)) & 1;
-        self.bit += 1;
-        if self.bit == 8 {
-            self.bit = 0;
-            self.pos += 1;
+impl<'a> Bits<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Bits {
+            data,
+            pos: 0,
+            acc: 0,
+            n: 0,
+            used: 0,
         }
-        Ok(b as u32)
     }
 
-    fn skip(&mut self, n: u32) -> Result<(), String> {
-        for _ in 0..n {
-            self.bit()?;
+    /// Loads bytes until at least 57 bits are buffered (zeros past the end).
+    #[inline]
+    fn refill(&mut self) {
+        if let Some(word) = self.data.get(self.pos..self.pos + 8) {
+            // Fast path: one 8-byte load, keep the whole bytes that fit (n < 64 here).
+            let word = u64::from_be_bytes(word.try_into().expect("8 bytes"));
+            let take = (64 - self.n) / 8;
+            let keep = self.n + take * 8;
+            let mask = if keep >= 64 {
+                u64::MAX
+            } else {
+                !(u64::MAX >> keep)
+            };
+            self.acc = (self.acc | (word >> self.n)) & mask;
+            self.pos += take as usize;
+            self.n = keep;
+        } else {
+            while self.n <= 56 {
+                let b = self.data.get(self.pos).copied().unwrap_or(0);
+                self.acc |= (b as u64) << (56 - self.n);
+                self.pos += 1;
+                self.n += 8;
+            }
+        }
+    }
+
+    /// The next 16 bits (zeros past the end), not consumed.
+    #[inline(always)]
+    fn peek16(&mut self) -> u32 {
+        if self.n < 16 {
+            self.refill();
+        }
+        (self.acc >> 48) as u32
+    }
+
+    /// Consumes `k <= 32` bits; an error when that goes past the end of the data.
+    #[inline(always)]
+    fn consume(&mut self, k: u32) -> Result<(), String> {
+        if self.n < k {
+            self.refill();
+        }
+        self.acc <<= k;
+        self.n -= k;
+        self.used += k as usize;
+        if self.used > self.data.len() * 8 {
+            return Err("corrupt or truncated: the image data ends before its last block".into());
         }
         Ok(())
     }
 
     /// Bits left after the last block.
     fn left(&self) -> usize {
-        (self.data.len() - self.pos) * 8 - self.bit as usize
+        self.data.len() * 8 - self.used
     }
 }
 
@@ -374,8 +448,17 @@ fn check_scan(
     let mut intervals: Vec<Vec<u8>> = vec![Vec::new()];
     let mut j = 0;
     while j < data.len() {
-        let b = data[j];
-        if b == 0xFF {
+        // Copy the run up to the next 0xFF in one go.
+        let run = data[j..]
+            .iter()
+            .position(|&b| b == 0xFF)
+            .unwrap_or(data.len() - j);
+        intervals
+            .last_mut()
+            .expect("one")
+            .extend_from_slice(&data[j..j + run]);
+        j += run;
+        if j < data.len() {
             match data.get(j + 1) {
                 Some(0x00) => {
                     intervals.last_mut().expect("one").push(0xFF);
@@ -387,9 +470,6 @@ fn check_scan(
                 }
                 _ => j += 1, // fill byte
             }
-        } else {
-            intervals.last_mut().expect("one").push(b);
-            j += 1;
         }
     }
     if intervals.len() > 1 && intervals.last().is_some_and(|v| v.is_empty()) {
@@ -407,11 +487,7 @@ fn check_scan(
     for data in &intervals {
         let count = left.min(per);
         left -= count;
-        let mut bits = Bits {
-            data,
-            pos: 0,
-            bit: 0,
-        };
+        let mut bits = Bits::new(data);
         for _ in 0..count {
             for (k, (_, d, a)) in comps.iter().enumerate() {
                 for _ in 0..blocks[k] {
@@ -419,7 +495,7 @@ fn check_scan(
                     if s > f.max_dc {
                         return Err(format!("corrupt: DC coefficient category {s}"));
                     }
-                    bits.skip(s as u32)?;
+                    bits.consume(s as u32)?;
                     let mut z = 1;
                     while z < 64 {
                         let rs = a.decode(&mut bits)?;
@@ -438,7 +514,7 @@ fn check_scan(
                         if z > 63 || s > 10 + (f.max_dc - 11) as u32 {
                             return Err("corrupt: a block runs past 64 coefficients".into());
                         }
-                        bits.skip(s)?;
+                        bits.consume(s)?;
                         z += 1;
                     }
                 }
@@ -452,4 +528,80 @@ fn check_scan(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The standard luminance AC table (JPEG annex K.3): codes of 2 to 16 bits.
+    const AC_COUNTS: [u8; 16] = [0, 2, 1, 3, 3, 2, 4, 3, 5, 5, 4, 4, 0, 0, 1, 0x7d];
+
+    /// Canonical codes `(length, code)` of each value index, as annex C assigns them.
+    fn codes(counts: &[u8; 16]) -> Vec<(u32, u32)> {
+        let (mut out, mut code) = (Vec::new(), 0u32);
+        for (len, &n) in (1..=16).zip(counts) {
+            for _ in 0..n {
+                out.push((len, code));
+                code += 1;
+            }
+            code <<= 1;
+        }
+        out
+    }
+
+    /// Packs `(length, bits)` fields MSB first, padding the last byte with ones.
+    fn pack(fields: &[(u32, u32)]) -> Vec<u8> {
+        let (mut out, mut acc, mut n) = (Vec::new(), 0u64, 0u32);
+        for &(len, v) in fields {
+            acc = (acc << len) | v as u64;
+            n += len;
+            while n >= 8 {
+                out.push((acc >> (n - 8)) as u8);
+                n -= 8;
+            }
+        }
+        if n > 0 {
+            out.push(((acc << (8 - n)) as u8) | ((1u8 << (8 - n)) - 1));
+        }
+        out
+    }
+
+    /// The lookahead table and the slow path decode every code of a real table, mixed with
+    /// raw bits, exactly; reading past the data is an error, not a wrap or a panic.
+    #[test]
+    fn fast_huffman_decodes_every_code_and_stops_at_the_end() {
+        let n: usize = AC_COUNTS.iter().map(|&c| c as usize).sum();
+        let values: Vec<u8> = (0..n).map(|i| (i * 37 % 251) as u8).collect();
+        let table = Huffman::new(&AC_COUNTS, &values).unwrap();
+        let codes = codes(&AC_COUNTS);
+        let mut fields = Vec::new();
+        let mut want = Vec::new();
+        for round in 0..3u32 {
+            for (i, &(len, code)) in codes.iter().enumerate() {
+                let k = (i as u32 + round) % 12;
+                fields.push((len, code));
+                fields.push((k, (i as u32 * 2_654_435_761) & ((1 << k) - 1)));
+                want.push((values[i], k));
+            }
+        }
+        let data = pack(&fields);
+        let mut bits = Bits::new(&data);
+        for &(v, k) in &want {
+            assert_eq!(table.decode(&mut bits).unwrap(), v);
+            bits.consume(k).unwrap();
+        }
+        assert!(bits.left() < 8, "only the padding is left");
+        // Cut the data inside the last code: the decoder must say it ran out.
+        let cut = &data[..data.len() - 3];
+        let mut bits = Bits::new(cut);
+        let mut failed = false;
+        for &(_, k) in &want {
+            if table.decode(&mut bits).is_err() || bits.consume(k).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "a cut stream must not decode to the end");
+    }
 }
