@@ -876,6 +876,24 @@ pub fn resample(
                     *t += wk * v as f32;
                 }
             }
+            if lanes == 3 {
+                // Interleaved RGB: the three channels of a tap together.
+                let (o0, rest) = out[y * ow..].split_at_mut(oh * ow);
+                let (o1, o2) = rest.split_at_mut(oh * ow);
+                for (x, (x0, wx)) in xs.iter().enumerate() {
+                    let (mut a0, mut a1, mut a2) = (0.0f32, 0.0f32, 0.0f32);
+                    let px = &tmp[(x0 - x_lo) * 3..(x0 - x_lo + wx.len()) * 3];
+                    for (&wk, v) in wx.iter().zip(px.chunks_exact(3)) {
+                        a0 += wk * v[0];
+                        a1 += wk * v[1];
+                        a2 += wk * v[2];
+                    }
+                    o0[x] = a0;
+                    o1[x] = a1;
+                    o2[x] = a2;
+                }
+                continue;
+            }
             for l in 0..lanes {
                 let ch = p + l;
                 let orow = &mut out[(ch * oh + y) * ow..(ch * oh + y + 1) * ow];
@@ -947,12 +965,13 @@ pub fn adjust_saturation(img: &mut [f32], c: usize, h: usize, w: usize, f: f32) 
         return;
     }
     let plane = h * w;
-    for i in 0..plane {
-        let l = luma(img, plane, i);
-        for ch in 0..3 {
-            let v = &mut img[ch * plane + i];
-            *v = (f * *v + (1.0 - f) * l).clamp(0.0, 1.0);
-        }
+    let (rp, rest) = img[..3 * plane].split_at_mut(plane);
+    let (gp, bp) = rest.split_at_mut(plane);
+    for ((r, g), b) in rp.iter_mut().zip(gp.iter_mut()).zip(bp.iter_mut()) {
+        let l = (1.0 - f) * (0.2989 * *r + 0.587 * *g + 0.114 * *b);
+        *r = (f * *r + l).clamp(0.0, 1.0);
+        *g = (f * *g + l).clamp(0.0, 1.0);
+        *b = (f * *b + l).clamp(0.0, 1.0);
     }
 }
 
@@ -963,56 +982,66 @@ pub fn adjust_hue(img: &mut [f32], c: usize, h: usize, w: usize, shift: f32) {
         return;
     }
     let plane = h * w;
-    for i in 0..plane {
-        let (r, g, b) = (img[i], img[plane + i], img[2 * plane + i]);
-        let maxc = r.max(g).max(b);
-        let minc = r.min(g).min(b);
+    let (rp, rest) = img[..3 * plane].split_at_mut(plane);
+    let (gp, bp) = rest.split_at_mut(plane);
+    // Written with selects rather than branches, so that the loop vectorizes.
+    #[inline(always)]
+    fn sel(c: bool, a: f32, b: f32) -> f32 {
+        if c {
+            a
+        } else {
+            b
+        }
+    }
+    for ((r, g), b) in rp.iter_mut().zip(gp.iter_mut()).zip(bp.iter_mut()) {
+        let (rv, gv, bv) = (*r, *g, *b);
+        let maxc = rv.max(gv).max(bv);
+        let minc = rv.min(gv).min(bv);
         let eq = maxc == minc;
         let cr = maxc - minc;
-        let s = cr / if eq { 1.0 } else { maxc };
-        let div = if eq { 1.0 } else { cr };
-        let (rc, gc, bc) = ((maxc - r) / div, (maxc - g) / div, (maxc - b) / div);
-        let hh = if maxc == r {
-            bc - gc
-        } else if maxc == g {
-            2.0 + rc - bc
-        } else {
-            4.0 + gc - rc
-        };
+        let s = cr / sel(eq, 1.0, maxc);
+        let div = sel(eq, 1.0, cr);
+        let (rc, gc, bc) = ((maxc - rv) / div, (maxc - gv) / div, (maxc - bv) / div);
+        let hh = sel(
+            maxc == rv,
+            bc - gc,
+            sel(maxc == gv, 2.0 + rc - bc, 4.0 + gc - rc),
+        );
         // `((hh / 6 + 1) % 1 + shift) mod 1` without fmod: `hh / 6 + 1` is in [5/6, 11/6]
         // and the shifted hue in [-0.5, 1.5), so one exact subtraction or addition each
         // gives the same value as Python's `%`.
-        let mut hue = hh / 6.0 + 1.0;
-        if hue >= 1.0 {
-            hue -= 1.0;
-        }
-        hue += shift;
-        if hue < 0.0 {
-            hue += 1.0;
-        } else if hue >= 1.0 {
-            hue -= 1.0;
-        }
-        let v = maxc;
+        let hue = hh / 6.0 + 1.0;
+        let hue = sel(hue >= 1.0, hue - 1.0, hue) + shift;
+        let hue = sel(hue < 0.0, hue + 1.0, sel(hue >= 1.0, hue - 1.0, hue));
         let h6 = hue * 6.0;
-        // h6 is in [0, 6]: truncation is the floor, and 6 (a hue rounded up to 1) is
-        // sector 0.
-        let fi = h6 as i32;
-        let f = h6 - fi as f32;
-        let sector = if fi >= 6 { fi - 6 } else { fi };
+        // h6 is in [0, 6]: its floor by float arithmetic alone (adding and taking away
+        // 2^23 rounds to an integer; step back one where that rounded up), which keeps
+        // the loop vectorized; 6 (a hue rounded up to 1) is sector 0.
+        const BIG: f32 = 8_388_608.0;
+        let near = (h6 + BIG) - BIG;
+        let fi = sel(near > h6, near - 1.0, near);
+        let f = h6 - fi;
+        let sector = sel(fi >= 6.0, fi - 6.0, fi);
+        let v = maxc;
         let p = (v * (1.0 - s)).clamp(0.0, 1.0);
         let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
         let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
-        let (nr, ng, nb) = match sector {
-            0 => (v, t, p),
-            1 => (q, v, p),
-            2 => (p, v, t),
-            3 => (p, q, v),
-            4 => (t, p, v),
-            _ => (v, p, q),
-        };
-        img[i] = nr;
-        img[plane + i] = ng;
-        img[2 * plane + i] = nb;
+        // Sectors 0..=5: (v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q).
+        *r = sel(
+            (sector == 0.0) | (sector == 5.0),
+            v,
+            sel(sector == 1.0, q, sel(sector == 4.0, t, p)),
+        );
+        *g = sel(
+            (sector == 1.0) | (sector == 2.0),
+            v,
+            sel(sector == 0.0, t, sel(sector == 3.0, q, p)),
+        );
+        *b = sel(
+            (sector == 3.0) | (sector == 4.0),
+            v,
+            sel(sector == 2.0, t, sel(sector == 5.0, q, p)),
+        );
     }
 }
 

@@ -35,6 +35,10 @@ struct Huffman {
     /// For every `LOOKAHEAD`-bit prefix: `(length << 8) | value` of the code it starts
     /// with, or 0 when that code is longer (or the prefix starts no code).
     fast: Box<[u16; 1 << LOOKAHEAD]>,
+    /// For an AC table: for every `LOOKAHEAD`-bit prefix whose code and the coefficient
+    /// bits after it (`value & 15` of them) both fit in the prefix, their total length;
+    /// 0 otherwise. One lookup then decodes a whole coefficient.
+    fast_total: Box<[u8; 1 << LOOKAHEAD]>,
 }
 
 impl Huffman {
@@ -44,6 +48,7 @@ impl Huffman {
             valptr: [0; 17],
             values: values.to_vec(),
             fast: Box::new([0; 1 << LOOKAHEAD]),
+            fast_total: Box::new([0; 1 << LOOKAHEAD]),
         };
         let (mut code, mut k) = (0i32, 0usize);
         for len in 1..=16 {
@@ -68,7 +73,28 @@ impl Huffman {
             }
             code <<= 1;
         }
+        for (t, &e) in h.fast_total.iter_mut().zip(h.fast.iter()) {
+            let total = (e >> 8) + (e & 15);
+            if e != 0 && total <= LOOKAHEAD as u16 {
+                *t = total as u8;
+            }
+        }
         Ok(h)
+    }
+
+    /// Decodes one AC symbol `rs` and skips the `rs & 15` coefficient bits after it.
+    #[inline]
+    fn decode_coefficient(&self, bits: &mut Bits) -> Result<u8, String> {
+        let ahead = bits.peek16();
+        let i = (ahead >> (16 - LOOKAHEAD)) as usize;
+        let t = self.fast_total[i];
+        if t != 0 {
+            bits.consume(t as u32)?;
+            return Ok(self.fast[i] as u8);
+        }
+        let rs = self.decode(bits)?;
+        bits.consume((rs & 15) as u32)?;
+        Ok(rs)
     }
 
     #[inline]
@@ -498,7 +524,8 @@ fn check_scan(
                     bits.consume(s as u32)?;
                     let mut z = 1;
                     while z < 64 {
-                        let rs = a.decode(&mut bits)?;
+                        // The symbol and its coefficient bits (skipped already).
+                        let rs = a.decode_coefficient(&mut bits)?;
                         let (r, s) = ((rs >> 4) as usize, (rs & 15) as u32);
                         if s == 0 {
                             if r == 15 {
@@ -514,7 +541,6 @@ fn check_scan(
                         if z > 63 || s > 10 + (f.max_dc - 11) as u32 {
                             return Err("corrupt: a block runs past 64 coefficients".into());
                         }
-                        bits.consume(s)?;
                         z += 1;
                     }
                 }
@@ -603,5 +629,23 @@ mod tests {
             }
         }
         assert!(failed, "a cut stream must not decode to the end");
+        // Coefficients: each code followed by `value & 15` bits, decoded in one step
+        // where both fit the lookahead, in two otherwise; both paths must agree.
+        let mut fields = Vec::new();
+        for (i, &(len, code)) in codes.iter().enumerate() {
+            let k = (values[i] & 15) as u32;
+            fields.push((len, code));
+            fields.push((k, (i as u32 * 40_503) & ((1 << k) - 1)));
+        }
+        let data = pack(&fields);
+        let mut bits = Bits::new(&data);
+        for &v in &values {
+            assert_eq!(table.decode_coefficient(&mut bits).unwrap(), v);
+        }
+        assert!(bits.left() < 8, "only the padding is left");
+        assert!(
+            table.fast_total.iter().any(|&t| t != 0) && table.fast_total.contains(&0),
+            "the test covers both paths"
+        );
     }
 }
