@@ -82,7 +82,13 @@ pub fn run(a: BenchDataArgs) -> Result<()> {
     let next = |it: &mut moco::data::loader::EpochIter, epoch: &mut u64| -> Result<usize> {
         loop {
             match it.try_next() {
-                Some(b) => return Ok(b?.n),
+                Some(b) => {
+                    // As the trainer does once a batch is uploaded.
+                    let b = b?;
+                    let n = b.n;
+                    loader.recycle(b);
+                    return Ok(n);
+                }
                 None => {
                     *epoch += 1;
                     *it = loader.epoch(*epoch);

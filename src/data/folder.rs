@@ -10,11 +10,16 @@
 //! failing that, `root/test`. A `root` without a `train/` subfolder is itself the class root
 //! and serves both splits.
 //!
-//! Every image is decoded (in parallel), converted to RGB, resized so its shorter side is
-//! `image_size` (triangle filter, antialiased) and center-cropped to `image_size` x
-//! `image_size`; that square is what the data set stores and what the augmentations crop
-//! from. Memory is `N * 3 * image_size^2` bytes: fine for small folders, not for all of
-//! ImageNet at 224. Normalization uses ImageNet's statistics ([`IMAGENET_MEAN`], [`IMAGENET_STD`]).
+//! Training streams the folder: [`FolderIndex`] lists the files and labels, and the
+//! loader's workers read and decode each image when it is drawn, every epoch, at the
+//! photo's own size; the augmentations crop from the whole photo (torchvision's
+//! `RandomResizedCrop`). Memory is bounded by the batches in flight, not by the folder
+//! (ImageNet-1k works). Normalization uses ImageNet's statistics ([`IMAGENET_MEAN`],
+//! [`IMAGENET_STD`]).
+//!
+//! [`load`] is the other way, for small folders and tests: every image decoded (in
+//! parallel), resized so its shorter side is `image_size` (triangle filter, antialiased),
+//! center-cropped to a square and held in memory (`N * 3 * image_size^2` bytes).
 //!
 //! ```no_run
 //! let ds = moco::data::folder::load("data/imagenette", true, 64).unwrap();

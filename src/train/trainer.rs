@@ -400,6 +400,7 @@ impl<B: Backend> Trainer<B> {
             let b = b?;
             let t = Instant::now();
             let st = self.step(&b)?;
+            self.loader.recycle(b);
             self.sums.seconds += t.elapsed().as_secs_f64();
             self.sums.loss += st.loss;
             self.sums.accuracy += st.accuracy;
@@ -445,7 +446,8 @@ impl<B: Backend> Trainer<B> {
             let shape = self.shape(&b);
             let f = self.moco.encoder_q_mut().features(&x, shape)?;
             feats.extend(self.be.download_f32(&f)?);
-            labels.extend(b.labels);
+            labels.extend_from_slice(&b.labels);
+            loader.recycle(b);
         }
         Ok((feats, labels))
     }
