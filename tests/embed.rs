@@ -347,7 +347,9 @@ fn library_export_equals_the_cli_files_byte_for_byte() {
         force: false,
     };
     export_run(dir.path(), &lib).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_moco"))
+    // MOCO_BIN: the staged CLI where the build path does not exist (a GPU machine).
+    let bin = std::env::var("MOCO_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_moco").to_string());
+    let out = Command::new(bin)
         .args(["export", "--checkpoint"])
         .arg(dir.path())
         .arg("--head")
