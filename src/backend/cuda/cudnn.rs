@@ -135,6 +135,23 @@ fn nchw(n: usize, c: usize, h: usize, w: usize) -> Result<TensorDesc> {
     Ok(d)
 }
 
+/// The alignment, in bytes, that every cuDNN operand gets: some cuDNN 9 engines need
+/// 16-byte aligned tensors and reject others with `CUDNN_STATUS_BAD_PARAM` (or are not
+/// offered). Allocations are 256-byte aligned; a parameter at an f32 offset that is not a
+/// multiple of 4 is not.
+pub(crate) const CUDNN_ALIGN: u64 = 16;
+
+/// True when a device address meets [`CUDNN_ALIGN`].
+pub(crate) fn cudnn_aligned(addr: u64) -> bool {
+    addr % CUDNN_ALIGN == 0
+}
+
+/// True when f32 element `off` of an aligned allocation meets [`CUDNN_ALIGN`].
+#[cfg(test)]
+pub(crate) fn f32_offset_aligned(off: usize) -> bool {
+    cudnn_aligned(off as u64 * std::mem::size_of::<f32>() as u64)
+}
+
 /// The math the convolutions may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MathMode {
@@ -680,6 +697,60 @@ mod tests {
         // A failed search: the fallback whatever the array holds.
         let p = plan_direction(false, &r, MathMode::Fp32, 9);
         assert_eq!((p.algo, p.math), (9, CUDNN_FMA_MATH));
+    }
+
+    #[test]
+    fn alignment_predicates() {
+        assert!(cudnn_aligned(0));
+        assert!(cudnn_aligned(0x7f00_0000_0100));
+        assert!(!cudnn_aligned(0x7f00_0000_0100 + 12));
+        assert!(cudnn_aligned(0x7f00_0000_0100 + 16));
+        assert!(!cudnn_aligned(0x7f00_0000_0100 + 8));
+        for (off, ok) in [
+            (0, true),
+            (1, false),
+            (2, false),
+            (3, false),
+            (4, true),
+            (6, false),
+            (8, true),
+            (1732, true),
+        ] {
+            assert_eq!(f32_offset_aligned(off), ok, "offset {off}");
+        }
+    }
+
+    /// The networks place every convolution weight (and so its gradient) at an aligned
+    /// offset: training never takes the staging copy; only the layer tests' odd offsets do.
+    #[test]
+    fn network_convolution_weights_are_aligned() {
+        use crate::backend::Cpu;
+        use crate::model::{Arch, Encoder, EncoderConfig};
+        for arch in [
+            Arch::Resnet8,
+            Arch::Resnet20,
+            Arch::Resnet18Cifar,
+            Arch::Resnet18,
+        ] {
+            for (in_channels, mlp) in [(1, false), (3, true), (3, false)] {
+                let cfg = EncoderConfig {
+                    arch,
+                    in_channels,
+                    dim: 128,
+                    mlp,
+                };
+                let e = Encoder::new(Cpu::<f32>::new(), cfg, 0).unwrap();
+                assert!(e.table().params().filter(|p| p.shape.len() == 4).count() >= 7);
+                for p in e.table().params().filter(|p| p.shape.len() == 4) {
+                    assert!(
+                        f32_offset_aligned(p.offset),
+                        "{arch} {in_channels} {}: offset {}",
+                        p.name,
+                        p.offset
+                    );
+                }
+            }
+        }
     }
 
     #[test]

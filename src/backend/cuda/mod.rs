@@ -60,6 +60,9 @@ struct Scratch {
     eval: Mutex<(Slot, Slot)>,
     /// A BatchNorm's batch variance (forward) or per-(group, channel) sums (backward).
     bn: Mutex<Slot>,
+    /// 16-byte aligned copies of a cuDNN convolution's weight and weight gradient when the
+    /// caller's are not aligned (`cudnn::CUDNN_ALIGN`).
+    stage: Mutex<(Slot, Slot)>,
 }
 
 /// The CUDA backend on one [`Gpu`] (cheap to clone).
