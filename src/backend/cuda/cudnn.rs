@@ -143,7 +143,7 @@ pub(crate) const CUDNN_ALIGN: u64 = 16;
 
 /// True when a device address meets [`CUDNN_ALIGN`].
 pub(crate) fn cudnn_aligned(addr: u64) -> bool {
-    addr % CUDNN_ALIGN == 0
+    addr.is_multiple_of(CUDNN_ALIGN)
 }
 
 /// True when f32 element `off` of an aligned allocation meets [`CUDNN_ALIGN`].
