@@ -172,6 +172,42 @@ pub fn tf32_elem_bound(reduction_len: usize) -> f64 {
     2.0 * u + u * u + reduction_len as f64 * F32_UNIT_ROUNDOFF
 }
 
+/// The bound on every NCCL test: a collective that never completes (a rank that did not
+/// join, the lazy-loading deadlock) fails the test instead of hanging the GPU run.
+pub const NCCL_TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `f` on its own thread and returns its value; re-raises its panic; panics with
+/// "`what`: timed out" when it has not finished within `timeout` (the thread is left
+/// running: a hung NCCL call cannot be cancelled, and the test fails either way).
+#[track_caller]
+pub fn run_with_timeout<T: Send + 'static>(
+    what: &str,
+    timeout: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::Builder::new()
+        .name(what.to_string())
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(r);
+        })
+        .expect("spawn a test thread");
+    match rx.recv_timeout(timeout) {
+        Ok(r) => {
+            let _ = h.join();
+            match r {
+                Ok(v) => v,
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        Err(_) => panic!(
+            "{what}: timed out after {:.1} s (thread left running)",
+            timeout.as_secs_f64()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +257,36 @@ mod tests {
         assert!(tf32_rel_bound(10_000, 100) > tf32_rel_bound(9, 100));
         assert!(tf32_elem_bound(9) > 2.0 * TF32_UNIT_ROUNDOFF);
         assert!(tf32_elem_bound(9) < 2.1 * TF32_UNIT_ROUNDOFF);
+    }
+
+    #[test]
+    fn run_with_timeout_returns_and_reraises() {
+        let t = std::time::Duration::from_secs(10);
+        assert_eq!(run_with_timeout("quick", t, || 6 * 7), 42);
+        let p = std::panic::catch_unwind(|| run_with_timeout("fails", t, || panic!("boom 17")));
+        let msg = p.unwrap_err();
+        let msg = msg
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| msg.downcast_ref::<String>().cloned())
+            .unwrap();
+        assert!(msg.contains("boom 17"), "{msg}");
+    }
+
+    #[test]
+    #[should_panic(expected = "hangs: timed out after 0.1 s")]
+    fn run_with_timeout_bounds_a_hang() {
+        let start = std::time::Instant::now();
+        let r = std::panic::catch_unwind(|| {
+            run_with_timeout("hangs", std::time::Duration::from_millis(100), || {
+                std::thread::sleep(std::time::Duration::from_secs(30))
+            })
+        });
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "did not return early"
+        );
+        std::panic::resume_unwind(r.unwrap_err());
     }
 
     #[test]
