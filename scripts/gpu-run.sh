@@ -164,18 +164,6 @@ if [[ "${MOCO_GPU_SKIP_BENCH:-0}" != 1 ]]; then
   done
 fi
 
-# ---- 3. quick criterion benches (CUDA ones) ----
-if [[ "${MOCO_GPU_SKIP_BENCH:-0}" != 1 ]]; then
-  for bb in "$HERE"/benches/*; do
-    [[ -e "$bb" ]] || continue
-    name="$(basename "$bb")"
-    step "criterion-$name" 120 env MOCO_BENCH_QUICK=1 "$bb" --bench --noplot "${MOCO_GPU_BENCH_FILTER-cuda}"
-    ROWS_SMOKE+=("| criterion $name | $RC | $SECS |")
-    JSON_ITEMS+=("{\"kind\":\"criterion\",\"name\":$(json_str "$name"),\"rc\":$(json_str "$RC"),\"seconds\":$SECS}")
-  done
-fi
-
-# ---- 4. smoke runs ----
 smoke() { # NAME TIMEOUT CMD...
   local name="$1"; step "$@"
   local st=ok
@@ -185,6 +173,17 @@ smoke() { # NAME TIMEOUT CMD...
   ROWS_SMOKE+=("| $name | $st | $SECS |")
   JSON_ITEMS+=("{\"kind\":\"smoke\",\"name\":$(json_str "$name"),\"status\":$(json_str "$st"),\"seconds\":$SECS}")
 }
+
+# ---- 3. quick criterion benches (CUDA ones) ----
+if [[ "${MOCO_GPU_SKIP_BENCH:-0}" != 1 ]]; then
+  for bb in "$HERE"/benches/*; do
+    [[ -e "$bb" ]] || continue
+    name="$(basename "$bb")"
+    smoke "criterion-$name" 120 env MOCO_BENCH_QUICK=1 "$bb" --bench --noplot "${MOCO_GPU_BENCH_FILTER-cuda}"
+  done
+fi
+
+# ---- 4. smoke runs ----
 smoke train-cuda-cudnn 120 "$HERE/bin/moco" train --device cuda --conv cudnn --epochs 2 --workers 8 --quiet --out "$WORK/train-cudnn"
 smoke train-gpus-1 120 "$HERE/bin/moco" train --gpus 1 --epochs 1 --workers 8 --quiet --out "$WORK/train-gpus1"
 for ex in embed_ops cudarc_encoder byo_encoder; do
