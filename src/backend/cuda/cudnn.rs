@@ -82,6 +82,16 @@ pub fn cudnn_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// The loadable cuDNN's version as `major.minor.patch` (cuDNN 9 encodes it as
+/// `major * 10000 + minor * 100 + patch`), or `None` when libcudnn cannot be loaded.
+pub fn cudnn_version() -> Option<String> {
+    cudnn_present().then(|| version_string(dnn::get_version()))
+}
+
+fn version_string(v: usize) -> String {
+    format!("{}.{}.{}", v / 10000, v % 10000 / 100, v % 100)
+}
+
 struct Handle(sys::cudnnHandle_t);
 struct TensorDesc(sys::cudnnTensorDescriptor_t);
 struct FilterDesc(sys::cudnnFilterDescriptor_t);
@@ -751,6 +761,12 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn cudnn_versions_read_as_major_minor_patch() {
+        assert_eq!(version_string(91002), "9.10.2");
+        assert_eq!(version_string(90100), "9.1.0");
     }
 
     #[test]

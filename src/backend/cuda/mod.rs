@@ -34,7 +34,7 @@ mod optim;
 #[cfg(test)]
 mod tests;
 
-pub use cudnn::{cudnn_present, ConvBackend};
+pub use cudnn::{cudnn_present, cudnn_version, ConvBackend};
 
 /// How a [`Cuda`] backend computes: its convolution backend and whether TF32 tensor cores
 /// may be used (for convolutions and every cuBLAS GEMM on the GPU, as PyTorch's
