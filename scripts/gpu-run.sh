@@ -186,6 +186,10 @@ fi
 # ---- 4. smoke runs ----
 smoke train-cuda-cudnn 120 "$HERE/bin/moco" train --device cuda --conv cudnn --epochs 2 --workers 8 --quiet --out "$WORK/train-cudnn"
 smoke train-gpus-1 120 "$HERE/bin/moco" train --gpus 1 --epochs 1 --workers 8 --quiet --out "$WORK/train-gpus1"
+# Their per-epoch metrics (loss, kNN accuracy) go into the archive; the checkpoints do not.
+for r in train-cudnn train-gpus1; do
+  cp "$WORK/$r/metrics.jsonl" "$LOGS/$r-metrics.jsonl" 2>/dev/null || true
+done
 for ex in embed_ops cudarc_encoder byo_encoder; do
   smoke "example-$ex" 60 "$HERE/bin/$ex"
 done
