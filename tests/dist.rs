@@ -568,9 +568,68 @@ fn gpu_steps(
     snapshot(m, stats)
 }
 
+/// Runs an NCCL test body: `NCCL_DEBUG=WARN` (unless set), bounded by
+/// [`moco::testing::NCCL_TEST_TIMEOUT`]; when NCCL fails to initialize (`ncclCommInitRank`,
+/// `ncclGetUniqueId`), the test runs once more in a fresh process of this binary with
+/// `NCCL_CUMEM_ENABLE=0` (cuMem allocations fail in some sandboxes; NCCL reads its
+/// environment once per process, so the retry cannot be in this one).
+fn nccl_test(name: &str, body: impl FnOnce() + Send + 'static) {
+    if std::env::var_os("NCCL_DEBUG").is_none() {
+        std::env::set_var("NCCL_DEBUG", "WARN");
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        moco::testing::run_with_timeout(name, moco::testing::NCCL_TEST_TIMEOUT, body)
+    }));
+    let Err(p) = r else { return };
+    let msg = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    let init = msg.contains("ncclCommInitRank") || msg.contains("ncclGetUniqueId");
+    if !init || std::env::var_os("NCCL_CUMEM_ENABLE").is_some() {
+        std::panic::resume_unwind(p);
+    }
+    eprintln!("{name}: NCCL init failed ({msg}); once more with NCCL_CUMEM_ENABLE=0");
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new(exe)
+        .args([
+            name,
+            "--exact",
+            "--include-ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env("NCCL_CUMEM_ENABLE", "0")
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > moco::testing::NCCL_TEST_TIMEOUT + Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("{name}: the NCCL_CUMEM_ENABLE=0 retry timed out");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "{name} failed, also with NCCL_CUMEM_ENABLE=0 (first: {msg})"
+    );
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU and NCCL"]
 fn nccl_world_of_one_gives_the_single_gpu_numbers_exactly() {
+    nccl_test(
+        "nccl_world_of_one_gives_the_single_gpu_numbers_exactly",
+        nccl_world_of_one,
+    );
+}
+
+fn nccl_world_of_one() {
     use moco::backend::Cuda;
     use moco::dist::rendezvous::DistEnv;
     use moco::dist::NcclComm;
@@ -594,6 +653,13 @@ fn nccl_world_of_one_gives_the_single_gpu_numbers_exactly() {
 #[test]
 #[ignore = "needs a CUDA GPU and NCCL >= 2.30 (two ranks on one GPU)"]
 fn nccl_two_ranks_on_one_gpu_equal_one_rank_with_two_splits() {
+    nccl_test(
+        "nccl_two_ranks_on_one_gpu_equal_one_rank_with_two_splits",
+        nccl_two_ranks,
+    );
+}
+
+fn nccl_two_ranks() {
     use moco::backend::Cuda;
     use moco::dist::NcclComm;
     let version = moco::dist::nccl::nccl_version();

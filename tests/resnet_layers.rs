@@ -175,8 +175,26 @@ fn batchnorm_fused_epilogue_and_relu_backward_match_the_f64_composition<B: Backe
     }
 }
 
+/// The TF32 bounds of one convolution case: the relative 2-norm bound
+/// ([`moco::testing::tf32_rel_bound`], reduction `cin k k`, one term per output) and the
+/// max-abs bound, [`moco::testing::tf32_elem_bound`] times the largest `sum |x| |w|` of an
+/// output.
+fn tf32_conv_bounds(s: &ConvShape, x: &[f32], w: &[f32]) -> (f64, f64) {
+    let abs = |v: &[f32]| v.iter().map(|&a| (a as f64).abs()).collect::<Vec<_>>();
+    let mag = r::conv2d(s, &abs(x), &abs(w));
+    let big = mag.iter().fold(0.0f64, |a, &b| a.max(b));
+    let len = s.cin * s.k * s.k;
+    (
+        moco::testing::tf32_rel_bound(len, s.y_len()),
+        moco::testing::tf32_elem_bound(len) * big,
+    )
+}
+
 /// `--tf32`: the convolutions through cuDNN and im2col with TF32 tensor cores stay within
-/// TF32's rounding (10-bit mantissa inputs: rel <= 5e-4) of the f64 reference.
+/// TF32's rounding of the f64 reference: the bounds of [`tf32_conv_bounds`], derived from
+/// TF32's 10-bit mantissa (`moco::testing::tf32_rel_bound`; about 4e-4 to 1e-3 relative by
+/// case). `cpu_tf32_bound_accepts_rounding_and_rejects_truncation` shows on the CPU that the
+/// bound holds for rounded inputs and fails for truncated ones.
 #[test]
 #[ignore = "needs a CUDA GPU and cuDNN 9"]
 fn tf32_convolutions_stay_within_tf32_rounding() {
@@ -194,15 +212,75 @@ fn tf32_convolutions_stay_within_tf32_rounding() {
             be.conv2d_forward(&s, &up(&be, &x), &up(&be, &w), 0, &mut yd)
                 .unwrap();
             let yr = r::conv2d(&s, &f64s(&x), &f64s(&w));
+            let (rel, abs) = tf32_conv_bounds(&s, &x, &w);
             assert_close(
                 &format!("tf32 {conv} y {s:?}"),
                 &down(&be, &yd),
                 &f32s(&yr),
-                5e-4,
-                5e-2,
+                rel,
+                abs,
             );
         }
     }
+}
+
+/// The TF32 bound on the CPU: a convolution over inputs rounded to TF32 (to nearest, as
+/// the GPU converts them) stays within [`tf32_conv_bounds`] on every case; over truncated
+/// inputs it exceeds the relative bound on the larger cases, and the per-element bound on
+/// inputs just below a TF32 step. So a GPU result can fail the bound.
+#[test]
+fn cpu_tf32_bound_accepts_rounding_and_rejects_truncation() {
+    use moco::testing::{rel_err, round_to_tf32, truncate_to_tf32};
+    let tf32 =
+        |v: &[f32], f: fn(f32) -> f32| -> Vec<f64> { v.iter().map(|&a| f(a) as f64).collect() };
+    let mut truncation_failed = 0;
+    for (ci, &(n, cin, hw, cout, k, st, p)) in CONV_CASES.iter().enumerate() {
+        let s = ConvShape::new(n, cin, hw, cout, k, st, p).unwrap();
+        let x = normal(s.x_len(), 10 + ci as u64);
+        let w = normal(s.w_len(), 20 + ci as u64);
+        let yr = f32s(&r::conv2d(&s, &f64s(&x), &f64s(&w)));
+        let (rel, abs) = tf32_conv_bounds(&s, &x, &w);
+        let rounded = f32s(&r::conv2d(
+            &s,
+            &tf32(&x, round_to_tf32),
+            &tf32(&w, round_to_tf32),
+        ));
+        assert_close(&format!("rounded {s:?}"), &rounded, &yr, rel, abs);
+        let truncated = f32s(&r::conv2d(
+            &s,
+            &tf32(&x, truncate_to_tf32),
+            &tf32(&w, truncate_to_tf32),
+        ));
+        let (e, _) = rel_err(&truncated, &yr);
+        if e > rel {
+            truncation_failed += 1;
+        }
+    }
+    assert!(
+        truncation_failed >= CONV_CASES.len() / 2,
+        "truncation exceeded the bound on only {truncation_failed} of {} cases",
+        CONV_CASES.len()
+    );
+    // Per element: inputs just below 1 + 2^-10 (a TF32 step) lose almost 2^-10 each when
+    // truncated, 4u per product, twice the worst case of rounding.
+    let s = ConvShape::new(1, 4, (5, 5), 2, 3, 1, 1).unwrap();
+    let v = 1.0f32 + 1.0 / 1024.0 - 1.0 / 1_048_576.0;
+    let (x, w) = (vec![v; s.x_len()], vec![v; s.w_len()]);
+    let yr = f32s(&r::conv2d(&s, &f64s(&x), &f64s(&w)));
+    let (rel, abs) = tf32_conv_bounds(&s, &x, &w);
+    let rounded = f32s(&r::conv2d(
+        &s,
+        &tf32(&x, round_to_tf32),
+        &tf32(&w, round_to_tf32),
+    ));
+    assert_close("rounded, near a step", &rounded, &yr, rel, abs);
+    let truncated = f32s(&r::conv2d(
+        &s,
+        &tf32(&x, truncate_to_tf32),
+        &tf32(&w, truncate_to_tf32),
+    ));
+    let (_, worst) = rel_err(&truncated, &yr);
+    assert!(worst > abs, "truncated: max abs {worst:e} within {abs:e}");
 }
 
 fn cuda_backend(conv: ConvBackend) -> Cuda {
@@ -297,41 +375,58 @@ const CONV_CASES: &[ConvCase] = &[
     (1, 2, (7, 5), 3, 5, 1, 2),
 ];
 
+/// Weights at an offset of 3 floats and weight gradients at 2: unaligned for cuDNN's
+/// 16-byte engines, so the cuDNN backend runs them through aligned copies.
 fn conv_forward_backward_match_reference<B: Backend>(be: &B) {
+    conv_forward_backward_at(be, 3, 2);
+}
+
+/// cuDNN with weights and gradients at 16-byte aligned offsets, as the networks place them
+/// (no staging copy; `network_convolution_weights_are_aligned` checks the networks).
+#[test]
+#[ignore = "needs a CUDA GPU and cuDNN 9"]
+fn cudnn_conv_with_aligned_weights_matches_reference() {
+    let be = cuda_backend(ConvBackend::Cudnn);
+    conv_forward_backward_at(&be, 0, 0);
+    conv_forward_backward_at(&be, 4, 8);
+}
+
+/// The convolution cases with the weight at `wo` floats and the weight gradient at `go`
+/// floats into their buffers.
+fn conv_forward_backward_at<B: Backend>(be: &B, wo: usize, go: usize) {
     for (ci, &(n, cin, hw, cout, k, st, p)) in CONV_CASES.iter().enumerate() {
         let s = ConvShape::new(n, cin, hw, cout, k, st, p).unwrap();
         let x = normal(s.x_len(), 10 + ci as u64);
-        let w = normal(s.w_len() + 3, 20 + ci as u64);
+        let w = normal(s.w_len() + wo, 20 + ci as u64);
         let dy = normal(s.y_len(), 30 + ci as u64);
         let (xd, wd, dyd) = (up(be, &x), up(be, &w), up(be, &dy));
         let mut yd = up(be, &vec![f32::NAN; s.y_len()]);
-        be.conv2d_forward(&s, &xd, &wd, 3, &mut yd).unwrap();
+        be.conv2d_forward(&s, &xd, &wd, wo, &mut yd).unwrap();
         let y = down(be, &yd);
-        let yr = r::conv2d(&s, &f64s(&x), &f64s(&w[3..]));
+        let yr = r::conv2d(&s, &f64s(&x), &f64s(&w[wo..]));
         assert_close(&format!("conv y {s:?}"), &y, &f32s(&yr), 1e-5, 1e-4);
         let mut dxd = up(be, &vec![f32::NAN; s.x_len()]);
-        let mut dwd = up(be, &vec![1.0f32; s.w_len() + 2]);
-        be.conv2d_backward(&s, &xd, &wd, 3, &dyd, Some(&mut dxd), &mut dwd, 2)
+        let mut dwd = up(be, &vec![1.0f32; s.w_len() + go]);
+        be.conv2d_backward(&s, &xd, &wd, wo, &dyd, Some(&mut dxd), &mut dwd, go)
             .unwrap();
         let (dx, dw) = (down(be, &dxd), down(be, &dwd));
-        let (dxr, dwr) = r::conv2d_backward(&s, &f64s(&x), &f64s(&w[3..]), &f64s(&dy));
+        let (dxr, dwr) = r::conv2d_backward(&s, &f64s(&x), &f64s(&w[wo..]), &f64s(&dy));
         assert_close(&format!("conv dx {s:?}"), &dx, &f32s(&dxr), 1e-5, 1e-4);
         let dwr1: Vec<f32> = dwr.iter().map(|v| (v + 1.0) as f32).collect();
         assert_close(
             &format!("conv dw (accumulated) {s:?}"),
-            &dw[2..],
+            &dw[go..],
             &dwr1,
             1e-5,
             1e-3,
         );
-        assert_eq!(
-            &dw[..2],
-            &[1.0, 1.0],
+        assert!(
+            dw[..go].iter().all(|&v| v == 1.0),
             "conv dw: elements before the offset untouched"
         );
         // Without dx, the same dw.
-        let mut dw2d = up(be, &vec![1.0f32; s.w_len() + 2]);
-        be.conv2d_backward(&s, &xd, &wd, 3, &dyd, None, &mut dw2d, 2)
+        let mut dw2d = up(be, &vec![1.0f32; s.w_len() + go]);
+        be.conv2d_backward(&s, &xd, &wd, wo, &dyd, None, &mut dw2d, go)
             .unwrap();
         assert_eq!(dw, down(be, &dw2d));
     }

@@ -89,8 +89,8 @@ pub fn run(args: InfoArgs) -> Result<()> {
             );
         }
     }
-    if moco::backend::cuda::cudnn_present() {
-        println!("cudnn: loadable (--conv cudnn or auto)");
+    if let Some(v) = moco::backend::cuda::cudnn_version() {
+        println!("cudnn: {v} (--conv cudnn or auto)");
     } else {
         println!("cudnn: not found (convolutions use im2col + SGEMM)");
     }

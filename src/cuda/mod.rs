@@ -224,6 +224,21 @@ impl Gpu {
         Ok(f)
     }
 
+    /// Loads every embedded kernel module and looks up every kernel now, instead of on first
+    /// use; returns how many kernels. Called before an NCCL communicator exists: loading a
+    /// module while another rank's NCCL kernel spins on the same GPU can deadlock (the
+    /// CUDA lazy-loading caveat NCCL documents). Libraries (cuBLAS, cuDNN) load their own
+    /// kernels; `CUDA_MODULE_LOADING=EAGER` makes those eager too.
+    pub fn load_all_kernels(&self) -> Result<usize> {
+        if !kernels_available() {
+            return Err(Error::NoKernels);
+        }
+        for &k in kernels::ALL {
+            self.function(k)?;
+        }
+        Ok(kernels::ALL.len())
+    }
+
     /// Sets the cuBLAS handle's math mode: TF32 tensor cores for every SGEMM on this GPU
     /// (`on`) or full fp32 (the default). The first call decides; a later call asking for
     /// the other mode is an error, since the handle (and so the mode) is shared by every

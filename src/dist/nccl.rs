@@ -7,6 +7,7 @@
 //! `libnccl.so` link to the `libnccl.so.2` it finds and hands it to the ranks it starts
 //! ([`nccl_link_dir`]); a program launched otherwise needs such a link on its
 //! `LD_LIBRARY_PATH` (`ln -s /path/to/libnccl.so.2 /some/dir/libnccl.so`).
+use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,8 +112,28 @@ fn nccl_err(call: &str, e: cudarc::nccl::result::NcclError) -> Error {
 /// queued on that stream in order with the step's kernels, so no host synchronization
 /// sits between them.
 pub struct NcclComm {
-    comm: Comm,
+    /// Dropped by hand ([`Drop for NcclComm`](NcclComm)): cudarc's `Comm` panics in drop
+    /// when `ncclCommAbort` fails, and a panic in a drop during unwinding (a failed
+    /// assertion in a test) aborts the whole process.
+    comm: ManuallyDrop<Comm>,
     be: Cuda,
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Unwinding already: a second panic would abort the process. The communicator
+            // is leaked (the process is failing anyway; NCCL's resources go with it).
+            return;
+        }
+        // SAFETY: `comm` is dropped exactly once, here, and never used afterwards.
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            ManuallyDrop::drop(&mut self.comm)
+        }));
+        if dropped.is_err() {
+            eprintln!("moco: ncclCommAbort failed while dropping an NCCL communicator");
+        }
+    }
 }
 
 // SAFETY: an NCCL communicator is not tied to the thread that created it (NCCL's docs
@@ -157,11 +178,14 @@ impl NcclComm {
         for (d, s) in internal.iter_mut().zip(&id_bytes) {
             *d = *s as std::ffi::c_char;
         }
+        // Every kernel module loaded before the communicator exists (see
+        // `Gpu::load_all_kernels`): no lazy load while another rank's NCCL kernel spins.
+        be.gpu().load_all_kernels()?;
         let stream: Arc<cudarc::driver::CudaStream> = be.gpu().stream().clone();
         let comm = Comm::from_rank(stream, env.rank, env.world, Id::uninit(internal))
             .map_err(|e| nccl_err("ncclCommInitRank", e))?;
         Ok(NcclComm {
-            comm,
+            comm: ManuallyDrop::new(comm),
             be: be.clone(),
         })
     }

@@ -1,12 +1,12 @@
 //! Convolutions on the GPU (`kernels/conv.cu` + cuBLAS): im2col per chunk of samples, one
 //! SGEMM, and a permute between the GEMM's channel-major layout and NCHW; the backward adds
 //! the weight gradient's GEMM and scatters the columns back with col2im.
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 
-use super::{conv_abi, Cuda};
+use super::{conv_abi, cudnn, Cuda};
 use crate::backend::{check_len, ConvShape};
 use crate::cuda::{grow, kernels, launch, lock, view, view_mut};
-use crate::error::Result;
+use crate::error::{CudaResultExt, Error, Result};
 
 /// Upper bound on the im2col buffer of one convolution (elements): the batch is processed in
 /// chunks of samples whose columns fit.
@@ -96,7 +96,20 @@ impl Cuda {
         if let Some(dnn) = &self.cudnn {
             let xv = view("conv2d x", x, 0, s.x_len())?;
             let mut yv = view_mut("conv2d y", y, 0, s.y_len())?;
-            return lock(dnn)?.forward(s, &xv, &wv, &mut yv);
+            self.check_cudnn_aligned("conv2d x", &xv)?;
+            self.check_cudnn_aligned("conv2d y", &yv)?;
+            if self.cudnn_aligned(&wv) {
+                return lock(dnn)?.forward(s, &xv, &wv, &mut yv);
+            }
+            // A weight at an unaligned offset: through an aligned copy.
+            let mut guard = lock(&self.scratch.stage)?;
+            let sw = grow(&self.gpu, &mut guard.0, s.w_len())?;
+            let mut swv = view_mut("conv2d staged weight", sw, 0, s.w_len())?;
+            self.gpu
+                .stream()
+                .memcpy_dtod(&wv, &mut swv)
+                .call("cuMemcpyDtoDAsync")?;
+            return lock(dnn)?.forward(s, &xv, &swv.as_view(), &mut yv);
         }
         let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
         let nb = conv_chunk(s);
@@ -151,7 +164,51 @@ impl Cuda {
                 Some(d) => Some(view_mut("conv2d dx", d, 0, s.x_len())?),
                 None => None,
             };
-            return lock(dnn)?.backward(s, &xv, &wv, &dyv, dxv.as_mut(), &mut dwv);
+            self.check_cudnn_aligned("conv2d x", &xv)?;
+            self.check_cudnn_aligned("conv2d dy", &dyv)?;
+            if let Some(d) = &dxv {
+                self.check_cudnn_aligned("conv2d dx", d)?;
+            }
+            let (w_ok, dw_ok) = (self.cudnn_aligned(&wv), self.cudnn_aligned(&dwv));
+            if w_ok && dw_ok {
+                return lock(dnn)?.backward(s, &xv, &wv, &dyv, dxv.as_mut(), &mut dwv);
+            }
+            // A weight or gradient at an unaligned offset: through aligned copies, the
+            // gradient copied in (it accumulates) and back.
+            let stream = self.gpu.stream().clone();
+            let mut guard = lock(&self.scratch.stage)?;
+            let (sw, sdw) = &mut *guard;
+            let sw = grow(&self.gpu, sw, s.w_len())?;
+            let sdw = grow(&self.gpu, sdw, s.w_len())?;
+            let mut swv = view_mut("conv2d staged weight", sw, 0, s.w_len())?;
+            let mut sdwv = view_mut("conv2d staged dw", sdw, 0, s.w_len())?;
+            if !w_ok {
+                stream
+                    .memcpy_dtod(&wv, &mut swv)
+                    .call("cuMemcpyDtoDAsync")?;
+            }
+            if !dw_ok {
+                stream
+                    .memcpy_dtod(&dwv, &mut sdwv)
+                    .call("cuMemcpyDtoDAsync")?;
+            }
+            {
+                let staged;
+                let wuse = if w_ok {
+                    &wv
+                } else {
+                    staged = swv.as_view();
+                    &staged
+                };
+                let dwuse = if dw_ok { &mut dwv } else { &mut sdwv };
+                lock(dnn)?.backward(s, &xv, wuse, &dyv, dxv.as_mut(), dwuse)?;
+            }
+            if !dw_ok {
+                stream
+                    .memcpy_dtod(&sdwv, &mut dwv)
+                    .call("cuMemcpyDtoDAsync")?;
+            }
+            return Ok(());
         }
         let (hwo, ckk, ys) = (s.ho * s.wo, s.cin * s.k * s.k, s.cout * s.ho * s.wo);
         let nb = conv_chunk(s);
@@ -190,5 +247,24 @@ impl Cuda {
             }
         }
         Ok(())
+    }
+
+    /// True when `v` starts at a 16-byte aligned address ([`cudnn::CUDNN_ALIGN`]).
+    fn cudnn_aligned<V: DevicePtr<f32>>(&self, v: &V) -> bool {
+        let (p, _sync) = v.device_ptr(self.gpu.stream());
+        cudnn::cudnn_aligned(p)
+    }
+
+    /// An error naming `what` unless it is aligned for cuDNN (activations and their
+    /// gradients are whole allocations: this never fails unless a caller hands a view).
+    fn check_cudnn_aligned<V: DevicePtr<f32>>(&self, what: &str, v: &V) -> Result<()> {
+        if self.cudnn_aligned(v) {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "{what} is not {}-byte aligned, which cuDNN needs; use --conv im2col",
+                cudnn::CUDNN_ALIGN
+            )))
+        }
     }
 }

@@ -4,10 +4,13 @@
 //!
 //! One [`Plan`] per convolution shape holds the descriptors and the three algorithms
 //! (forward, backward data, backward filter), chosen once by timing them
-//! (`cudnnFind*`, as PyTorch's `cudnn.benchmark = True`) among the deterministic ones in
-//! real fp32 (`CUDNN_FMA_MATH`: no TF32, as PyTorch with TF32 off), falling back to the
-//! heuristic when timing fails; with `--tf32`, tensor-core TF32 is allowed instead. All
-//! plans share one workspace, grown to the largest need.
+//! (`cudnnFind*`, as PyTorch's `cudnn.benchmark = True`) among the deterministic ones
+//! ([`choose`]): in real fp32 only results that report `CUDNN_FMA_MATH` (no TF32, as
+//! PyTorch with TF32 off; a timed `CUDNN_DEFAULT_MATH` result may be a tensor-core variant);
+//! with `--tf32` any math type. Each direction has its own convolution descriptor, with the
+//! picked result's math type set on it after the search, as PyTorch does
+//! ([`plan_direction`]); when timing fails or nothing qualifies, a fixed algorithm runs
+//! with the mode's math type. All plans share one workspace, grown to the largest need.
 //! Everything runs on the GPU's stream; the handle is used under a mutex.
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -79,6 +82,16 @@ pub fn cudnn_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// The loadable cuDNN's version as `major.minor.patch` (cuDNN 9 encodes it as
+/// `major * 10000 + minor * 100 + patch`), or `None` when libcudnn cannot be loaded.
+pub fn cudnn_version() -> Option<String> {
+    cudnn_present().then(|| version_string(dnn::get_version()))
+}
+
+fn version_string(v: usize) -> String {
+    format!("{}.{}.{}", v / 10000, v % 10000 / 100, v % 100)
+}
+
 struct Handle(sys::cudnnHandle_t);
 struct TensorDesc(sys::cudnnTensorDescriptor_t);
 struct FilterDesc(sys::cudnnFilterDescriptor_t);
@@ -132,12 +145,168 @@ fn nchw(n: usize, c: usize, h: usize, w: usize) -> Result<TensorDesc> {
     Ok(d)
 }
 
-/// The descriptors and algorithms of one convolution shape.
+/// The alignment, in bytes, that every cuDNN operand gets: some cuDNN 9 engines need
+/// 16-byte aligned tensors and reject others with `CUDNN_STATUS_BAD_PARAM` (or are not
+/// offered). Allocations are 256-byte aligned; a parameter at an f32 offset that is not a
+/// multiple of 4 is not.
+pub(crate) const CUDNN_ALIGN: u64 = 16;
+
+/// True when a device address meets [`CUDNN_ALIGN`].
+pub(crate) fn cudnn_aligned(addr: u64) -> bool {
+    addr.is_multiple_of(CUDNN_ALIGN)
+}
+
+/// True when f32 element `off` of an aligned allocation meets [`CUDNN_ALIGN`].
+#[cfg(test)]
+pub(crate) fn f32_offset_aligned(off: usize) -> bool {
+    cudnn_aligned(off as u64 * std::mem::size_of::<f32>() as u64)
+}
+
+/// The math the convolutions may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MathMode {
+    /// Real fp32: only `CUDNN_FMA_MATH` results (PyTorch with TF32 off).
+    Fp32,
+    /// `--tf32`: tensor cores allowed; the descriptor searches with `CUDNN_DEFAULT_MATH`
+    /// and runs with the picked result's math type.
+    Tf32,
+}
+
+impl MathMode {
+    /// The mode of a backend with TF32 on (`tf32`) or off.
+    pub(crate) fn new(tf32: bool) -> MathMode {
+        if tf32 {
+            MathMode::Tf32
+        } else {
+            MathMode::Fp32
+        }
+    }
+
+    /// The math type a descriptor searches with, and runs with when no timed result is
+    /// taken (the fallback algorithm).
+    pub(crate) fn search_math(self) -> sys::cudnnMathType_t {
+        match self {
+            MathMode::Fp32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+            MathMode::Tf32 => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        }
+    }
+}
+
+/// One timed result of a `cudnnFind*` search, whichever the direction (`A`, its algorithm
+/// enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Candidate<A> {
+    pub algo: A,
+    pub ok: bool,
+    pub deterministic: bool,
+    pub math: sys::cudnnMathType_t,
+    /// Workspace bytes.
+    pub memory: usize,
+}
+
+/// The timed results of one direction as [`Candidate`]s: the first `count` of `perf`
+/// (clamped to `0..=perf.len()`).
+macro_rules! candidates {
+    ($perf:expr, $count:expr) => {
+        $perf[..($count.max(0) as usize).min($perf.len())]
+            .iter()
+            .map(|p| Candidate {
+                algo: p.algo,
+                ok: p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS,
+                deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
+                math: p.mathType,
+                memory: p.memory,
+            })
+            .collect::<Vec<_>>()
+    };
+}
+
+/// The result to run: the first (cuDNN sorts them fastest first) that succeeded and is
+/// deterministic; in [`MathMode::Fp32`] also one that reports `CUDNN_FMA_MATH` (a
+/// `CUDNN_DEFAULT_MATH` or tensor-op result may use tensor cores).
+pub(crate) fn choose<A: Copy>(results: &[Candidate<A>], mode: MathMode) -> Option<Candidate<A>> {
+    results
+        .iter()
+        .find(|c| {
+            c.ok && c.deterministic
+                && (mode == MathMode::Tf32 || c.math == sys::cudnnMathType_t::CUDNN_FMA_MATH)
+        })
+        .copied()
+}
+
+/// What one direction runs: an algorithm, the math type its descriptor carries, and the
+/// workspace the timed result reported (0 for the fallback: queried afterwards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DirectionPlan<A> {
+    pub algo: A,
+    pub math: sys::cudnnMathType_t,
+    pub memory: usize,
+}
+
+/// The plan of one direction from its search: the [`choose`]n result with its own math
+/// type, or, when the search failed (`searched` false) or nothing qualifies, `fallback`
+/// with the mode's [`MathMode::search_math`].
+pub(crate) fn plan_direction<A: Copy>(
+    searched: bool,
+    results: &[Candidate<A>],
+    mode: MathMode,
+    fallback: A,
+) -> DirectionPlan<A> {
+    match choose(results, mode).filter(|_| searched) {
+        Some(c) => DirectionPlan {
+            algo: c.algo,
+            math: c.math,
+            memory: c.memory,
+        },
+        None => DirectionPlan {
+            algo: fallback,
+            math: mode.search_math(),
+            memory: 0,
+        },
+    }
+}
+
+/// A convolution descriptor for `s` (a cross-correlation, PyTorch's, in f32) with `math`.
+fn conv_desc(s: &ConvShape, math: sys::cudnnMathType_t) -> Result<ConvDesc> {
+    let (pad, stride) = (c_int(s.pad, "pad")?, c_int(s.stride, "stride")?);
+    let conv = ConvDesc(
+        dnn::create_convolution_descriptor()
+            .map_err(dnn_err("cudnnCreateConvolutionDescriptor"))?,
+    );
+    // SAFETY: a fresh descriptor, set to the shape's padding and stride.
+    unsafe {
+        dnn::set_convolution2d_descriptor(
+            conv.0,
+            pad,
+            pad,
+            stride,
+            stride,
+            1,
+            1,
+            sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        )
+    }
+    .map_err(dnn_err("cudnnSetConvolution2dDescriptor"))?;
+    set_math(&conv, math)?;
+    Ok(conv)
+}
+
+fn set_math(conv: &ConvDesc, math: sys::cudnnMathType_t) -> Result<()> {
+    // SAFETY: a valid convolution descriptor; the math type is a valid enum value.
+    unsafe { dnn::set_convolution_math_type(conv.0, math) }
+        .map_err(dnn_err("cudnnSetConvolutionMathType"))
+}
+
+/// The descriptors and algorithms of one convolution shape: one convolution descriptor
+/// per direction, each with the math type of its own pick.
 struct Plan {
     x: TensorDesc,
     w: FilterDesc,
     y: TensorDesc,
-    conv: ConvDesc,
+    conv_fwd: ConvDesc,
+    conv_bwd_data: ConvDesc,
+    conv_bwd_filter: ConvDesc,
     fwd: sys::cudnnConvolutionFwdAlgo_t,
     bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
     bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
@@ -145,40 +314,15 @@ struct Plan {
     workspace: usize,
 }
 
-/// The fastest timed result (cuDNN sorts them by time) that succeeded and is
-/// deterministic; in real fp32 (`tf32` false) also one that runs without tensor cores (the
-/// descriptor asks for FMA math; a result that reports a tensor-op math type is skipped).
-macro_rules! pick {
-    ($perf:expr, $count:expr, $tf32:expr) => {
-        $perf[..($count.max(0) as usize).min($perf.len())]
-            .iter()
-            .find(|p| {
-                p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
-                    && p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
-                    && ($tf32
-                        || matches!(
-                            p.mathType,
-                            sys::cudnnMathType_t::CUDNN_FMA_MATH
-                                | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-                        ))
-            })
-    };
-}
-
 impl Plan {
-    fn new(h: &Handle, s: &ConvShape, tf32: bool) -> Result<Plan> {
+    fn new(h: &Handle, s: &ConvShape, mode: MathMode) -> Result<Plan> {
         let x = nchw(s.n, s.cin, s.h, s.w)?;
         let y = nchw(s.n, s.cout, s.ho, s.wo)?;
         let w = FilterDesc(
             dnn::create_filter_descriptor().map_err(dnn_err("cudnnCreateFilterDescriptor"))?,
         );
-        let (k, pad, stride) = (
-            c_int(s.k, "k")?,
-            c_int(s.pad, "pad")?,
-            c_int(s.stride, "stride")?,
-        );
-        // SAFETY: fresh descriptors, set to the shape's dense layouts; the convolution is a
-        // cross-correlation (PyTorch's) in f32; the math type is set below.
+        let k = c_int(s.k, "k")?;
+        // SAFETY: a fresh descriptor, set to the filter's dense layout.
         unsafe {
             dnn::set_filter4d_descriptor(
                 w.0,
@@ -188,35 +332,11 @@ impl Plan {
             )
         }
         .map_err(dnn_err("cudnnSetFilter4dDescriptor"))?;
-        let conv = ConvDesc(
-            dnn::create_convolution_descriptor()
-                .map_err(dnn_err("cudnnCreateConvolutionDescriptor"))?,
-        );
-        // SAFETY: as above.
-        unsafe {
-            dnn::set_convolution2d_descriptor(
-                conv.0,
-                pad,
-                pad,
-                stride,
-                stride,
-                1,
-                1,
-                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
-            )
-        }
-        .map_err(dnn_err("cudnnSetConvolution2dDescriptor"))?;
-        // TF32 as PyTorch's `allow_tf32`: the default math type, which lets cuDNN use tensor
-        // cores for f32 data on Ampere and later.
-        let math = if tf32 {
-            sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-        } else {
-            sys::cudnnMathType_t::CUDNN_FMA_MATH
-        };
-        // SAFETY: as above.
-        unsafe { dnn::set_convolution_math_type(conv.0, math) }
-            .map_err(dnn_err("cudnnSetConvolutionMathType"))?;
+        // One descriptor per direction, searched with the mode's math type, then set to
+        // the math type of the result that direction runs.
+        let conv_fwd = conv_desc(s, mode.search_math())?;
+        let conv_bwd_data = conv_desc(s, mode.search_math())?;
+        let conv_bwd_filter = conv_desc(s, mode.search_math())?;
 
         const N: usize = 16;
         let mut count = 0i32;
@@ -229,20 +349,21 @@ impl Plan {
                 h.0,
                 x.0,
                 w.0,
-                conv.0,
+                conv_fwd.0,
                 y.0,
                 N as i32,
                 &mut count,
                 fp.as_mut_ptr(),
             )
         };
-        let fwd = match (found.result(), pick!(fp, count, tf32)) {
-            (Ok(()), Some(p)) => (p.algo, p.memory),
-            _ => (
-                sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-                0,
-            ),
-        };
+        let fwd = plan_direction(
+            found.result().is_ok(),
+            &candidates!(fp, count),
+            mode,
+            sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        );
+        set_math(&conv_fwd, fwd.math)?;
+        count = 0;
         // SAFETY: as above.
         let mut bp: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
         // SAFETY: as for the forward search.
@@ -251,20 +372,21 @@ impl Plan {
                 h.0,
                 w.0,
                 y.0,
-                conv.0,
+                conv_bwd_data.0,
                 x.0,
                 N as i32,
                 &mut count,
                 bp.as_mut_ptr(),
             )
         };
-        let bwd_data = match (found.result(), pick!(bp, count, tf32)) {
-            (Ok(()), Some(p)) => (p.algo, p.memory),
-            _ => (
-                sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
-                0,
-            ),
-        };
+        let bwd_data = plan_direction(
+            found.result().is_ok(),
+            &candidates!(bp, count),
+            mode,
+            sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        );
+        set_math(&conv_bwd_data, bwd_data.math)?;
+        count = 0;
         // SAFETY: as above.
         let mut wp: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
         // SAFETY: as for the forward search.
@@ -273,31 +395,39 @@ impl Plan {
                 h.0,
                 x.0,
                 y.0,
-                conv.0,
+                conv_bwd_filter.0,
                 w.0,
                 N as i32,
                 &mut count,
                 wp.as_mut_ptr(),
             )
         };
-        let bwd_filter = match (found.result(), pick!(wp, count, tf32)) {
-            (Ok(()), Some(p)) => (p.algo, p.memory),
-            _ => (
-                sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
-                0,
-            ),
-        };
-        // The fallbacks' workspace sizes (a timed pick reports its own).
-        let mut ws = [fwd.1, bwd_data.1, bwd_filter.1];
+        let bwd_filter = plan_direction(
+            found.result().is_ok(),
+            &candidates!(wp, count),
+            mode,
+            sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        );
+        set_math(&conv_bwd_filter, bwd_filter.math)?;
+        // The fallbacks' workspace sizes (a timed pick reports its own), each with its
+        // direction's descriptor and final math type.
+        let mut ws = [fwd.memory, bwd_data.memory, bwd_filter.memory];
         // SAFETY: valid handle and descriptors; each call writes one usize.
         unsafe {
             ws[0] = ws[0].max(
-                dnn::get_convolution_forward_workspace_size(h.0, x.0, w.0, conv.0, y.0, fwd.0)
-                    .map_err(dnn_err("cudnnGetConvolutionForwardWorkspaceSize"))?,
+                dnn::get_convolution_forward_workspace_size(
+                    h.0, x.0, w.0, conv_fwd.0, y.0, fwd.algo,
+                )
+                .map_err(dnn_err("cudnnGetConvolutionForwardWorkspaceSize"))?,
             );
             ws[1] = ws[1].max(
                 dnn::get_convolution_backward_data_workspace_size(
-                    h.0, w.0, y.0, conv.0, x.0, bwd_data.0,
+                    h.0,
+                    w.0,
+                    y.0,
+                    conv_bwd_data.0,
+                    x.0,
+                    bwd_data.algo,
                 )
                 .map_err(dnn_err("cudnnGetConvolutionBackwardDataWorkspaceSize"))?,
             );
@@ -306,9 +436,9 @@ impl Plan {
                     h.0,
                     x.0,
                     y.0,
-                    conv.0,
+                    conv_bwd_filter.0,
                     w.0,
-                    bwd_filter.0,
+                    bwd_filter.algo,
                 )
                 .map_err(dnn_err("cudnnGetConvolutionBackwardFilterWorkspaceSize"))?,
             );
@@ -317,10 +447,12 @@ impl Plan {
             x,
             w,
             y,
-            conv,
-            fwd: fwd.0,
-            bwd_data: bwd_data.0,
-            bwd_filter: bwd_filter.0,
+            conv_fwd,
+            conv_bwd_data,
+            conv_bwd_filter,
+            fwd: fwd.algo,
+            bwd_data: bwd_data.algo,
+            bwd_filter: bwd_filter.algo,
             workspace: ws.into_iter().max().unwrap_or(0),
         })
     }
@@ -330,7 +462,7 @@ impl Plan {
 /// shared workspace.
 pub(crate) struct Cudnn {
     /// TF32 tensor cores allowed (`--tf32`), else real fp32.
-    tf32: bool,
+    mode: MathMode,
     handle: Handle,
     plans: HashMap<ConvShape, Plan>,
     workspace: Option<CudaSlice<u8>>,
@@ -359,7 +491,7 @@ impl Cudnn {
         unsafe { dnn::set_stream(handle.0, gpu.stream().cu_stream() as _) }
             .map_err(dnn_err("cudnnSetStream"))?;
         let c = Cudnn {
-            tf32,
+            mode: MathMode::new(tf32),
             handle,
             plans: HashMap::new(),
             workspace: None,
@@ -368,7 +500,7 @@ impl Cudnn {
         // One tiny plan now, so that a cuDNN that loads but cannot plan (a missing
         // sub-library, no usable algorithm) fails here, where `auto` can still fall back.
         let probe = ConvShape::new(1, 1, (3, 3), 1, 3, 1, 1)?;
-        Plan::new(&c.handle, &probe, tf32)?;
+        Plan::new(&c.handle, &probe, c.mode)?;
         Ok(c)
     }
 
@@ -384,7 +516,7 @@ impl Cudnn {
             .bind_to_thread()
             .call("cuCtxSetCurrent")?;
         if !self.plans.contains_key(s) {
-            let plan = Plan::new(&self.handle, s, self.tf32)?;
+            let plan = Plan::new(&self.handle, s, self.mode)?;
             self.plans.insert(*s, plan);
         }
         let plan = &self.plans[s];
@@ -430,7 +562,7 @@ impl Cudnn {
                 xp as *const c_void,
                 plan.w.0,
                 wp as *const c_void,
-                plan.conv.0,
+                plan.conv_fwd.0,
                 plan.fwd,
                 wsp as *mut c_void,
                 ws_len,
@@ -479,7 +611,7 @@ impl Cudnn {
                     wp as *const c_void,
                     plan.y.0,
                     dyp as *const c_void,
-                    plan.conv.0,
+                    plan.conv_bwd_data.0,
                     plan.bwd_data,
                     wsp as *mut c_void,
                     ws_len,
@@ -499,7 +631,7 @@ impl Cudnn {
                 xp as *const c_void,
                 plan.y.0,
                 dyp as *const c_void,
-                plan.conv.0,
+                plan.conv_bwd_filter.0,
                 plan.bwd_filter,
                 wsp as *mut c_void,
                 ws_len,
@@ -509,5 +641,157 @@ impl Cudnn {
             )
         }
         .map_err(dnn_err("cudnnConvolutionBackwardFilter"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cudnnMathType_t::{CUDNN_DEFAULT_MATH, CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH};
+
+    fn c(algo: u8, math: sys::cudnnMathType_t) -> Candidate<u8> {
+        Candidate {
+            algo,
+            ok: true,
+            deterministic: true,
+            math,
+            memory: 100 + algo as usize,
+        }
+    }
+
+    #[test]
+    fn fp32_takes_only_fma_results() {
+        // Fastest first: a tensor-core DEFAULT_MATH variant and a TENSOR_OP one are faster.
+        let r = [
+            c(1, CUDNN_DEFAULT_MATH),
+            c(2, CUDNN_TENSOR_OP_MATH),
+            c(3, CUDNN_FMA_MATH),
+        ];
+        assert_eq!(choose(&r, MathMode::Fp32).map(|c| c.algo), Some(3));
+        let p = plan_direction(true, &r, MathMode::Fp32, 9);
+        assert_eq!((p.algo, p.math, p.memory), (3, CUDNN_FMA_MATH, 103));
+        // No FMA result: the fallback with FMA math, never a tensor-core result.
+        let p = plan_direction(true, &r[..2], MathMode::Fp32, 9);
+        assert_eq!((p.algo, p.math, p.memory), (9, CUDNN_FMA_MATH, 0));
+    }
+
+    #[test]
+    fn tf32_takes_the_fastest_and_its_math_type() {
+        let r = [
+            c(1, CUDNN_TENSOR_OP_MATH),
+            c(2, CUDNN_DEFAULT_MATH),
+            c(3, CUDNN_FMA_MATH),
+        ];
+        let p = plan_direction(true, &r, MathMode::Tf32, 9);
+        assert_eq!((p.algo, p.math), (1, CUDNN_TENSOR_OP_MATH));
+        let p = plan_direction(true, &r[1..], MathMode::Tf32, 9);
+        assert_eq!((p.algo, p.math), (2, CUDNN_DEFAULT_MATH));
+        let p = plan_direction(true, &r[2..], MathMode::Tf32, 9);
+        assert_eq!((p.algo, p.math), (3, CUDNN_FMA_MATH));
+        // Nothing timed: the fallback searches' math type, DEFAULT (tensor cores allowed).
+        let p = plan_direction(true, &[], MathMode::Tf32, 9);
+        assert_eq!((p.algo, p.math), (9, CUDNN_DEFAULT_MATH));
+    }
+
+    #[test]
+    fn failed_and_nondeterministic_results_are_skipped() {
+        let mut failed = c(1, CUDNN_FMA_MATH);
+        failed.ok = false;
+        let mut racy = c(2, CUDNN_FMA_MATH);
+        racy.deterministic = false;
+        let r = [failed, racy, c(3, CUDNN_FMA_MATH)];
+        for mode in [MathMode::Fp32, MathMode::Tf32] {
+            assert_eq!(plan_direction(true, &r, mode, 9).algo, 3);
+            assert_eq!(plan_direction(true, &r[..2], mode, 9).algo, 9);
+        }
+        // A failed search: the fallback whatever the array holds.
+        let p = plan_direction(false, &r, MathMode::Fp32, 9);
+        assert_eq!((p.algo, p.math), (9, CUDNN_FMA_MATH));
+    }
+
+    #[test]
+    fn alignment_predicates() {
+        assert!(cudnn_aligned(0));
+        assert!(cudnn_aligned(0x7f00_0000_0100));
+        assert!(!cudnn_aligned(0x7f00_0000_0100 + 12));
+        assert!(cudnn_aligned(0x7f00_0000_0100 + 16));
+        assert!(!cudnn_aligned(0x7f00_0000_0100 + 8));
+        for (off, ok) in [
+            (0, true),
+            (1, false),
+            (2, false),
+            (3, false),
+            (4, true),
+            (6, false),
+            (8, true),
+            (1732, true),
+        ] {
+            assert_eq!(f32_offset_aligned(off), ok, "offset {off}");
+        }
+    }
+
+    /// The networks place every convolution weight (and so its gradient) at an aligned
+    /// offset: training never takes the staging copy; only the layer tests' odd offsets do.
+    #[test]
+    fn network_convolution_weights_are_aligned() {
+        use crate::backend::Cpu;
+        use crate::model::{Arch, Encoder, EncoderConfig};
+        for arch in [
+            Arch::Resnet8,
+            Arch::Resnet20,
+            Arch::Resnet18Cifar,
+            Arch::Resnet18,
+        ] {
+            for (in_channels, mlp) in [(1, false), (3, true), (3, false)] {
+                let cfg = EncoderConfig {
+                    arch,
+                    in_channels,
+                    dim: 128,
+                    mlp,
+                };
+                let e = Encoder::new(Cpu::<f32>::new(), cfg, 0).unwrap();
+                assert!(e.table().params().filter(|p| p.shape.len() == 4).count() >= 7);
+                for p in e.table().params().filter(|p| p.shape.len() == 4) {
+                    assert!(
+                        f32_offset_aligned(p.offset),
+                        "{arch} {in_channels} {}: offset {}",
+                        p.name,
+                        p.offset
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cudnn_versions_read_as_major_minor_patch() {
+        assert_eq!(version_string(91002), "9.10.2");
+        assert_eq!(version_string(90100), "9.1.0");
+    }
+
+    #[test]
+    fn modes_search_with_their_math_type() {
+        assert_eq!(MathMode::new(false), MathMode::Fp32);
+        assert_eq!(MathMode::new(true), MathMode::Tf32);
+        assert_eq!(MathMode::Fp32.search_math(), CUDNN_FMA_MATH);
+        assert_eq!(MathMode::Tf32.search_math(), CUDNN_DEFAULT_MATH);
+    }
+
+    #[test]
+    fn candidates_take_the_reported_count_only() {
+        // SAFETY: plain C data; all-zero is a valid perf struct.
+        let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; 3] = unsafe { std::mem::zeroed() };
+        for (i, p) in perf.iter_mut().enumerate() {
+            p.status = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
+            p.determinism = sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
+            p.mathType = CUDNN_FMA_MATH;
+            p.memory = i;
+        }
+        assert_eq!(candidates!(perf, 2i32).len(), 2);
+        assert_eq!(candidates!(perf, -1i32).len(), 0);
+        assert_eq!(candidates!(perf, 7i32).len(), 3);
+        assert!(candidates!(perf, 3i32)
+            .iter()
+            .all(|c| c.ok && c.deterministic));
     }
 }

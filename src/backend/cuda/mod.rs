@@ -34,7 +34,7 @@ mod optim;
 #[cfg(test)]
 mod tests;
 
-pub use cudnn::{cudnn_present, ConvBackend};
+pub use cudnn::{cudnn_present, cudnn_version, ConvBackend};
 
 /// How a [`Cuda`] backend computes: its convolution backend and whether TF32 tensor cores
 /// may be used (for convolutions and every cuBLAS GEMM on the GPU, as PyTorch's
@@ -60,6 +60,9 @@ struct Scratch {
     eval: Mutex<(Slot, Slot)>,
     /// A BatchNorm's batch variance (forward) or per-(group, channel) sums (backward).
     bn: Mutex<Slot>,
+    /// 16-byte aligned copies of a cuDNN convolution's weight and weight gradient when the
+    /// caller's are not aligned (`cudnn::CUDNN_ALIGN`).
+    stage: Mutex<(Slot, Slot)>,
 }
 
 /// The CUDA backend on one [`Gpu`] (cheap to clone).
