@@ -254,8 +254,10 @@ impl Augment {
     }
 
     /// The evaluation transform for photos of any size, torchvision's `Resize(256)` +
-    /// `CenterCrop(224)` scaled to `size` (the shorter side resized to `round(size * 8 /
-    /// 7)`, 256 for 224, then the centred `size x size` window), normalized.
+    /// `CenterCrop(224)` scaled to `size` as `Resize(int(size * 256 / 224))` +
+    /// `CenterCrop(size)` (the shorter side resized to `size * 256 / 224` rounded down,
+    /// 256 for 224, 36 for 32, as timm's `floor(size / 0.875)`; then the centred
+    /// `size x size` window), normalized.
     ///
     /// ```
     /// use moco::data::augment::{Augment, Crop};
@@ -265,7 +267,7 @@ impl Augment {
     pub fn eval_photo(size: usize, mean: &[f32], std: &[f32]) -> Result<Augment> {
         let mut a = Self::preset(Preset::Eval, size, mean, std)?;
         a.crop = Crop::ResizeCenter {
-            resize: (size * 8 + 3) / 7,
+            resize: size * 256 / 224,
         };
         a.validate()?;
         Ok(a)
