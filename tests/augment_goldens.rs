@@ -464,7 +464,9 @@ fn check_photo_view(
     let mut planar = vec![f32::NAN; 3 * s * s];
     aug.apply_params_image(&chw, params, &mut planar).unwrap();
     assert!(
-        got.iter().zip(&planar).all(|(a, b)| a.to_bits() == b.to_bits()),
+        got.iter()
+            .zip(&planar)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
         "{what}: HWC and CHW layouts differ"
     );
     worst
@@ -485,7 +487,11 @@ fn photo_pixels_match_torchvision_v2() {
             .enumerate()
             .map(|(i, &v)| v as u64 * (i as u64 % 251 + 1))
             .sum();
-        assert_eq!(sum, case["image_sum"].as_u64().unwrap(), "{name}: photo bytes");
+        assert_eq!(
+            sum,
+            case["image_sum"].as_u64().unwrap(),
+            "{name}: photo bytes"
+        );
         let img = Image::hwc(3, h, w, pixels).unwrap();
         // Training: the v2 preset itself, with torchvision's draws.
         let aug = Augment::v2(size, &mean, &std).unwrap();
@@ -512,7 +518,11 @@ fn photo_pixels_match_torchvision_v2() {
         let ev = &case["eval"];
         let aug = Augment::eval_photo(size, &mean, &std).unwrap();
         let resize = ev["resize"].as_u64().unwrap() as usize;
-        assert_eq!(aug.crop, Crop::ResizeCenter { resize }, "{name}: eval resize");
+        assert_eq!(
+            aug.crop,
+            Crop::ResizeCenter { resize },
+            "{name}: eval resize"
+        );
         let params = aug.sample(3, h, w, &mut rng(0)).unwrap();
         let rs = usizes(&ev["resized"]);
         assert_eq!(params.region, (0, 0, h, w), "{name}");
@@ -522,7 +532,10 @@ fn photo_pixels_match_torchvision_v2() {
         worst_eval = worst_eval.max(d);
         n_views += 1;
     }
-    assert!(n_views >= 15 && n_blur >= 3, "{n_views} views, {n_blur} blurred");
+    assert!(
+        n_views >= 15 && n_blur >= 3,
+        "{n_views} views, {n_blur} blurred"
+    );
     eprintln!(
         "{n_views} photo views ({n_blur} blurred), largest difference {worst:e} (train), {worst_eval:e} (eval)"
     );
