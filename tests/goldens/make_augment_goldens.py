@@ -16,9 +16,23 @@ Two parts:
   aspect ratio, crop centre, flip / jitter / grayscale rates, each jitter factor, the
   position of each adjustment in the jitter order), over many draws, for the Rust test's
   statistical comparison.
+* ``photo_cases``: non-square photos of several sizes (300x500, 500x333, 375x500, 64x97,
+  an extreme 40x160 whose crops often take the fallback, and a 30x44 smaller than its view
+  so the crop upscales), HWC uint8 built by ``photo`` from integer arithmetic (the Rust
+  test rebuilds the bytes; ``image_sum`` checks them), through the MoCo v2 recipe
+  (``RandomResizedCrop(size, scale=(0.2, 1), antialias=True)``, jitter p 0.8, grayscale
+  0.2, ``RandomApply([GaussianBlur(k, (0.1, 2))], 0.5)`` with moco's kernel size, flip,
+  ImageNet ``Normalize``) and through the photo eval transform
+  ``Resize(int(size * 256 / 224))`` + ``CenterCrop(size)``. Views are small (20-40 px)
+  and stored as base64 little-endian float32 (``out_f32``) to keep the file small.
+* ``photo_stats``: ``RandomResizedCrop(224, scale=(0.2, 1))`` draws on non-square photos
+  (5:3, 2:3, 4:3, 1:4, 16:5 portrait...): histograms of area fraction, log aspect ratio,
+  centre, crop height and width, and the rate of the centre-crop fallback (a draw whose
+  region is the fallback's).
 
 Usage: python3 tests/goldens/make_augment_goldens.py  (PyTorch 2.x, torchvision >= 0.16)
 """
+import base64
 import json
 import math
 import os
@@ -173,6 +187,179 @@ def stats(name, h, w, scale, n, seed):
     }
 
 
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def photo(h, w, seed):
+    """A deterministic ``h x w x 3`` uint8 photo stand-in in HWC order (as a JPEG decoder
+    gives it), from integer arithmetic only so that the Rust test builds the same bytes
+    (``photo`` in tests/augment_goldens.rs): a smooth gradient that wraps once or twice
+    (content that survives a 10x downscale), a sawtooth texture (edges every few pixels,
+    which the antialiasing filter must average) and hashed noise."""
+    m = 0xFFFFFFFF
+    out = bytearray(h * w * 3)
+    k = 0
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                g = (256 * y // h + (c + 1) * 96 * x // w) % 256
+                t = (31 * y + 17 * x + 7 * c + seed) % 256
+                hh = ((y * 73856093) & m) ^ ((x * 19349663) & m) ^ ((c * 83492791) & m) ^ ((seed * 2654435761) & m)
+                n = (hh >> 11) % 32
+                out[k] = (2 * g + t + n) * 255 // (3 * 255 + 31)
+                k += 1
+    return torch.frombuffer(out, dtype=torch.uint8).view(h, w, 3).clone()
+
+
+def image_sum(u8):
+    """A position-weighted byte sum, so the Rust test knows it rebuilt the same photo."""
+    v = u8.flatten().to(torch.int64)
+    return int((v * (torch.arange(v.numel()) % 251 + 1)).sum())
+
+
+def f32_b64(x):
+    """Float32 values, little endian, base64: exact, and half the size of decimal text."""
+    return base64.b64encode(x.contiguous().flatten().to(torch.float32).numpy().astype("<f4").tobytes()).decode()
+
+
+def blur_kernel_size(side):
+    """moco's blur kernel: odd, about 10% of the view (Rust's f64 round: half away from zero)."""
+    k = int(math.floor(side * 0.1 + 0.5))
+    return max(k + 1 if k % 2 == 0 else k, 3)
+
+
+def v2_view(chw_u8, size, mean, std):
+    """The MoCo v2 recipe on the float tensor, one step at a time, recording the draws:
+    RandomResizedCrop(size, scale=(0.2, 1), antialias=True),
+    RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], 0.8), RandomGrayscale(0.2),
+    RandomApply([GaussianBlur(k, (0.1, 2))], 0.5), RandomHorizontalFlip(), Normalize."""
+    x = F.to_dtype(chw_u8, torch.float32, scale=True)
+    rrc = v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True)
+    p = rrc.make_params([x])
+    region = [p["top"], p["left"], p["height"], p["width"]]
+    x = rrc.transform(x, p)
+    jitter = None
+    if torch.rand(1).item() < 0.8:
+        cj = v2.ColorJitter(*JITTER)
+        jp = cj.make_params([x])
+        x = cj.transform(x, jp)
+        jitter = {"order": [int(i) for i in jp["fn_idx"]], "b": jp["brightness_factor"],
+                  "c": jp["contrast_factor"], "s": jp["saturation_factor"], "h": jp["hue_factor"]}
+    gray = torch.rand(1).item() < 0.2
+    if gray:
+        x = F.rgb_to_grayscale(x, num_output_channels=3)
+    blur = None
+    if torch.rand(1).item() < 0.5:
+        gb = v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))
+        bp = gb.make_params([x])
+        x = gb.transform(x, bp)
+        blur = bp["sigma"][0]
+    flip = torch.rand(1).item() < 0.5
+    if flip:
+        x = F.horizontal_flip(x)
+    x = F.normalize(x, mean, std)
+    return {"region": region, "jitter": jitter, "gray": gray, "blur": blur, "flip": flip,
+            "out_f32": f32_b64(x), "_out": x}
+
+
+def check_v2_against_compose(chw_u8, size, mean, std, seed):
+    torch.manual_seed(seed)
+    mine = v2_view(chw_u8, size, mean, std)["_out"]
+    torch.manual_seed(seed)
+    t = v2.Compose([
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+        v2.RandomApply([v2.ColorJitter(*JITTER)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=0.5),
+        v2.RandomHorizontalFlip(),
+        v2.Normalize(mean, std),
+    ])
+    assert torch.equal(mine, t(chw_u8)), "step-by-step v2 differs from Compose"
+
+
+def photo_cases():
+    """Non-square photos (HWC uint8, built by ``photo``) through the MoCo v2 recipe and
+    through the photo evaluation transform ``Resize(int(size * 256 / 224))`` +
+    ``CenterCrop(size)``; small views keep the JSON small."""
+    specs = [
+        # name, h, w, view size, pattern seed, train views
+        ("photo-300x500-to-32", 300, 500, 32, 11, 2),
+        ("photo-500x333-to-28", 500, 333, 28, 12, 2),
+        ("photo-375x500-to-24", 375, 500, 24, 13, 2),
+        ("photo-64x97-to-20", 64, 97, 20, 14, 2),
+        ("photo-40x160-to-24-fallback", 40, 160, 24, 15, 3),
+        ("photo-30x44-to-40-upscale", 30, 44, 40, 16, 2),
+    ]
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    cases = []
+    for name, h, w, size, seed, n_views in specs:
+        hwc = photo(h, w, seed)
+        chw = hwc.permute(2, 0, 1).contiguous()
+        check_v2_against_compose(chw, size, mean, std, 200 + seed)
+        torch.manual_seed(seed)
+        views = [v2_view(chw, size, mean, std) for _ in range(n_views)]
+        for v in views:
+            del v["_out"]
+        resize = int(size * 256 / 224)
+        x = F.to_dtype(chw, torch.float32, scale=True)
+        x = F.resize(x, [resize], antialias=True)
+        resized = list(x.shape[-2:])
+        x = F.normalize(F.center_crop(x, [size]), mean, std)
+        ref = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Resize(resize, antialias=True),
+                          v2.CenterCrop(size), v2.Normalize(mean, std)])(chw)
+        assert torch.equal(ref, x), "eval steps differ from Compose"
+        cases.append({"name": name, "h": h, "w": w, "seed": seed, "image_sum": image_sum(hwc),
+                      "size": size, "mean": mean, "std": std, "views": views,
+                      "eval": {"resize": resize, "resized": resized, "out_f32": f32_b64(x)}})
+    return cases
+
+
+def fallback_region(h, w, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's centre-crop fallback region of an h x w image."""
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = h, int(round(h * max(ratio)))
+    else:
+        ch, cw = h, w
+    return [(h - ch) // 2, (w - cw) // 2, ch, cw]
+
+
+def photo_stats(name, h, w, n, seed):
+    """RandomResizedCrop(224, scale=(0.2, 1)).make_params on an h x w photo, n draws:
+    histograms of the area fraction, log aspect ratio, crop centre, the crop's height and
+    width as fractions of the image's, and how often the region is the 10-try fallback's."""
+    torch.manual_seed(seed)
+    rrc = v2.RandomResizedCrop(224, scale=(0.2, 1.0), antialias=True)
+    dummy = torch.zeros(1, h, w)
+    fb = fallback_region(h, w)
+    area, logr, cy, cx, fh, fw = [], [], [], [], [], []
+    fallbacks = 0
+    for _ in range(n):
+        p = rrc.make_params([dummy])
+        r = [p["top"], p["left"], p["height"], p["width"]]
+        fallbacks += r == fb
+        area.append(p["height"] * p["width"] / (h * w))
+        logr.append(math.log(p["width"] / p["height"]))
+        cy.append((p["top"] + p["height"] / 2) / h)
+        cx.append((p["left"] + p["width"] / 2) / w)
+        fh.append(p["height"] / h)
+        fw.append(p["width"] / w)
+    lr = math.log(4 / 3)
+    return {
+        "name": name, "h": h, "w": w, "n": n, "fallback_region": fb, "fallback": fallbacks,
+        "area_hist": hist(area, 0.0, 1.0, 10),
+        "logratio_hist": hist(logr, -lr - 0.15, lr + 0.15, 10),
+        "cy_hist": hist(cy, 0.0, 1.0, 10),
+        "cx_hist": hist(cx, 0.0, 1.0, 10),
+        "height_hist": hist(fh, 0.0, 1.0, 10),
+        "width_hist": hist(fw, 0.0, 1.0, 10),
+    }
+
+
 def main():
     out = {
         "torch": torch.__version__,
@@ -181,6 +368,15 @@ def main():
             stats("fmnist-28-scale0.2", 28, 28, (0.2, 1.0), 20000, 7),
             stats("cifar-32-scale0.08", 32, 32, (0.08, 1.0), 20000, 8),
             stats("rect-60x80-scale0.2", 60, 80, (0.2, 1.0), 20000, 9),
+        ],
+        "photo_cases": photo_cases(),
+        "photo_stats": [
+            photo_stats("photo-300x500", 300, 500, 20000, 21),
+            photo_stats("photo-500x333", 500, 333, 20000, 22),
+            photo_stats("photo-375x500", 375, 500, 20000, 23),
+            photo_stats("photo-480x640", 480, 640, 20000, 24),
+            photo_stats("photo-100x400-extreme", 100, 400, 20000, 25),
+            photo_stats("photo-640x200", 640, 200, 20000, 26),
         ],
     }
     path = os.path.join(HERE, "augment.json")
