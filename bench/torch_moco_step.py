@@ -11,7 +11,9 @@ convolutions run in fp32).
 
 Variants: `loop` and `foreach` (eager), `compile` (`torch.compile` of both encoders, the
 foreach momentum update), each with TF32 off; `tf32` is `foreach` with TF32 on for
-convolutions and matmuls (against `moco bench --tf32` once it exists). Besides
+convolutions and matmuls (against `moco bench --tf32`); `amp` is `foreach` under
+`torch.autocast(bfloat16)` with both encoders and the inputs in channels_last (PyTorch's
+fast mixed-precision path, the reference for `--precision bf16`). Besides
 resnet18-cifar at batch 256 and 512, the launch-bound resnet8 and resnet20 (the crate's
 CIFAR ResNets: 3x3 stem to 16 channels, stages of 16/32/64) at batch 256.
 
@@ -78,7 +80,8 @@ class ResNet18Cifar(nn.Module):
 
 
 def run(batch, variant, arch="resnet18-cifar", K=4096, m=0.99, T=0.1, iters=20, warmup=5):
-    tf32 = variant == "tf32"
+    tf32 = variant in ("tf32", "amp")
+    amp = variant == "amp"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.manual_seed(0)
@@ -92,11 +95,18 @@ def run(batch, variant, arch="resnet18-cifar", K=4096, m=0.99, T=0.1, iters=20, 
     xq = torch.randn(batch, 3, 32, 32, device=dev)
     xk = torch.randn(batch, 3, 32, 32, device=dev)
     labels = torch.zeros(batch, dtype=torch.long, device=dev)
+    if amp:
+        fq, fk = fq.to(memory_format=torch.channels_last), fk.to(memory_format=torch.channels_last)
+        xq, xk = xq.contiguous(memory_format=torch.channels_last), xk.contiguous(memory_format=torch.channels_last)
     pq, pk = list(fq.parameters()), list(fk.parameters())
     # torch.compile of both encoders (the key encoder's forward runs without gradients).
     gq, gk = (torch.compile(fq), torch.compile(fk)) if variant == "compile" else (fq, fk)
 
     def step():
+        with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=amp):
+            step_inner()
+
+    def step_inner():
         q = F.normalize(gq(xq), dim=1)
         with torch.no_grad():
             if variant == "loop":
@@ -148,7 +158,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--arch", help="one arch only (default: the whole table)")
     ap.add_argument("--batch", type=int, help="one batch size only")
-    ap.add_argument("--variant", choices=["loop", "foreach", "compile", "tf32"])
+    ap.add_argument("--variant", choices=["loop", "foreach", "compile", "tf32", "amp"])
     ap.add_argument("--iters", type=int, default=20)
     a = ap.parse_args()
     dev = a.device
@@ -161,8 +171,8 @@ if __name__ == "__main__":
         import os
         compiled = ["compile"] if os.environ.get("MOCO_TORCH_COMPILE") == "1" else []
         for b in (256, 512):
-            for v in ["loop", "foreach", "tf32"] + compiled:
+            for v in ["loop", "foreach", "tf32", "amp"] + compiled:
                 run(b, v)
         for arch in ("resnet8", "resnet20"):
-            for v in ["foreach"] + compiled:
+            for v in ["foreach", "amp"] + compiled:
                 run(256, v, arch)

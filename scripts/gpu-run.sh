@@ -161,6 +161,17 @@ if [[ "${MOCO_GPU_SKIP_BENCH:-0}" != 1 ]]; then
         JSON_ITEMS+=("{\"kind\":\"moco_bench\",\"arch\":\"$arch\",\"batch\":$b,\"mode\":\"$mode\",\"conv\":\"$conv\",\"status\":$(json_str "$st"),\"ms_per_step\":${ms:-null},\"images_per_sec\":${ips:-null},\"torch_images_per_sec\":${torch_ips:-null}}")
       done
     done
+    # PyTorch's mixed-precision step (bf16 autocast, channels_last): the reference the
+    # bf16 path will be measured against; moco has no bf16 step yet, so a torch-only row.
+    if [[ "${MOCO_GPU_SKIP_TORCH:-0}" != 1 ]]; then
+      step "torch-$arch-b$b-amp" 120 env PYTHONUNBUFFERED=1 python3 "$HERE/bench/torch_moco_step.py" --arch "$arch" --batch "$b" --variant amp
+      amp_ips="$(grep -oE '^RESULT .* ([0-9]+) images/s' "$LOGS/torch-$arch-b$b-amp.log" 2>/dev/null | grep -oE '[0-9]+ images/s' | cut -d' ' -f1)"
+      st=ok; [[ "$RC" == skipped ]] && st=skipped
+      [[ -z "$GPU" && "$RC" != skipped ]] && st="no GPU"
+      [[ "$RC" != 0 && "$RC" != skipped ]] && st="FAIL (rc $RC)"
+      ROWS_BENCH+=("| $arch | $b | amp-bf16 | (torch only) | - | - | ${amp_ips:--} | - | $st |")
+      JSON_ITEMS+=("{\"kind\":\"torch\",\"arch\":\"$arch\",\"batch\":$b,\"mode\":\"amp-bf16\",\"status\":$(json_str "$st"),\"images_per_sec\":${amp_ips:-null}}")
+    fi
   done
 fi
 
