@@ -135,6 +135,14 @@ for t in "${TESTS[@]}"; do
 done
 
 # ---- 2. moco bench next to PyTorch on the same shapes ----
+# A step's status from its exit code: ok, skipped (budget), no GPU (dry run), FAIL (rc N).
+step_status() {
+  local rc="$1" st=ok
+  [[ "$rc" == skipped ]] && st=skipped
+  [[ -z "$GPU" && "$rc" != skipped ]] && st="no GPU"
+  [[ "$rc" != 0 && "$rc" != skipped ]] && st="FAIL (rc $rc)"
+  echo "$st"
+}
 num() { grep -oE "\"$2\":[0-9.]+" "$1" 2>/dev/null | tail -1 | cut -d: -f2; }
 if [[ "${MOCO_GPU_SKIP_BENCH:-0}" != 1 ]]; then
   for shape in resnet8:256 resnet20:256 resnet18-cifar:256 resnet18-cifar:512; do
@@ -154,9 +162,7 @@ if [[ "${MOCO_GPU_SKIP_BENCH:-0}" != 1 ]]; then
         rc="$RC"; ips="$(num "$LOGS/$n.log" images_per_sec)"; ms="$(num "$LOGS/$n.log" ms_per_step)"
         ratio="-"
         if [[ -n "$ips" && -n "$torch_ips" ]]; then ratio="$(awk -v a="$ips" -v b="$torch_ips" 'BEGIN{printf "%.2f", a/b}')"; fi
-        st=ok; [[ "$rc" == skipped ]] && st=skipped
-        [[ -z "$GPU" && "$rc" != skipped ]] && st="no GPU"
-        [[ "$rc" != 0 && "$rc" != skipped ]] && st="FAIL (rc $rc)"
+        st="$(step_status "$rc")"
         ROWS_BENCH+=("| $arch | $b | $mode | $conv | ${ms:--} | ${ips:--} | ${torch_ips:--} | $ratio | $st |")
         JSON_ITEMS+=("{\"kind\":\"moco_bench\",\"arch\":\"$arch\",\"batch\":$b,\"mode\":\"$mode\",\"conv\":\"$conv\",\"status\":$(json_str "$st"),\"ms_per_step\":${ms:-null},\"images_per_sec\":${ips:-null},\"torch_images_per_sec\":${torch_ips:-null}}")
       done
@@ -166,9 +172,7 @@ if [[ "${MOCO_GPU_SKIP_BENCH:-0}" != 1 ]]; then
     if [[ "${MOCO_GPU_SKIP_TORCH:-0}" != 1 ]]; then
       step "torch-$arch-b$b-amp" 120 env PYTHONUNBUFFERED=1 python3 "$HERE/bench/torch_moco_step.py" --arch "$arch" --batch "$b" --variant amp
       amp_ips="$(grep -oE '^RESULT .* ([0-9]+) images/s' "$LOGS/torch-$arch-b$b-amp.log" 2>/dev/null | grep -oE '[0-9]+ images/s' | cut -d' ' -f1)"
-      st=ok; [[ "$RC" == skipped ]] && st=skipped
-      [[ -z "$GPU" && "$RC" != skipped ]] && st="no GPU"
-      [[ "$RC" != 0 && "$RC" != skipped ]] && st="FAIL (rc $RC)"
+      st="$(step_status "$RC")"
       ROWS_BENCH+=("| $arch | $b | amp-bf16 | (torch only) | - | - | ${amp_ips:--} | - | $st |")
       JSON_ITEMS+=("{\"kind\":\"torch\",\"arch\":\"$arch\",\"batch\":$b,\"mode\":\"amp-bf16\",\"status\":$(json_str "$st"),\"images_per_sec\":${amp_ips:-null}}")
     fi
@@ -177,10 +181,7 @@ fi
 
 smoke() { # NAME TIMEOUT CMD...
   local name="$1"; step "$@"
-  local st=ok
-  [[ "$RC" == skipped ]] && st=skipped
-  [[ -z "$GPU" && "$RC" != skipped ]] && st="no GPU"
-  [[ "$RC" != 0 && "$RC" != skipped ]] && st="FAIL (rc $RC)"
+  local st; st="$(step_status "$RC")"
   ROWS_SMOKE+=("| $name | $st | $SECS |")
   JSON_ITEMS+=("{\"kind\":\"smoke\",\"name\":$(json_str "$name"),\"status\":$(json_str "$st"),\"seconds\":$SECS}")
 }
