@@ -60,9 +60,6 @@ pub struct CheckpointMeta {
     pub rng: String,
 }
 
-/// Images per batch of the kNN monitor's feature pass.
-const EVAL_BATCH: usize = 256;
-
 /// Name of the checkpoint file in a run directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
@@ -80,6 +77,8 @@ pub struct Trainer<B: Backend> {
     train_set: Source,
     test_set: Source,
     eval_aug: Augment,
+    /// Images per batch of the feature passes ([`memory::eval_batch`]).
+    eval_batch: usize,
     epoch: usize,
     step_in_epoch: usize,
     sums: EpochSums,
@@ -173,6 +172,7 @@ impl<B: Backend> Trainer<B> {
         let loader =
             Loader::train(train.clone(), aug, cfg.batch_size, cfg.seed)?.workers(cfg.workers)?;
         let moco = Moco::new(&cfg, be.clone(), train.channels(), loader.steps_per_epoch())?;
+        let eval_batch = memory::eval_batch(&cfg, train.channels());
         Ok(Trainer {
             cfg,
             be,
@@ -181,6 +181,7 @@ impl<B: Backend> Trainer<B> {
             train_set: train,
             test_set: test,
             eval_aug,
+            eval_batch,
             epoch: 0,
             step_in_epoch: 0,
             sums: EpochSums::default(),
@@ -432,7 +433,7 @@ impl<B: Backend> Trainer<B> {
     /// distributed run the batches are dealt round-robin over the ranks and the features
     /// gathered, so every rank returns all of them.
     pub fn features(&mut self, ds: &Source) -> Result<(Vec<f32>, Vec<u32>)> {
-        let loader = Loader::eval(ds.clone(), self.eval_aug.clone(), EVAL_BATCH)?
+        let loader = Loader::eval(ds.clone(), self.eval_aug.clone(), self.eval_batch)?
             .workers(self.cfg.workers)?;
         if self.comm.is_some() {
             return self.features_distributed(ds, &loader);
@@ -467,7 +468,7 @@ impl<B: Backend> Trainer<B> {
         for round in 0..batches.div_ceil(world) {
             let mine = round * world + rank;
             // Every rank brings a full-size block (zeros past the end) to the gather.
-            let mut block = vec![0.0f32; EVAL_BATCH * dim];
+            let mut block = vec![0.0f32; self.eval_batch * dim];
             if mine < batches {
                 let b = loader.batch(0, mine)?;
                 let x = self.be.upload_f32(&b.x_q)?;
@@ -481,10 +482,10 @@ impl<B: Backend> Trainer<B> {
             })?;
             let all = comm.all_gather(&self.be, &self.be.upload_f32(&block)?)?;
             let all = self.be.download_f32(&all)?;
-            for (r, blk) in all.chunks(EVAL_BATCH * dim).enumerate() {
+            for (r, blk) in all.chunks(self.eval_batch * dim).enumerate() {
                 let b = round * world + r;
                 if b < batches {
-                    let rows = (total - b * EVAL_BATCH).min(EVAL_BATCH);
+                    let rows = (total - b * self.eval_batch).min(self.eval_batch);
                     out.extend_from_slice(&blk[..rows * dim]);
                 }
             }
