@@ -50,6 +50,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub(crate) mod fsio;
 pub mod model;
 pub mod ops;
 pub mod optim;

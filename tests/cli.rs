@@ -298,3 +298,60 @@ fn multi_process_runs_refuse_what_they_cannot_do() {
     assert!(!ok && err.contains("one or the other"), "{err}");
     assert!(!out.exists(), "nothing was written");
 }
+
+/// Issue 31 item 5: a checkpoint or config that is a named pipe is refused at once, not
+/// waited on (eval, export, resume and `--config` alike).
+#[cfg(unix)]
+#[test]
+fn named_pipes_are_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let mkfifo = |p: &std::path::Path| {
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    };
+    mkfifo(&run.join("checkpoint.safetensors"));
+    let cfg = dir.path().join("pipe.json");
+    mkfifo(&cfg);
+    let run_s = run.to_str().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let cases: [Vec<&str>; 4] = [
+        vec!["eval", "knn", "--checkpoint", run_s],
+        vec![
+            "export",
+            "--checkpoint",
+            run_s,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        vec!["train", "--resume", run_s, "--epochs", "2", "--quiet"],
+        vec!["train", "--config", cfg.to_str().unwrap(), "--quiet"],
+    ];
+    for args in cases {
+        let mut child = Command::new(bin())
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if t.elapsed().as_secs() > 30 {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        let status = status.unwrap_or_else(|| panic!("{args:?} hung on a named pipe"));
+        assert!(!status.success(), "{args:?} succeeded");
+        assert!(err.contains("named pipe"), "{args:?}: {err}");
+    }
+}

@@ -336,3 +336,29 @@ fn memory_estimate_counts_the_same_parameters_as_the_model() {
         }
     }
 }
+
+/// Issue 31 item 9 (part): a config file with a UTF-8 byte-order mark (as some editors
+/// write) reads as the same config without it; text that is not UTF-8 is a clear error.
+#[test]
+fn config_with_a_byte_order_mark_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, bom, bad) = (
+        dir.path().join("plain.json"),
+        dir.path().join("bom.json"),
+        dir.path().join("bad.toml"),
+    );
+    std::fs::write(&plain, br#"{"batch_size": 48, "epochs": 3}"#).unwrap();
+    std::fs::write(&bom, b"\xEF\xBB\xBF{\"batch_size\": 48, \"epochs\": 3}").unwrap();
+    std::fs::write(&bad, b"epochs = 3\n\xFF\xFE").unwrap();
+    let a = moco::train::TrainConfig::load(&plain).unwrap();
+    let b = moco::train::TrainConfig::load(&bom).unwrap();
+    assert_eq!((a.batch_size, a.epochs), (48, 3));
+    assert_eq!(
+        serde_json::to_string(&a).unwrap(),
+        serde_json::to_string(&b).unwrap()
+    );
+    let e = moco::train::TrainConfig::load(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not UTF-8") && e.contains("bad.toml"), "{e}");
+}

@@ -272,43 +272,7 @@ pub fn decode_image(bytes: &[u8], path: &Path, size: usize) -> Result<Vec<u8>> {
 /// pipe, a device, a directory: opened without blocking, then checked) and anything larger
 /// than [`MAX_FILE_BYTES`] (checked again while reading, in case the file grows).
 pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        // A FIFO opened for reading would wait for a writer; non-blocking it does not.
-        opts.custom_flags(libc::O_NONBLOCK);
-    }
-    let file = opts.open(path).map_err(|e| Error::io(path, e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(data_err(
-            path,
-            "is not a regular file (a directory, pipe or device named like an image)",
-        ));
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(data_err(
-            path,
-            format!(
-                "{} bytes is larger than the reader's limit for one image ({MAX_FILE_BYTES} bytes)",
-                meta.len()
-            ),
-        ));
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(path, e))?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(data_err(
-            path,
-            format!("grew past the reader's limit for one image ({MAX_FILE_BYTES} bytes) while being read"),
-        ));
-    }
-    Ok(bytes)
+    crate::fsio::read_regular(path, MAX_FILE_BYTES, "image file")
 }
 
 /// Decodes one image file and returns it as `size x size` RGB, CHW (see [`decode_image`]).

@@ -27,7 +27,7 @@ pub const MAX_IDX_BYTES: usize = 1 << 34;
 /// it promises are read (so a gzip bomb is never inflated beyond them), then one more
 /// byte is asked for, to reject trailing data.
 pub fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::fsio::open_regular(path)?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     read_idx_stream(path, std::io::BufReader::new(file), len)
 }

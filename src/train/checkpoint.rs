@@ -225,7 +225,8 @@ fn strip_invalid(e: Error) -> String {
 /// assert!(err.to_string().contains("missing.safetensors"));
 /// ```
 pub fn read_tensors(path: &Path) -> Result<(Vec<Tensor>, Option<serde_json::Value>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // Any size a disk holds: the header and every tensor are bounds-checked below.
+    let bytes = crate::fsio::read_regular(path, u64::MAX, "checkpoint")?;
     let data_err = |message: String| Error::Data {
         path: path.to_path_buf(),
         message,

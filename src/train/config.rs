@@ -240,6 +240,9 @@ fn non_finite_float(v: &toml::Value, key: &str) -> Option<(String, f64)> {
     }
 }
 
+/// Largest config file read (16 MiB): a config is a few hundred bytes.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 impl TrainConfig {
     /// The named preset:
     ///
@@ -310,17 +313,21 @@ impl TrainConfig {
         }
     }
 
-    /// Reads a config file (`.toml` or `.json`); keys not in the file keep the values of
+    /// Reads a config file (`.toml` or `.json`, at most [`MAX_CONFIG_BYTES`], a leading
+    /// byte-order mark ignored); keys not in the file keep the values of
     /// the file's `preset` (default `demo`).
     pub fn load(path: &Path) -> Result<TrainConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let bad = |m: String| Error::Data {
             path: path.to_path_buf(),
             message: m,
         };
+        let bytes = crate::fsio::read_regular(path, MAX_CONFIG_BYTES, "config file")?;
+        let text = String::from_utf8(bytes).map_err(|_| bad("is not UTF-8 text".into()))?;
+        // A byte-order mark (as some editors write) is not part of the text.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let value: serde_json::Value = match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => {
-                let t: toml::Value = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+                let t: toml::Value = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
                 // JSON (and so the config) cannot hold nan or inf: name the key instead of
                 // failing later with "invalid type: null".
                 if let Some((key, v)) = non_finite_float(&t, "") {
@@ -328,7 +335,7 @@ impl TrainConfig {
                 }
                 serde_json::to_value(t).map_err(|e| bad(e.to_string()))?
             }
-            Some("json") => serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?,
+            Some("json") => serde_json::from_str(text).map_err(|e| bad(e.to_string()))?,
             _ => return Err(bad("config must be a .toml or .json file".into())),
         };
         let preset = value
