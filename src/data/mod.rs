@@ -330,10 +330,7 @@ impl DataSpec {
 
     fn need_path(&self) -> Result<&Path> {
         self.path.as_deref().ok_or_else(|| {
-            Error::invalid(format!(
-                "data set {} needs a path (--data-path DIR)",
-                self.kind
-            ))
+            Error::invalid(format!("data set {} needs a path (--data DIR)", self.kind))
         })
     }
 
