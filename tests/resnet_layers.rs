@@ -231,8 +231,11 @@ fn tf32_convolutions_stay_within_tf32_rounding() {
 #[test]
 fn cpu_tf32_bound_accepts_rounding_and_rejects_truncation() {
     use moco::testing::{rel_err, round_to_tf32, truncate_to_tf32};
-    let tf32 =
-        |v: &[f32], f: fn(f32) -> f32| -> Vec<f64> { v.iter().map(|&a| f(a) as f64).collect() };
+    // The convolution (in f64) over inputs converted to TF32 by `f`.
+    let conv_tf32 = |s: &ConvShape, x: &[f32], w: &[f32], f: fn(f32) -> f32| -> Vec<f32> {
+        let tf32 = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| f(a) as f64).collect() };
+        f32s(&r::conv2d(s, &tf32(x), &tf32(w)))
+    };
     let mut truncation_failed = 0;
     for (ci, &(n, cin, hw, cout, k, st, p)) in CONV_CASES.iter().enumerate() {
         let s = ConvShape::new(n, cin, hw, cout, k, st, p).unwrap();
@@ -240,17 +243,9 @@ fn cpu_tf32_bound_accepts_rounding_and_rejects_truncation() {
         let w = normal(s.w_len(), 20 + ci as u64);
         let yr = f32s(&r::conv2d(&s, &f64s(&x), &f64s(&w)));
         let (rel, abs) = tf32_conv_bounds(&s, &x, &w);
-        let rounded = f32s(&r::conv2d(
-            &s,
-            &tf32(&x, round_to_tf32),
-            &tf32(&w, round_to_tf32),
-        ));
+        let rounded = conv_tf32(&s, &x, &w, round_to_tf32);
         assert_close(&format!("rounded {s:?}"), &rounded, &yr, rel, abs);
-        let truncated = f32s(&r::conv2d(
-            &s,
-            &tf32(&x, truncate_to_tf32),
-            &tf32(&w, truncate_to_tf32),
-        ));
+        let truncated = conv_tf32(&s, &x, &w, truncate_to_tf32);
         let (e, _) = rel_err(&truncated, &yr);
         if e > rel {
             truncation_failed += 1;
@@ -268,17 +263,9 @@ fn cpu_tf32_bound_accepts_rounding_and_rejects_truncation() {
     let (x, w) = (vec![v; s.x_len()], vec![v; s.w_len()]);
     let yr = f32s(&r::conv2d(&s, &f64s(&x), &f64s(&w)));
     let (rel, abs) = tf32_conv_bounds(&s, &x, &w);
-    let rounded = f32s(&r::conv2d(
-        &s,
-        &tf32(&x, round_to_tf32),
-        &tf32(&w, round_to_tf32),
-    ));
+    let rounded = conv_tf32(&s, &x, &w, round_to_tf32);
     assert_close("rounded, near a step", &rounded, &yr, rel, abs);
-    let truncated = f32s(&r::conv2d(
-        &s,
-        &tf32(&x, truncate_to_tf32),
-        &tf32(&w, truncate_to_tf32),
-    ));
+    let truncated = conv_tf32(&s, &x, &w, truncate_to_tf32);
     let (_, worst) = rel_err(&truncated, &yr);
     assert!(worst > abs, "truncated: max abs {worst:e} within {abs:e}");
 }

@@ -105,10 +105,7 @@ pub fn run(a: BenchDataArgs) -> Result<()> {
     }
     let secs = t0.elapsed().as_secs_f64().max(1e-9);
     drop(it);
-    let skipped = match &source {
-        moco::data::Source::Folder(f) => f.skip_log().count,
-        _ => 0,
-    };
+    let skipped = source.skip_log().map_or(0, |l| l.count);
     println!(
         "{{\"images_per_sec\":{:.1},\"workers\":{},\"images\":{images},\"batches\":{},\"batch_size\":{},\"image_size\":{},\"augment\":\"{}\",\"dataset\":\"{}\",\"data_images\":{},\"steps_per_epoch\":{steps},\"index_seconds\":{open_s:.3},\"first_batch_seconds\":{first_s:.3},\"seconds\":{secs:.3},\"peak_rss_mib\":{},\"skipped\":{skipped}}}",
         images as f64 / secs,

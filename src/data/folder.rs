@@ -45,12 +45,15 @@ fn is_image(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
+fn read_dir_sorted(dir: &Path) -> Result<Vec<(PathBuf, std::fs::FileType)>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        out.push(e.map_err(|e| Error::io(dir, e))?.path());
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        // From the directory entry itself: no extra system call on most file systems.
+        let t = e.file_type().map_err(|err| Error::io(e.path(), err))?;
+        out.push((e.path(), t));
     }
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
@@ -307,9 +310,9 @@ struct Listing {
 
 /// A directory's entries sorted by name, with their names as UTF-8 (a name that is not
 /// valid UTF-8 is an error naming it: two such names could not be told apart).
-fn read_dir_named(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+fn read_dir_named(dir: &Path) -> Result<Vec<(String, PathBuf, std::fs::FileType)>> {
     let mut out = Vec::new();
-    for p in read_dir_sorted(dir)? {
+    for (p, t) in read_dir_sorted(dir)? {
         let name = p.file_name().unwrap_or_default();
         let Some(s) = name.to_str() else {
             return Err(data_err(
@@ -320,7 +323,7 @@ fn read_dir_named(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
                 ),
             ));
         };
-        out.push((s.to_string(), p));
+        out.push((s.to_string(), p, t));
     }
     Ok(out)
 }
@@ -330,8 +333,8 @@ fn read_dir_named(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 fn class_folders(dir: &Path) -> Result<Vec<String>> {
     Ok(read_dir_named(dir)?
         .into_iter()
-        .filter(|(n, p)| !n.starts_with('.') && p.is_dir())
-        .map(|(n, _)| n)
+        .filter(|(n, p, _)| !n.starts_with('.') && p.is_dir())
+        .map(|(n, ..)| n)
         .collect())
 }
 
@@ -394,15 +397,24 @@ fn list_split(root: &Path, train: bool, bad_images: BadImages) -> Result<Listing
         if !dir.is_dir() {
             continue;
         }
-        for (_, p) in read_dir_named(&dir)? {
+        for (_, p, t) in read_dir_named(&dir)? {
             if !is_image(&p) {
                 continue;
             }
-            // Follows links: a broken link or a loop fails here.
-            let problem = match std::fs::metadata(&p) {
-                Ok(m) if m.is_file() => None,
-                Ok(m) if m.is_dir() => Some(data_err(&p, "is a directory named like an image")),
-                Ok(_) => Some(data_err(
+            // A regular file is known from its directory entry; anything else is looked
+            // at through its links: a broken link or a loop fails here.
+            let meta = if t.is_file() {
+                Ok(None)
+            } else {
+                std::fs::metadata(&p).map(Some)
+            };
+            let problem = match meta {
+                Ok(None) => None,
+                Ok(Some(m)) if m.is_file() => None,
+                Ok(Some(m)) if m.is_dir() => {
+                    Some(data_err(&p, "is a directory named like an image"))
+                }
+                Ok(Some(_)) => Some(data_err(
                     &p,
                     "is not a regular file (a pipe, socket or device named like an image)",
                 )),

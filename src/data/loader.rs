@@ -427,9 +427,7 @@ impl Loader {
             match self.dataset.load(at) {
                 Ok(img) => return Ok((at, img)),
                 Err(e) if self.dataset.bad_images() == BadImages::Skip => {
-                    if let Source::Folder(f) = &self.dataset {
-                        f.note_skip(&e);
-                    }
+                    self.dataset.note_skip(&e);
                     first_err.get_or_insert(e);
                 }
                 Err(e) => return Err(e),

@@ -23,7 +23,7 @@ use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::folder::{BadImages, FolderIndex};
+use super::folder::{BadImages, FolderIndex, SkipLog};
 use super::Dataset;
 use crate::{Error, Result};
 
@@ -279,6 +279,22 @@ impl Source {
         match self {
             Source::Memory(d) => Source::Memory(Arc::new(Arc::unwrap_or_clone(d).truncate(n))),
             Source::Folder(f) => Source::Folder(Arc::new(f.truncated(n))),
+        }
+    }
+
+    /// Records that an image could not be used and was replaced (the loader calls this
+    /// under [`BadImages::Skip`]); in-memory images never fail, so only a folder keeps a log.
+    pub fn note_skip(&self, error: &Error) {
+        if let Source::Folder(f) = self {
+            f.note_skip(error);
+        }
+    }
+
+    /// The images replaced so far ([`FolderIndex::skip_log`]); `None` for in-memory data.
+    pub fn skip_log(&self) -> Option<SkipLog> {
+        match self {
+            Source::Memory(_) => None,
+            Source::Folder(f) => Some(f.skip_log()),
         }
     }
 

@@ -509,8 +509,7 @@ impl<B: Backend> Trainer<B> {
     pub fn skip_log(&self) -> Option<crate::data::folder::SkipLog> {
         let mut out = None::<crate::data::folder::SkipLog>;
         for s in [&self.train_set, &self.test_set] {
-            if let Source::Folder(f) = s {
-                let l = f.skip_log();
+            if let Some(l) = s.skip_log() {
                 let o = out.get_or_insert_with(Default::default);
                 o.count += l.count;
                 for e in l.first {
