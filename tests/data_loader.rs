@@ -145,6 +145,13 @@ fn bad_loader_settings_are_errors() {
         .unwrap()
         .prefetch(0)
         .is_err());
+    // An absurd prefetch is refused, not allocated (the channel's slots come up front).
+    let e = Loader::train(ds.clone(), aug.clone(), 4, 1)
+        .unwrap()
+        .prefetch(100_000_000)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 to 64"), "{e}");
     let grey = Augment::v2(16, &[0.5], &[0.5]).unwrap();
     assert!(Loader::train(ds.clone(), grey, 4, 1).is_err()); // channel mismatch
     assert!(Loader::eval(ds.clone(), aug.clone(), 11).is_ok()); // eval keeps the partial batch

@@ -52,6 +52,10 @@ use crate::{Error, Result};
 /// Most loader worker threads (a larger count is refused, not attempted).
 pub const MAX_WORKERS: usize = 256;
 
+/// Most batches the loader may build ahead (each holds the batch's views: 308 MB for 256
+/// two-view images at 224 px; the channel's slots are allocated up front).
+pub const MAX_PREFETCH: usize = 64;
+
 /// Most images in a row that [`BadImages::Skip`] replaces before the batch fails.
 pub const MAX_CONSECUTIVE_BAD: usize = 64;
 
@@ -247,10 +251,12 @@ impl Loader {
         self.shard
     }
 
-    /// Sets how many finished batches may wait for the consumer (>= 1).
+    /// Sets how many finished batches may wait for the consumer (1 to [`MAX_PREFETCH`]).
     pub fn prefetch(mut self, batches: usize) -> Result<Loader> {
-        if batches == 0 {
-            return Err(Error::invalid("prefetch must be at least 1 batch"));
+        if batches == 0 || batches > MAX_PREFETCH {
+            return Err(Error::invalid(format!(
+                "prefetch takes 1 to {MAX_PREFETCH} batches, not {batches}"
+            )));
         }
         self.prefetch = batches;
         Ok(self)
